@@ -1,0 +1,1173 @@
+#!/usr/bin/env python3
+"""finger.py - the finger service of Twisted's "Evolution of Finger", in one stdlib-only file.
+
+It is both an RFC 1288 finger server and a finger client:
+
+    python3 finger.py --serve --users users.example --finger 127.0.0.1:7979
+    python3 finger.py moshez@127.0.0.1:7979
+    python3 -m unittest test_finger
+
+The user databases (back-ends) know nothing about the network; one small front-end per
+protocol adapts them, and `build_services` assembles the lot, like the tutorial's
+`makeService`.  Table of contents: `grep -n '^# ==' finger.py`.
+
+Runs on CPython 3.9 and newer, with the standard library only.
+"""
+
+import argparse
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+
+__version__ = "0.1.0"
+__all__ = [
+    "FingerError", "UsageError", "RequestError", "defang", "parse_users", "parse_query",
+    "Query", "format_reply", "UserDatabase", "MemoryDatabase", "FileDatabase",
+    "FingerProtocol", "Service", "TCPService", "ServiceGroup", "finger", "parse_target",
+    "build_database", "build_services", "build_parser", "serve_inetd", "main",
+]
+
+log = logging.getLogger("finger")
+
+# == 1. Constants, errors and small helpers ==================================================
+
+FINGER_PORT = 79
+MAX_QUERY_BYTES = 1024            # longest finger query line accepted (bsd fingerd: 1024)
+MAX_REPLY_BYTES = 1 << 20         # the client stops reading a reply after this many bytes
+MAX_USERS_LINE_CHARS = 64 * 1024  # users-file lines longer than this are skipped
+DEFAULT_TIMEOUT = 10.0            # seconds a peer has to send its query or take its answer
+DEFAULT_MAX_CONNECTIONS = 4096    # open connections per listener; more get a busy answer
+DEFAULT_RELOAD = 30.0             # seconds between checks of the users file
+DEFAULT_WORKERS = 8               # threads answering queries for back-ends that may block
+DEFAULT_USERS_FILE = "/etc/users"
+LISTEN_BACKLOG = 1024
+ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
+RECV_SIZE = 4096
+STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when stopping
+
+NO_SUCH_USER = "No such user"
+INTERNAL_ERROR = "Internal error in server"
+FORWARDING_DENIED = "Finger forwarding service denied"      # RFC 1288 section 3.2.1
+LIST_DENIED = "Finger online user list denied"              # RFC 1288 section 3.2.2
+SERVER_BUSY = "Server busy, try again later"
+QUERY_TOO_LONG = "Query too long"
+
+# Listeners of `--serve`: option name -> (default, what it serves).
+LISTENERS = {
+    "finger": (":79", "RFC 1288 finger"),
+    "web": (":8000", "HTML pages, JSON, XML-RPC at /RPC2"),
+    "setter": ("127.0.0.1:1079", 'status setter: "user\\r\\nstatus\\r\\n", then EOF'),
+    "https": ("off", "the web site over TLS; needs --cert"),
+    "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
+    "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
+}
+IMPLEMENTED_LISTENERS = {"finger"}
+IMPLEMENTED_BACKENDS = {"file", "memory"}
+
+
+class FingerError(Exception):
+    """An error for a person to read: one line, no traceback.  `exit_code` is what main returns."""
+    exit_code = 1
+
+
+class UsageError(FingerError):
+    """Bad options or configuration: exit 2, like argparse."""
+    exit_code = 2
+
+
+class RequestError(FingerError):
+    """A request a protocol refuses; `reply` is sent to the peer before the server closes."""
+
+    def __init__(self, reply, outcome):
+        super().__init__(reply)
+        self.reply = reply
+        self.outcome = outcome
+
+
+def _caret_table():
+    """Map every control character but tab and newline to a visible form (as bsd finger does)."""
+    table = {code: "^" + chr(code ^ 0x40) for code in range(0x20) if code not in (9, 10)}
+    table[0x7F] = "^?"
+    table.update({code: "M-^" + chr((code - 0x80) ^ 0x40) for code in range(0x80, 0xA0)})
+    # Unicode line separators and bidirectional overrides can disguise text on a terminal.
+    for code in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)):
+        table[code] = "<U+%04X>" % code
+    return table
+
+
+_CARET = _caret_table()
+
+
+def defang(text):
+    """Make control characters harmless (RFC 1288 section 3.3): CRLF becomes a newline, tab and
+    newline stay, every other control character is shown as ^X (C1 as M-^X)."""
+    return text.replace("\r\n", "\n").translate(_CARET)
+
+
+def split_host_port(text, default_port):
+    """'host', 'host:port', '[v6]', '[v6]:port' or a bare v6 address -> (host, port).
+
+    A missing port is `default_port`; raises ValueError for anything else."""
+    host, port = text, None
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("unbalanced [ ] in %r" % text)
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if port is None or port == "":
+        if port == "" or default_port is None:
+            raise ValueError("no port in %r" % text)
+        return host, default_port
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError("bad port %r" % port)
+    return host, int(port)
+
+
+def parse_listen(text):
+    """A listener value: '[HOST:]PORT', '[v6]:PORT', 'off' -> (host, port) or None (off).
+
+    An empty host means every address; port 0 means any free port."""
+    text = text.strip()
+    if text.lower() == "off":
+        return None
+    if text.isdigit():
+        text = ":" + text
+    host, port = split_host_port(text, None)
+    return host, port
+
+
+def format_address(address):
+    """(host, port) -> 'host:port', with [ ] around IPv6 hosts."""
+    host, port = address[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+# == 2. Pure codecs: the users file, finger queries, replies ====================================
+
+class UsersFileError(FingerError):
+    """The users file cannot be used at all (missing, unreadable, not text)."""
+
+
+def parse_users(lines, source="<users>"):
+    """Parse `user: status` lines -> (dict, problems).
+
+    The line is split at the first colon and both sides stripped; blank lines and lines whose
+    first visible character is '#' are comments.  A malformed line is skipped and described in
+    `problems` as 'FILE:LINE: reason'; for a duplicate user the last line wins.  A NUL byte
+    means the file is not text at all: UsersFileError."""
+    users = {}
+    problems = []
+    for number, line in enumerate(lines, 1):
+        name, colon, status = line.partition(":")
+        name = name.strip()
+        if not colon:
+            if name and name[0] != "#":
+                problems.append("%s:%d: no ':' between user and status" % (source, number))
+            continue
+        if not name or name[0] == "#":
+            if not name:
+                problems.append("%s:%d: empty user name" % (source, number))
+            continue
+        if "\x00" in line:
+            raise UsersFileError("%s:%d: NUL byte: not a text file" % (source, number))
+        if len(line) > MAX_USERS_LINE_CHARS:
+            problems.append("%s:%d: line longer than %d characters"
+                            % (source, number, MAX_USERS_LINE_CHARS))
+            continue
+        if " " in name or "\t" in name:
+            problems.append("%s:%d: user name %r contains white space" % (source, number, name))
+            continue
+        if name in users:
+            problems.append("%s:%d: duplicate user %r, this line wins" % (source, number, name))
+        users[name] = status.strip()
+    return users, problems
+
+
+class Query:
+    """One parsed finger query line (RFC 1288 section 2.3).
+
+    `verbose` is the /W token; `names` the user names asked for (empty: list everybody);
+    `hosts` the @host parts of a forwarding query {Q2}, left to right."""
+    __slots__ = ("verbose", "names", "hosts")
+
+    def __init__(self, verbose=False, names=(), hosts=()):
+        self.verbose, self.names, self.hosts = verbose, tuple(names), tuple(hosts)
+
+    def __eq__(self, other):
+        return isinstance(other, Query) and (self.verbose, self.names, self.hosts) == (
+            other.verbose, other.names, other.hosts)
+
+    def __repr__(self):
+        return "Query(verbose=%r, names=%r, hosts=%r)" % (self.verbose, self.names, self.hosts)
+
+
+def parse_query(line):
+    """Parse one query line, liberally: '/W' in any case, with or without the space after it,
+    any white space between tokens, several names, user@host@host."""
+    rest = line.strip()
+    verbose = rest[:2].upper() == "/W"
+    if verbose:
+        rest = rest[2:].strip()
+    if "@" in rest:
+        user, _, hosts = rest.partition("@")
+        return Query(verbose, [user.strip()] if user.strip() else [],
+                     [host.strip() for host in hosts.split("@")])
+    return Query(verbose, rest.split())
+
+
+def format_reply(text):
+    """Reply text -> bytes on the wire: control characters defanged, UTF-8, CRLF line ends."""
+    lines = defang(text).split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+# == 3. User databases (back-ends) ============================================================
+
+class UserDatabase:
+    """Looks up user statuses.  Knows nothing about sockets.
+
+    Methods for the caller:
+        get_user(name) -> str or None      None: no such user
+        get_user_verbose(name)             the answer to '/W name'; by default get_user(name)
+        get_users() -> list of str         sorted names; [] where listing is not possible
+        set_user(name, status)             writable databases only
+    Lifecycle: start() and stop() (idempotent), reload() (SIGHUP and tests).
+    Class variable `blocking`: True when a lookup may wait on I/O, so front-ends call it
+    from a worker pool instead of their event loop."""
+
+    blocking = False
+
+    def get_user(self, name):
+        raise NotImplementedError
+
+    def get_user_verbose(self, name):
+        return self.get_user(name)
+
+    def get_users(self):
+        return []
+
+    def set_user(self, name, status):
+        raise FingerError("this user database is read-only")
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def reload(self):
+        pass
+
+
+class MemoryDatabase(UserDatabase):
+    """Statuses kept in a dict: the tutorial's MemoryFingerService."""
+
+    def __init__(self, users=None):
+        self._users = dict(users or {})
+        self._names = None            # sorted names, computed on first use per table
+        self._lock = threading.Lock()  # serialises writers; readers never take it
+
+    def get_user(self, name):
+        return self._users.get(name)
+
+    def get_users(self):
+        names = self._names
+        if names is None:
+            names = self._names = sorted(self._users)
+        return names
+
+    def set_user(self, name, status):
+        with self._lock:
+            self._users[name] = status
+            self._names = None
+
+    def _swap(self, users):
+        """Install a new table in one step: a lookup sees the old one or the new one."""
+        self._users, self._names = users, None
+
+
+class FileDatabase(MemoryDatabase):
+    """The tutorial's FingerService: `user: status` lines from a file, re-read every
+    `reload_interval` seconds when the file changed (size, mtime or inode).
+
+    The file is parsed outside any lock and the new table swapped in at once, so a lookup
+    never waits for a parse.  A reload that fails keeps the last good table and is logged
+    once per streak of failures."""
+
+    def __init__(self, path, reload_interval=DEFAULT_RELOAD):
+        super().__init__()
+        self.path = path
+        self.reload_interval = reload_interval
+        self.loaded_at = None          # time.time() of the last successful load
+        self._signature = None
+        self._failing = False
+        self._stopping = threading.Event()
+        self._thread = None
+        self.load()
+
+    def load(self):
+        """Read the file now; UsersFileError if it cannot be used."""
+        try:
+            info = os.stat(self.path)
+            with open(self.path, encoding="utf-8", errors="replace") as lines:
+                users, problems = parse_users(lines, self.path)
+        except OSError as error:
+            raise UsersFileError("cannot read users file %s: %s"
+                                 % (self.path, error.strerror or error)) from None
+        for problem in problems:
+            log.warning("%s", problem)
+        self._swap(users)
+        self._signature = self._signature_of(info)
+        self.loaded_at = time.time()
+        log.info("loaded %d users from %s", len(users), self.path)
+
+    @staticmethod
+    def _signature_of(info):
+        return info.st_size, info.st_mtime_ns, info.st_ino
+
+    def reload(self, force=False):
+        """Re-read the file if it changed (or `force`); True when a new table is in use."""
+        try:
+            if not force and self._signature_of(os.stat(self.path)) == self._signature:
+                return False
+            self.load()
+        except (OSError, UsersFileError) as error:
+            if not self._failing:
+                reason = error.strerror if isinstance(error, OSError) else error
+                log.error("users file %s: %s; keeping the %d users loaded before",
+                          self.path, reason, len(self._users))
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("users file %s is usable again", self.path)
+        self._failing = False
+        return True
+
+    def start(self):
+        if self._thread is None and self.reload_interval > 0:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._reload_forever, daemon=True,
+                                            name="finger-reload")
+            self._thread.start()
+
+    def stop(self):
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _reload_forever(self):
+        while not self._stopping.wait(self.reload_interval):
+            try:
+                self.reload()
+            except Exception:   # never let one bad reload end the reloads for good
+                log.exception("reloading %s failed", self.path)
+
+
+# == 4. The event loop and the finger front-end ===============================================
+
+class FingerProtocol:
+    """RFC 1288 on top of a UserDatabase: turns a query line into a reply.
+
+    Used by the event loop (TCPService) and by inetd mode alike; knows nothing about sockets.
+    `allow_list` False refuses the empty query {C}; forwarding {Q2} is refused unless
+    a forwarder is given (the back-ends issue brings one)."""
+
+    name = "finger"
+    max_request = MAX_QUERY_BYTES
+
+    def __init__(self, db, allow_list=True):
+        self.db = db
+        self.allow_list = allow_list
+        self.blocking = db.blocking
+
+    def parse(self, data, eof):
+        """Bytes received so far -> the query line (bytes, without its CRLF or LF), or None
+        while it is incomplete.  A line over `max_request` bytes is refused."""
+        end = data.find(b"\n", 0, self.max_request + 2)
+        if end >= 0:
+            line = data[:end - 1] if data[end - 1:end] == b"\r" else data[:end]
+        elif len(data) > self.max_request + 1:
+            raise RequestError(QUERY_TOO_LONG, "too long")
+        else:
+            line = data if eof and data else None
+        if line is not None and len(line) > self.max_request:
+            raise RequestError(QUERY_TOO_LONG, "too long")
+        return line
+
+    def respond(self, line):
+        """A query line (bytes) -> (reply bytes, outcome word for the log)."""
+        query = parse_query(line.decode("utf-8", "replace"))
+        try:
+            text, outcome = self.answer(query)
+        except Exception:
+            log.exception("back-end failed answering %r", line)
+            text, outcome = INTERNAL_ERROR, "error"
+        return format_reply(text), outcome
+
+    def answer(self, query):
+        """A Query -> (reply text, outcome)."""
+        if query.hosts:
+            return FORWARDING_DENIED, "denied"
+        if not query.names:
+            if not self.allow_list:
+                return LIST_DENIED, "denied"
+            return self._lines(self.db.get_users(), query.verbose), "list"
+        if len(query.names) == 1:
+            status = self._lookup(query.names[0], query.verbose)
+            return (NO_SUCH_USER, "unknown") if status is None else (status, "ok")
+        return self._lines(query.names, query.verbose), "ok"
+
+    def _lookup(self, name, verbose):
+        return self.db.get_user_verbose(name) if verbose else self.db.get_user(name)
+
+    def _lines(self, names, verbose):
+        """One 'user  status' line per name."""
+        lines = []
+        for name in names:
+            status = self._lookup(name, verbose)
+            lines.append("%s  %s" % (name, NO_SUCH_USER if status is None else status))
+        return "\n".join(lines)
+
+
+class Service:
+    """A thing that runs in its own thread.
+
+    Methods for the caller: bind() (before privileges are dropped), start() (binds if need be
+    and starts the thread), stop() (prompt and idempotent: no socket or thread left behind),
+    `address` (the real (host, port) once bound).
+    Methods subclasses override: bind(), serve() (runs in the thread until stop), close()."""
+
+    name = "service"
+    address = None
+
+    def __init__(self):
+        self._thread = None
+
+    def bind(self):
+        pass
+
+    def serve(self):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def start(self):
+        if self._thread is None:
+            self.bind()
+            self._thread = threading.Thread(target=self._run, name="finger-" + self.name,
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self):
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self.close()
+            thread.join()
+
+    def _run(self):
+        try:
+            self.serve()
+        except Exception:
+            log.exception("%s service died", self.name)
+
+
+def bind_tcp(address, option="listener"):
+    """Create a listening TCP socket on (host, port); '' means every address (IPv6 and IPv4
+    where the system has both).  Raises FingerError naming the option on failure."""
+    host, port = address
+    try:
+        if host in ("", "*"):
+            if socket.has_dualstack_ipv6():
+                return socket.create_server(("::", port), family=socket.AF_INET6,
+                                            backlog=LISTEN_BACKLOG, dualstack_ipv6=True)
+            host = "0.0.0.0"
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        return socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG)
+    except OSError as error:
+        message = "--%s %s: cannot listen: %s" % (option, format_address(address),
+                                                  error.strerror or error)
+        if error.errno == errno.EACCES and 0 < port < 1024:
+            message += (" (ports below 1024 need root or CAP_NET_BIND_SERVICE; try a high"
+                        " port such as --%s %s)" % (option, format_address((host, port + 7900))))
+        raise FingerError(message) from None
+
+
+class _Connection:
+    """One client connection of a TCPService."""
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state")
+
+    def __init__(self, sock, peer, deadline):
+        self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.inbuf = b""
+        self.outbuf = b""
+        self.started = time.monotonic()
+        self.state = "reading"         # reading -> (working) -> writing -> closed
+
+
+class TCPService(Service):
+    """A TCP listener whose connections are all served by one thread running a selectors loop.
+
+    `protocol` turns received bytes into a request (`parse(data, eof)`) and a request into
+    a reply (`respond(request)`).  Answers from a protocol whose `blocking` is true are
+    computed in a bounded worker pool; the loop never waits for them.  Limits: `timeout`
+    seconds to send a request and to take the answer, `max_connections` open at once
+    (more get a one-line busy answer), at most 2 × `workers` answers waiting for the pool."""
+
+    def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None,
+                 timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 workers=DEFAULT_WORKERS):
+        super().__init__()
+        self.protocol = protocol
+        self.name = protocol.name
+        self.requested_address = address
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.workers = workers
+        self.counts = {}                 # outcome -> number of requests, for reports
+        self._listener = sock
+        self._conns = {}                 # _Connection -> None, in order of deadline
+        self._done = []                  # (connection, future) finished by workers
+        self._pool = None
+        self._in_flight = 0
+        self._stopping = False
+        self._spare_fd = None
+        self._selector = None
+        self._waker = None
+
+    # -- lifecycle
+
+    def bind(self):
+        if self._listener is None:
+            self._listener = bind_tcp(self.requested_address, self.name)
+        self._listener.setblocking(False)
+        self.address = self._listener.getsockname()[:2]
+
+    def close(self):
+        self._stopping = True
+        self._wake()
+
+    def serve(self):
+        self._selector = selectors.DefaultSelector()
+        self._waker, waker_in = socket.socketpair()
+        self._waker.setblocking(False)
+        waker_in.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._selector.register(waker_in, selectors.EVENT_READ, "wake")
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+        try:
+            self._loop(waker_in)
+        finally:
+            for conn in list(self._conns):
+                self._close(conn)
+            self._selector.close()
+            for sock in (self._listener, self._waker, waker_in):
+                sock.close()
+            os.close(self._spare_fd)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+
+    def _loop(self, waker_in):
+        select = self._selector.select
+        grace_ends = None
+        while True:
+            now = time.monotonic()
+            if self._stopping:
+                if grace_ends is None:
+                    grace_ends = now + STOP_GRACE
+                    self._stop_accepting()
+                if not self._conns or now >= grace_ends:
+                    return
+            timeout = self._expire(now)
+            if grace_ends is not None:
+                left = max(grace_ends - now, 0)
+                timeout = left if timeout is None else min(timeout, left)
+            for key, mask in select(timeout):
+                conn = key.data
+                if conn is None:
+                    self._accept()
+                elif conn == "wake":
+                    self._drain(waker_in)
+                    self._finish_jobs()
+                elif mask & selectors.EVENT_READ:
+                    self._read(conn)
+                else:
+                    self._write(conn)
+
+    def _stop_accepting(self):
+        """Close the listener and every connection that has not sent a whole request."""
+        self._selector.unregister(self._listener)
+        self._listener.close()
+        for conn in list(self._conns):
+            if conn.state == "reading":
+                self._close(conn)
+
+    def _expire(self, now):
+        """Close connections past their deadline; seconds until the next one (None: none)."""
+        expired = []
+        for conn in self._conns:           # insertion order is deadline order
+            if conn.deadline > now:
+                break
+            expired.append(conn)
+        for conn in expired:
+            self._log(conn, b"", "timeout")
+            self._close(conn)
+        for conn in self._conns:
+            return conn.deadline - now
+        return None
+
+    # -- connections
+
+    def _accept(self):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    self._shed_connection()
+                    return
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                log.warning("%s: accept failed: %s", self.name, error)
+                return
+            if len(self._conns) >= self.max_connections or self._stopping:
+                self._refuse(sock, SERVER_BUSY)
+                self.counts["busy"] = self.counts.get("busy", 0) + 1
+                continue
+            sock.setblocking(False)
+            conn = _Connection(sock, peer, time.monotonic() + self.timeout)
+            self._conns[conn] = None
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _shed_connection(self):
+        """Out of file descriptors: free the spare one to accept and drop a waiting
+        connection, so the listener does not stay readable and the loop keeps going."""
+        log.warning("%s: out of file descriptors with %d connections open; dropping new ones",
+                    self.name, len(self._conns))
+        os.close(self._spare_fd)
+        try:
+            sock, _ = self._listener.accept()
+            self._refuse(sock, SERVER_BUSY)
+        except OSError:
+            pass
+        finally:
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+
+    @staticmethod
+    def _refuse(sock, text):
+        try:
+            sock.setblocking(False)
+            sock.send(format_reply(text))
+        except OSError:
+            pass
+        sock.close()
+
+    def _read(self, conn):
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.inbuf += data
+        try:
+            request = self.protocol.parse(conn.inbuf, not data)
+        except RequestError as error:
+            self._log(conn, conn.inbuf[:80], error.outcome)
+            self._send(conn, format_reply(error.reply))
+            return
+        if request is None:
+            if not data:
+                self._close(conn)
+            return
+        if self.protocol.blocking:
+            self._submit(conn, request)
+        else:
+            reply, outcome = self.protocol.respond(request)
+            self._log(conn, request, outcome)
+            self._send(conn, reply)
+
+    def _send(self, conn, data):
+        """Send a reply and close; what the socket does not take now waits for EVENT_WRITE."""
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        if sent == len(data):
+            self._close(conn)
+            return
+        conn.outbuf = data[sent:]
+        self._set_deadline(conn)
+        if conn.state == "working":
+            self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+        else:
+            self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        conn.state = "writing"
+
+    def _write(self, conn):
+        self._send(conn, conn.outbuf)
+
+    def _set_deadline(self, conn):
+        """A new deadline `timeout` from now; moving to the end keeps the dict in order."""
+        conn.deadline = time.monotonic() + self.timeout
+        del self._conns[conn]
+        self._conns[conn] = None
+
+    def _close(self, conn):
+        if conn.state == "closed":
+            return
+        if conn.state != "working":
+            self._selector.unregister(conn.sock)
+        conn.state = "closed"
+        del self._conns[conn]
+        try:   # read what the client sent beyond its query, so close() does not send a RST
+            conn.sock.recv(RECV_SIZE)
+        except OSError:
+            pass
+        conn.sock.close()
+
+    # -- the worker pool, for back-ends that may block
+
+    def _submit(self, conn, request):
+        if self._in_flight >= 2 * self.workers:
+            self._log(conn, request, "busy")
+            self._send(conn, format_reply(SERVER_BUSY))
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="finger-worker")
+        self._selector.unregister(conn.sock)
+        conn.state = "working"
+        self._in_flight += 1
+        future = self._pool.submit(self.protocol.respond, request)
+        future.add_done_callback(lambda future: self._job_done(conn, request, future))
+
+    def _job_done(self, conn, request, future):
+        """Runs in a worker: hand the answer to the loop thread."""
+        self._done.append((conn, request, future))
+        self._wake()
+
+    def _finish_jobs(self):
+        while self._done:
+            conn, request, future = self._done.pop()
+            self._in_flight -= 1
+            if conn.state == "closed":
+                continue
+            try:
+                reply, outcome = future.result()
+            except Exception:
+                log.exception("%s: answering %r failed", self.name, request)
+                reply, outcome = format_reply(INTERNAL_ERROR), "error"
+            self._log(conn, request, outcome)
+            self._send(conn, reply)
+
+    def _wake(self):
+        try:
+            if self._waker is not None:
+                self._waker.send(b"\0")
+        except OSError:
+            pass   # full (a wake-up is pending anyway) or closed (stopped)
+
+    @staticmethod
+    def _drain(sock):
+        try:
+            while sock.recv(RECV_SIZE):
+                pass
+        except OSError:
+            pass
+
+    def _log(self, conn, request, outcome):
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %r %s %.1fms", self.name, format_address(conn.peer), request,
+                     outcome, (time.monotonic() - conn.started) * 1000)
+
+
+def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
+    """Answer one request read from `infd` (a socket or a pipe) on `outfd`, as inetd, xinetd
+    and systemd's Accept=yes expect; returns the outcome word."""
+    started = time.monotonic()
+    deadline = started + timeout
+    data = b""
+    request = None
+    outcome = "timeout"
+    reply = b""
+    try:
+        while request is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selectors_wait(infd, remaining):
+                break
+            chunk = os.read(infd, RECV_SIZE)
+            data += chunk
+            request = protocol.parse(data, not chunk)
+            if not chunk:
+                break
+        if request is not None:
+            reply, outcome = protocol.respond(request)
+    except RequestError as error:
+        reply, outcome = format_reply(error.reply), error.outcome
+    view = memoryview(reply)
+    while view:
+        view = view[os.write(outfd, view):]
+    log.info("%s inetd %r %s %.1fms", protocol.name, request, outcome,
+             (time.monotonic() - started) * 1000)
+    return outcome
+
+
+def selectors_wait(fd, timeout):
+    """True when `fd` becomes readable within `timeout` seconds."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        return bool(selector.select(timeout))
+
+
+# == 5. The finger client ======================================================================
+
+def parse_target(arg, verbose=False):
+    """One client argument -> (query line, host, port).
+
+    'user' asks localhost; 'user@host' asks host; '@host' lists host's users; 'user@h1@h2'
+    asks h2 to forward 'user@h1' (RFC 1288 section 2.4: the rightmost host is asked).
+    Hosts may be 'host:port' or '[v6]:port'; 'finger://host[:port]/user' works too."""
+    if arg.startswith("finger://"):
+        host, _, user = arg[len("finger://"):].partition("/")
+        arg = "%s@%s" % (user, host)
+    line, at, host = arg.rpartition("@")
+    if not at:
+        line, host = arg, "localhost"
+    host, port = split_host_port(host, FINGER_PORT)
+    if not host:
+        raise ValueError("no host in %r" % arg)
+    return ("/W " + line if verbose else line), host, port
+
+
+def finger(line, host, port=FINGER_PORT, timeout=DEFAULT_TIMEOUT, max_bytes=MAX_REPLY_BYTES):
+    """Send one query line to host:port and return the reply bytes.
+
+    `timeout` bounds the whole exchange, not each read, so a server that drips bytes
+    cannot hold the client; at most `max_bytes` are read.  Raises OSError."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(line.encode("utf-8") + b"\r\n")
+        chunks, size = [], 0
+        while size < max_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(remaining)
+            chunk = sock.recv(min(65536, max_bytes - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks)
+
+
+def run_client(args, verbose, timeout, out=None, err=None):
+    """The finger(1) command: ask each query, print '[host]' and the defanged reply.
+    Returns 0, 1 when any query failed on the network, 2 for a malformed query."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    targets = []
+    for arg in args or ["@localhost"]:
+        try:
+            targets.append(parse_target(arg, verbose))
+        except ValueError as error:
+            print("finger.py: bad query %r: %s" % (arg, error), file=err)
+            return 2
+    status = 0
+    for line, host, port in targets:
+        try:
+            reply = finger(line, host, port, timeout)
+        except OSError as error:
+            reason = "timed out" if isinstance(error, socket.timeout) else (
+                error.strerror or str(error))
+            print("finger.py: %s: %s" % (format_address((host, port)), reason), file=err)
+            status = 1
+            continue
+        print("[%s]" % host, file=out)
+        text = defang(reply.decode("utf-8", "replace"))
+        out.write(text if text.endswith("\n") or not text else text + "\n")
+    out.flush()
+    return status
+
+
+# == 6. Services and assembly ==================================================================
+
+class ServiceGroup(Service):
+    """Services started in order and stopped in reverse; itself a Service."""
+
+    name = "group"
+
+    def __init__(self, services=(), databases=()):
+        super().__init__()
+        self.services = list(services)
+        self.databases = list(databases)
+
+    def __iter__(self):
+        return iter(self.services)
+
+    def by_name(self, name):
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(name)
+
+    def bind(self):
+        for service in self.services:
+            service.bind()
+
+    def start(self):
+        self.bind()
+        for db in self.databases:
+            db.start()
+        for service in self.services:
+            service.start()
+
+    def stop(self):
+        for service in reversed(self.services):
+            service.stop()
+        for db in self.databases:
+            db.stop()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def build_database(options):
+    """The user database named by `options.backend` (UsageError when it cannot be built)."""
+    if options.backend not in IMPLEMENTED_BACKENDS:
+        raise UsageError("--backend %s: not implemented yet" % options.backend)
+    if options.backend == "memory":
+        return MemoryDatabase()
+    try:
+        return FileDatabase(options.users, options.reload)
+    except UsersFileError as error:
+        raise UsageError("%s (copy users.example from finger.py's source to start one, or "
+                         "name another file with --users FILE)" % error) from None
+
+
+def listener_address(options, name):
+    """The effective address of listener `name`: its option, else its default; None: off."""
+    value = getattr(options, name)
+    return parse_listen(LISTENERS[name][0]) if value is None else value
+
+
+def build_services(options, db=None):
+    """The tutorial's makeService: build (not start) every service `options` asks for.
+
+    `options` is what build_parser() parses (see default_options()); `db` overrides the
+    database the options name.  Returns a ServiceGroup; start() binds and runs it."""
+    db = build_database(options) if db is None else db
+    services = []
+    for name in LISTENERS:
+        address = listener_address(options, name)
+        if address is None:
+            continue
+        if name not in IMPLEMENTED_LISTENERS:
+            if getattr(options, name) is not None:
+                raise UsageError("--%s: not implemented yet" % name)
+            log.warning("--%s (default %s): not implemented yet, not started",
+                        name, LISTENERS[name][0])
+            continue
+        protocol = FingerProtocol(db, allow_list=not options.no_list)
+        services.append(TCPService(protocol, address, timeout=options.timeout,
+                                   max_connections=options.max_connections,
+                                   workers=options.workers))
+    return ServiceGroup(services, [db])
+
+
+def default_options(**overrides):
+    """The options of `--serve` with no arguments, with `overrides` applied (Python API)."""
+    options = build_parser().parse_intermixed_args(["--serve"])
+    for key, value in overrides.items():
+        if not hasattr(options, key):
+            raise TypeError("no option %r" % key)
+        setattr(options, key, parse_listen(value) if key in LISTENERS and
+                isinstance(value, str) else value)
+    return options
+
+
+# == 7. Process: logging, signals, running the server ===========================================
+
+def setup_logging(level, to_stderr=True):
+    """Timestamped log lines on stderr; without `to_stderr` (inetd put the client's socket
+    there) to syslog when /dev/log exists, else nowhere."""
+    if to_stderr:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    elif os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler
+        handler = SysLogHandler("/dev/log", SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter("finger.py[%(process)d]: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def run_server(options):
+    """--serve: build, bind, start, wait for SIGINT/SIGTERM, stop; returns the exit code."""
+    group = build_services(options)
+    if not group.services:
+        raise UsageError("every listener is off: nothing to serve")
+    group.bind()
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stopping.set())
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: _reload_all(group))
+    group.start()
+    for service in group:
+        log.info("serving %s on %s", service.name, format_address(service.address))
+    while not stopping.wait(3600):
+        pass
+    log.info("stopping")
+    group.stop()
+    return 0
+
+
+def _stderr_is_stdout():
+    """True when stderr is the very file stdout is (inetd passes the socket as both)."""
+    try:
+        out, err = os.fstat(1), os.fstat(2)
+    except OSError:
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
+def _reload_all(group):
+    for db in group.databases:
+        threading.Thread(target=db.reload, kwargs={"force": True}, daemon=True).start()
+
+
+def run_inetd(options):
+    """--inetd: one query on stdin, its answer on stdout."""
+    db = build_database(options)
+    serve_inetd(FingerProtocol(db, allow_list=not options.no_list), options.timeout)
+    return 0
+
+
+# == 8. Command line ===========================================================================
+
+def _listen_option(text):
+    try:
+        return parse_listen(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError("expected [HOST:]PORT, [V6]:PORT or off (%s)"
+                                         % error) from None
+
+
+def _positive_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise argparse.ArgumentTypeError("expected a number of seconds above 0, got %r" % text)
+    return value
+
+
+def _count(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number above 0, got %r" % text)
+    return int(text)
+
+
+def build_parser():
+    """The one parser of finger.py, client and server."""
+    parser = argparse.ArgumentParser(
+        prog="finger.py",
+        description="RFC 1288 finger client and server (the Twisted finger tutorial's "
+                    "services, stdlib only).",
+        epilog="client: finger.py moshez@127.0.0.1:7979   "
+               "server: finger.py --serve --users users.example --finger 127.0.0.1:7979")
+    parser.add_argument("queries", nargs="*", metavar="QUERY",
+                        help="user, user@host, @host or user@host1@host2; host may be "
+                             "host:port or [v6]:port (default: list localhost's users)")
+    parser.add_argument("-l", dest="verbose", action="store_true",
+                        help="ask for the long form (sends /W)")
+    parser.add_argument("--timeout", type=_positive_number, default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS", help="client: whole-exchange timeout; server: "
+                        "time a peer has to send its query (default: %(default)s)")
+    parser.add_argument("--version", action="version", version="finger.py " + __version__)
+
+    modes = parser.add_argument_group("server modes")
+    modes.add_argument("--serve", action="store_true", help="run the services")
+    modes.add_argument("--inetd", action="store_true",
+                       help="answer one finger query on stdin/stdout (inetd, systemd "
+                            "Accept=yes)")
+
+    listeners = parser.add_argument_group("listeners, each [HOST:]PORT, [V6]:PORT or off")
+    for name, (default, what) in LISTENERS.items():
+        listeners.add_argument("--" + name, type=_listen_option, default=None,
+                               metavar="ADDR", help="%s (default: %s)" % (what, default))
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--users", default=DEFAULT_USERS_FILE, metavar="FILE",
+                      help="users file, lines 'user: status' (default: %(default)s)")
+    data.add_argument("--reload", type=float, default=DEFAULT_RELOAD, metavar="SECONDS",
+                      help="check the users file for changes this often; 0: never "
+                           "(default: %(default)s)")
+    data.add_argument("--backend", default="file", metavar="NAME",
+                      help="file, memory, plan, command, web, proxy or MODULE:CLASS "
+                           "(default: %(default)s)")
+    data.add_argument("--no-list", action="store_true",
+                      help="refuse the empty query (the list of users)")
+
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
+                        metavar="N", help="open connections per listener (default: "
+                        "%(default)s)")
+    limits.add_argument("--workers", type=_count, default=DEFAULT_WORKERS, metavar="N",
+                        help="threads for back-ends that may block (default: %(default)s)")
+
+    process = parser.add_argument_group("process")
+    process.add_argument("--log-level", default="info",
+                         choices=["debug", "info", "warning", "error"],
+                         help="least important log lines shown (default: %(default)s)")
+    return parser
+
+
+def main(argv=None):
+    """Run finger.py with `argv` (default sys.argv[1:]); returns the exit code."""
+    parser = build_parser()
+    options = parser.parse_intermixed_args(argv)
+    if not (options.serve or options.inetd):
+        return run_client(options.queries, options.verbose, options.timeout)
+    if options.queries:
+        parser.error("queries are for the client; --serve and --inetd take none")
+    setup_logging(options.log_level.upper(),
+                  to_stderr=not (options.inetd and _stderr_is_stdout()))
+    try:
+        return run_inetd(options) if options.inetd else run_server(options)
+    except FingerError as error:
+        print("finger.py: error: %s" % error, file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
