@@ -50,6 +50,8 @@ LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
 RECV_SIZE = 4096
 STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when stopping
+BUSY_BACKLOG = 256                # connections over the cap whose query is read before the
+                                  # busy answer (so closing does not reset it); beyond: dropped
 
 NO_SUCH_USER = "No such user"
 INTERNAL_ERROR = "Internal error in server"
@@ -507,10 +509,11 @@ def bind_tcp(address, option="listener"):
 
 class _Connection:
     """One client connection of a TCPService."""
-    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state")
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "busy")
 
-    def __init__(self, sock, peer, deadline):
+    def __init__(self, sock, peer, deadline, busy):
         self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.busy = busy               # over the connection cap: answered "busy"
         self.inbuf = b""
         self.outbuf = b""
         self.started = time.monotonic()
@@ -542,6 +545,7 @@ class TCPService(Service):
         self._done = []                  # (connection, future) finished by workers
         self._pool = None
         self._in_flight = 0
+        self._busy = 0                   # connections over the cap, waiting for "busy"
         self._stopping = False
         self._spare_fd = None
         self._selector = None
@@ -644,12 +648,14 @@ class TCPService(Service):
                     continue
                 log.warning("%s: accept failed: %s", self.name, error)
                 return
-            if len(self._conns) >= self.max_connections or self._stopping:
+            busy = len(self._conns) - self._busy >= self.max_connections
+            if self._stopping or busy and self._busy >= BUSY_BACKLOG:
                 self._refuse(sock, SERVER_BUSY)
                 self.counts["busy"] = self.counts.get("busy", 0) + 1
                 continue
+            self._busy += busy
             sock.setblocking(False)
-            conn = _Connection(sock, peer, time.monotonic() + self.timeout)
+            conn = _Connection(sock, peer, time.monotonic() + self.timeout, busy)
             self._conns[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
@@ -695,7 +701,10 @@ class TCPService(Service):
             if not data:
                 self._close(conn)
             return
-        if self.protocol.blocking:
+        if conn.busy:
+            self._log(conn, request, "busy")
+            self._send(conn, format_reply(SERVER_BUSY))
+        elif self.protocol.blocking:
             self._submit(conn, request)
         else:
             reply, outcome = self.protocol.respond(request)
@@ -737,6 +746,7 @@ class TCPService(Service):
         if conn.state != "working":
             self._selector.unregister(conn.sock)
         conn.state = "closed"
+        self._busy -= conn.busy
         del self._conns[conn]
         try:   # read what the client sent beyond its query, so close() does not send a RST
             conn.sock.recv(RECV_SIZE)
@@ -969,12 +979,6 @@ def build_database(options):
                          "name another file with --users FILE)" % error) from None
 
 
-def listener_address(options, name):
-    """The effective address of listener `name`: its option, else its default; None: off."""
-    value = getattr(options, name)
-    return parse_listen(LISTENERS[name][0]) if value is None else value
-
-
 def build_services(options, db=None):
     """The tutorial's makeService: build (not start) every service `options` asks for.
 
@@ -982,12 +986,12 @@ def build_services(options, db=None):
     database the options name.  Returns a ServiceGroup; start() binds and runs it."""
     db = build_database(options) if db is None else db
     services = []
-    for name in LISTENERS:
-        address = listener_address(options, name)
+    for name, (default, _) in LISTENERS.items():
+        address = getattr(options, name)
         if address is None:
             continue
         if name not in IMPLEMENTED_LISTENERS:
-            if getattr(options, name) is not None:
+            if address != parse_listen(default):
                 raise UsageError("--%s: not implemented yet" % name)
             log.warning("--%s (default %s): not implemented yet, not started",
                         name, LISTENERS[name][0])
@@ -1123,7 +1127,7 @@ def build_parser():
 
     listeners = parser.add_argument_group("listeners, each [HOST:]PORT, [V6]:PORT or off")
     for name, (default, what) in LISTENERS.items():
-        listeners.add_argument("--" + name, type=_listen_option, default=None,
+        listeners.add_argument("--" + name, type=_listen_option, default=default,
                                metavar="ADDR", help="%s (default: %s)" % (what, default))
 
     data = parser.add_argument_group("data")

@@ -1,0 +1,888 @@
+"""Tests of finger.py: unittest only, real sockets on port 0, servers in threads.
+
+    python3 -m unittest -v test_finger            (make test)
+    FINGER_INTEROP=1 python3 -m unittest -v test_finger.TestInterop   (make interop)
+
+Interop tests talk to peers we did not write (Debian's finger and fingerd); they are skipped,
+with the reason, unless FINGER_INTEROP=1 and the peers are installed.
+"""
+
+import contextlib
+import io
+import logging
+import os
+import pwd
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import finger
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FINGER_PY = os.path.join(HERE, "finger.py")
+LOCALHOST = "127.0.0.1"
+TIMEOUT = 5.0
+USERS = "moshez: Happy and well\nshawn: alive\n"
+INTEROP = os.environ.get("FINGER_INTEROP") == "1"
+logging.getLogger("finger").addHandler(logging.NullHandler())   # tests read logs with assertLogs
+
+
+# == helpers ===================================================================================
+
+def wait_until(predicate, timeout=TIMEOUT, interval=0.01):
+    """Poll `predicate` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %.1f s" % timeout)
+        time.sleep(interval)
+
+
+def ask(address, data, timeout=TIMEOUT):
+    """Send raw bytes to a server, read until it closes, return what it sent."""
+    with socket.create_connection(address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def connect(test, address):
+    sock = socket.create_connection(address[:2], timeout=TIMEOUT)
+    test.addCleanup(sock.close)
+    return sock
+
+
+def write_file(test, text, name="users", mode="w"):
+    directory = tempfile.mkdtemp(prefix="finger-test-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    path = os.path.join(directory, name)
+    with open(path, mode) as f:
+        f.write(text)
+    return path
+
+
+def replace_file(path, data):
+    """Write a new version of a file the way editors do: new inode, so reload notices."""
+    with open(path + ".new", "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(path + ".new", path)
+
+
+def start(test, service):
+    service.start()
+    test.addCleanup(service.stop)
+    return service.address
+
+
+def finger_service(test, db=None, **options):
+    """A running finger TCPService on 127.0.0.1:0 with a memory database."""
+    db = db if db is not None else finger.MemoryDatabase(
+        {"moshez": "Happy and well", "shawn": "alive"})
+    allow_list = options.pop("allow_list", True)
+    service = finger.TCPService(finger.FingerProtocol(db, allow_list=allow_list),
+                                (LOCALHOST, 0), **options)
+    start(test, service)
+    return service
+
+
+def run_finger(*args, timeout=15, **kwargs):
+    return subprocess.run([sys.executable, FINGER_PY, *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+class ServerProcess:
+    """`finger.py --serve ...` in a child process; learns its ports from the log."""
+
+    def __init__(self, test, *args, **popen):
+        self.process = subprocess.Popen(
+            [sys.executable, FINGER_PY, "--serve", *args], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, **popen)
+        test.addCleanup(self.kill)
+        self.lines = queue.Queue()
+        self.log = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def expect(self, pattern, timeout=TIMEOUT):
+        """The first match of `pattern` in the log from now on (fails at exit or timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError("no %r in the log: %s" % (pattern, self.log)) from None
+            if line is None:
+                raise AssertionError("exited without %r: %s" % (pattern, self.log))
+            self.log.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def address(self, name="finger"):
+        match = self.expect(r"serving %s on (\S+):(\d+)" % name)
+        return match.group(1), int(match.group(2))
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stderr.close()
+
+
+class SlowDatabase(finger.UserDatabase):
+    """A back-end that blocks on `release` for the name 'slow' (stands for a remote lookup)."""
+    blocking = True
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.waiting = threading.Semaphore(0)
+
+    def get_user(self, name):
+        if name == "slow":
+            self.waiting.release()
+            self.release.wait(TIMEOUT)
+            return "finally"
+        return {"moshez": "Happy and well"}.get(name)
+
+
+class BrokenDatabase(finger.UserDatabase):
+    def get_user(self, name):
+        raise RuntimeError("the database is on fire")
+
+
+# == pure codecs ===============================================================================
+
+class TestParseUsers(unittest.TestCase):
+    def test_lines_comments_and_first_colon(self):
+        users, problems = finger.parse_users(
+            ["# comment\n", "\n", "  moshez :  Happy and well \n", "time: 12:30 lunch\n",
+             "   # indented comment: with colon\n", "empty:\n"])
+        self.assertEqual(users, {"moshez": "Happy and well", "time": "12:30 lunch",
+                                 "empty": ""})
+        self.assertEqual(problems, [])
+
+    def test_malformed_lines_are_skipped_and_named_by_file_and_line(self):
+        users, problems = finger.parse_users(
+            ["moshez: ok\n", "no colon here\n", ": no name\n", "two words: x\n"], "/etc/users")
+        self.assertEqual(users, {"moshez": "ok"})
+        self.assertEqual([p.split(": ")[0] for p in problems],
+                         ["/etc/users:2", "/etc/users:3", "/etc/users:4"])
+
+    def test_duplicate_user_last_wins_with_a_warning(self):
+        users, problems = finger.parse_users(["a: first\n", "a: second\n"], "f")
+        self.assertEqual(users, {"a": "second"})
+        self.assertEqual(len(problems), 1)
+        self.assertIn("f:2: duplicate user 'a'", problems[0])
+
+    def test_over_long_line_is_skipped(self):
+        long_line = "big: " + "x" * finger.MAX_USERS_LINE_CHARS + "\n"
+        users, problems = finger.parse_users(["ok: yes\n", long_line])
+        self.assertEqual(users, {"ok": "yes"})
+        self.assertIn(":2: line longer than", problems[0])
+
+    def test_nul_byte_means_not_a_text_file(self):
+        with self.assertRaises(finger.UsersFileError):
+            finger.parse_users(["a: b\x00c\n"])
+
+
+class TestParseQuery(unittest.TestCase):
+    def test_rfc1288_grammar(self):
+        Q = finger.Query
+        cases = {
+            "": Q(),
+            "moshez": Q(False, ["moshez"]),
+            "/W moshez": Q(True, ["moshez"]),
+            "/w   moshez": Q(True, ["moshez"]),
+            "/Wmoshez": Q(True, ["moshez"]),
+            "/W": Q(True),
+            "moshez shawn\t glyph": Q(False, ["moshez", "shawn", "glyph"]),
+            "moshez@host": Q(False, ["moshez"], ["host"]),
+            "@host": Q(False, [], ["host"]),
+            "/W moshez@h1@h2": Q(True, ["moshez"], ["h1", "h2"]),
+            " moshez \r": Q(False, ["moshez"]),
+        }
+        for line, expected in cases.items():
+            with self.subTest(line=line):
+                self.assertEqual(finger.parse_query(line), expected)
+
+
+class TestDefangAndReplies(unittest.TestCase):
+    def test_control_characters_become_caret_notation(self):
+        self.assertEqual(finger.defang("a\x1b[31mred\x07\x7f"), "a^[[31mred^G^?")
+        self.assertEqual(finger.defang("tab\tnew\nline\r\n"), "tab\tnew\nline\n")
+        self.assertEqual(finger.defang("bare\rcr \x9b"), "bare^Mcr M-^[")
+        self.assertEqual(finger.defang("caf\u00e9 \u202eevil"), "caf\u00e9 <U+202E>evil")
+
+    def test_reply_is_utf8_with_crlf(self):
+        self.assertEqual(finger.format_reply("caf\u00e9"), "caf\u00e9\r\n".encode())
+        self.assertEqual(finger.format_reply("a\nb\n"), b"a\r\nb\r\n")
+        self.assertEqual(finger.format_reply("evil\r\nQUIT\x1b"), b"evil\r\nQUIT^[\r\n")
+
+
+class TestAddresses(unittest.TestCase):
+    def test_listen_values(self):
+        self.assertEqual(finger.parse_listen("79"), ("", 79))
+        self.assertEqual(finger.parse_listen(":79"), ("", 79))
+        self.assertEqual(finger.parse_listen("127.0.0.1:1079"), ("127.0.0.1", 1079))
+        self.assertEqual(finger.parse_listen("[::1]:0"), ("::1", 0))
+        self.assertIsNone(finger.parse_listen("off"))
+        for bad in ["", "host", "host:", "1.2.3.4:99999", "[::1", "[::1]x", "a:b"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                finger.parse_listen(bad)
+
+    def test_client_targets(self):
+        cases = {
+            "moshez": ("moshez", "localhost", 79),
+            "moshez@example.org": ("moshez", "example.org", 79),
+            "@example.org:7979": ("", "example.org", 7979),
+            "moshez@h1@h2": ("moshez@h1", "h2", 79),
+            "moshez@[::1]:7979": ("moshez", "::1", 7979),
+            "moshez@::1": ("moshez", "::1", 79),
+            "finger://example.org/moshez": ("moshez", "example.org", 79),
+        }
+        for arg, expected in cases.items():
+            with self.subTest(arg=arg):
+                self.assertEqual(finger.parse_target(arg), expected)
+        self.assertEqual(finger.parse_target("moshez@h", verbose=True)[0], "/W moshez")
+        for bad in ["moshez@", "x@h:port", "x@[::1"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                finger.parse_target(bad)
+
+
+# == the users file back-end ===================================================================
+
+class TestFileDatabase(unittest.TestCase):
+    def database(self, text=USERS, interval=0):
+        path = write_file(self, text)
+        db = finger.FileDatabase(path, interval)
+        self.addCleanup(db.stop)
+        return path, db
+
+    def test_lookup_and_list(self):
+        _, db = self.database()
+        self.assertEqual(db.get_user("moshez"), "Happy and well")
+        self.assertIsNone(db.get_user("nobody"))
+        self.assertEqual(db.get_users(), ["moshez", "shawn"])
+
+    def test_invalid_utf8_is_replaced(self):
+        path = write_file(self, b"bad: caf\xe9\n", mode="wb")
+        self.assertEqual(finger.FileDatabase(path, 0).get_user("bad"), "caf\ufffd")
+
+    def test_malformed_and_duplicate_lines_are_logged(self):
+        with self.assertLogs("finger", "WARNING") as logs:
+            path, db = self.database("a: 1\nbroken\na: 2\n")
+        self.assertEqual(db.get_user("a"), "2")
+        self.assertIn("%s:2: no ':'" % path, logs.output[0])
+        self.assertIn("%s:3: duplicate user 'a'" % path, logs.output[1])
+
+    def test_reload_only_when_changed(self):
+        path, db = self.database()
+        loaded_at = db.loaded_at
+        self.assertFalse(db.reload())
+        self.assertIs(db.loaded_at, loaded_at)
+        replace_file(path, "moshez: Sleeping\n")
+        self.assertTrue(db.reload())
+        self.assertEqual(db.get_user("moshez"), "Sleeping")
+        self.assertIsNone(db.get_user("shawn"))
+
+    def test_failed_reloads_keep_last_good_data_and_log_once_per_streak(self):
+        path, db = self.database()
+        with self.assertLogs("finger", "ERROR") as logs:
+            os.unlink(path)
+            self.assertFalse(db.reload())
+            os.mkdir(path)                                   # replaced by a directory
+            self.assertFalse(db.reload())
+            self.assertFalse(db.reload(force=True))
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn(path, logs.output[0])
+        self.assertEqual(db.get_user("moshez"), "Happy and well")
+        os.rmdir(path)
+        replace_file(path, "moshez: back\n")
+        with self.assertLogs("finger", "INFO") as logs:
+            self.assertTrue(db.reload())
+        self.assertIn("usable again", logs.output[-1])
+        self.assertEqual(db.get_user("moshez"), "back")
+        replace_file(path, "moshez: nul\x00\n")              # not text: a new streak
+        with self.assertLogs("finger", "ERROR"):
+            self.assertFalse(db.reload())
+        self.assertEqual(db.get_user("moshez"), "back")
+
+    @unittest.skipIf(os.geteuid() == 0, "root reads unreadable files")
+    def test_unreadable_file_keeps_data(self):
+        path, db = self.database()
+        os.chmod(path, 0)
+        replace_file(path, "x: y\n")
+        os.chmod(path, 0)
+        self.assertFalse(db.reload())
+        self.assertEqual(db.get_user("moshez"), "Happy and well")
+
+    def test_missing_file_at_start(self):
+        with self.assertRaises(finger.UsersFileError) as caught:
+            finger.FileDatabase("/nonexistent/users")
+        self.assertIn("/nonexistent/users", str(caught.exception))
+
+    def test_periodic_reload_thread_picks_up_edits_and_stops_promptly(self):
+        path, db = self.database(interval=0.02)
+        db.start()
+        replace_file(path, "moshez: Edited\n")
+        wait_until(lambda: db.get_user("moshez") == "Edited")
+        started = time.monotonic()
+        db.stop()
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertFalse(any(t.name == "finger-reload" for t in threading.enumerate()))
+
+    def test_lookups_never_miss_during_reloads(self):
+        path, db = self.database("\n".join("user%d: status %d" % (i, i) for i in range(5000)))
+        misses = []
+        stop = threading.Event()
+
+        def look():
+            while not stop.is_set():
+                if db.get_user("user4999") is None:
+                    misses.append(1)
+
+        readers = [threading.Thread(target=look) for _ in range(4)]
+        for reader in readers:
+            reader.start()
+        for round_ in range(20):
+            replace_file(path, "\n".join("user%d: round %d" % (i, round_) for i in range(5000)))
+            self.assertTrue(db.reload())
+        stop.set()
+        for reader in readers:
+            reader.join()
+        self.assertEqual(misses, [])
+        self.assertEqual(db.get_user("user4999"), "round 19")
+
+
+# == the finger server =========================================================================
+
+class TestFingerServer(unittest.TestCase):
+    def test_known_and_unknown_user_then_server_closes(self):
+        service = finger_service(self)
+        self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertEqual(ask(service.address, b"nobody\r\n"), b"No such user\r\n")
+
+    def test_bare_lf_and_verbose(self):
+        address = finger_service(self).address
+        self.assertEqual(ask(address, b"moshez\n"), b"Happy and well\r\n")
+        self.assertEqual(ask(address, b"/W moshez\r\n"), b"Happy and well\r\n")
+        self.assertEqual(ask(address, b"/w shawn\r\n"), b"alive\r\n")
+
+    def test_several_names_and_the_user_list(self):
+        address = finger_service(self).address
+        self.assertEqual(ask(address, b"shawn nobody moshez\r\n"),
+                         b"shawn  alive\r\nnobody  No such user\r\nmoshez  Happy and well\r\n")
+        self.assertEqual(ask(address, b"\r\n"), b"moshez  Happy and well\r\nshawn  alive\r\n")
+        self.assertEqual(ask(address, b"/W\r\n"), b"moshez  Happy and well\r\nshawn  alive\r\n")
+
+    def test_list_refused_with_rfc_wording(self):
+        address = finger_service(self, allow_list=False).address
+        self.assertEqual(ask(address, b"\r\n"), b"Finger online user list denied\r\n")
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
+
+    def test_forwarding_refused_with_rfc_wording(self):
+        address = finger_service(self).address
+        for query in [b"moshez@example.org\r\n", b"@example.org\r\n", b"/W a@b@c\r\n"]:
+            self.assertEqual(ask(address, query), b"Finger forwarding service denied\r\n")
+
+    def test_query_sent_without_newline_then_half_close(self):
+        address = finger_service(self).address
+        with socket.create_connection(address, timeout=TIMEOUT) as sock:
+            sock.sendall(b"moshez")
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(sock.recv(100), b"Happy and well\r\n")
+
+    def test_control_characters_and_utf8_in_statuses(self):
+        db = finger.MemoryDatabase({"evil": "\x1b]0;owned\x07\x1b[2J", "cafe": "caf\u00e9"})
+        address = finger_service(self, db).address
+        self.assertEqual(ask(address, b"evil\r\n"), b"^[]0;owned^G^[[2J\r\n")
+        self.assertEqual(ask(address, "cafe\r\n".encode()), "caf\u00e9\r\n".encode())
+
+    def test_backend_exception_answers_internal_error_and_logs_traceback_once(self):
+        address = finger_service(self, BrokenDatabase()).address
+        with self.assertLogs("finger", "ERROR") as logs:
+            self.assertEqual(ask(address, b"moshez\r\n"), b"Internal error in server\r\n")
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("the database is on fire", logs.output[0])
+        self.assertIn("Traceback", logs.output[0])
+
+    def test_one_log_line_per_query(self):
+        address = finger_service(self).address
+        with self.assertLogs("finger", "INFO") as logs:
+            ask(address, b"moshez\r\n")
+            ask(address, b"nobody\r\n")
+        self.assertRegex(logs.output[0], r"finger 127\.0\.0\.1:\d+ b'moshez' ok \d+\.\dms")
+        self.assertRegex(logs.output[1], r"b'nobody' unknown")
+
+    def test_line_length_limit(self):
+        address = finger_service(self).address
+        limit = finger.MAX_QUERY_BYTES
+        self.assertEqual(ask(address, b"x" * limit + b"\r\n"), b"No such user\r\n")
+        self.assertEqual(ask(address, b"x" * (limit + 1) + b"\r\n"), b"Query too long\r\n")
+        with socket.create_connection(address, timeout=TIMEOUT) as sock:  # never a newline
+            sock.sendall(b"y" * (limit * 4))
+            self.assertEqual(sock.recv(100), b"Query too long\r\n")
+
+    def test_no_complete_line_within_timeout_closes(self):
+        service = finger_service(self, timeout=0.2)
+        sock = connect(self, service.address)
+        sock.sendall(b"mosh")                      # a slowloris: never finishes the line
+        started = time.monotonic()
+        self.assertEqual(sock.recv(100), b"")
+        self.assertLess(time.monotonic() - started, TIMEOUT)
+        self.assertEqual(service.counts.get("timeout"), 1)
+        self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
+
+    def test_connection_cap_answers_busy(self):
+        service = finger_service(self, max_connections=2)
+        idle = [connect(self, service.address) for _ in range(2)]
+        wait_until(lambda: len(service._conns) == 2)
+        self.assertEqual(ask(service.address, b"moshez\r\n"), b"Server busy, try again later\r\n")
+        idle[0].close()
+        wait_until(lambda: len(service._conns) < 2)
+        self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
+
+    def test_client_that_never_reads_does_not_block_others(self):
+        db = finger.MemoryDatabase({"user%d" % i: "x" * 200 for i in range(50000)})
+        service = finger_service(self, db, timeout=0.5)
+        hog = socket.socket()
+        self.addCleanup(hog.close)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(service.address)
+        hog.sendall(b"\r\n")                       # 10 MB of list, never read
+        wait_until(lambda: any(c.state == "writing" for c in service._conns))
+        self.assertEqual(ask(service.address, b"user1\r\n"), b"x" * 200 + b"\r\n")
+        wait_until(lambda: not service._conns)      # the hog is dropped at its deadline
+
+    def test_slow_backend_does_not_stall_the_loop(self):
+        db = SlowDatabase()
+        address = finger_service(self, db, workers=2).address
+        slow = connect(self, address)
+        slow.sendall(b"slow\r\n")
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")  # answered meanwhile
+        db.release.set()
+        self.assertEqual(slow.recv(100), b"finally\r\n")
+
+    def test_full_worker_pool_answers_busy(self):
+        db = SlowDatabase()
+        address = finger_service(self, db, workers=1).address
+        waiting = []
+        for _ in range(2):                       # one running, one queued: 2 x workers
+            waiting.append(connect(self, address))
+            waiting[-1].sendall(b"slow\r\n")
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
+        self.assertEqual(ask(address, b"slow\r\n"), b"Server busy, try again later\r\n")
+        db.release.set()
+        for sock in waiting:
+            self.assertEqual(sock.recv(100), b"finally\r\n")
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6_listener(self):
+        service = finger.TCPService(finger.FingerProtocol(finger.MemoryDatabase({"a": "b"})),
+                                    ("::1", 0))
+        try:
+            start(self, service)
+        except finger.FingerError as error:
+            self.skipTest("cannot bind ::1: %s" % error)
+        self.assertEqual(ask(("::1", service.address[1]), b"a\r\n"), b"b\r\n")
+
+    def test_stop_closes_sockets_and_threads(self):
+        service = finger.TCPService(finger.FingerProtocol(finger.MemoryDatabase()),
+                                    (LOCALHOST, 0))
+        service.start()
+        idle = connect(self, service.address)
+        wait_until(lambda: len(service._conns) == 1)
+        listener, thread = service._listener, service._thread
+        started = time.monotonic()
+        service.stop()
+        service.stop()                             # idempotent
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(listener.fileno(), -1)
+        self.assertEqual(idle.recv(10), b"")       # open connections are closed too
+        self.assertFalse(thread.is_alive())
+
+    @unittest.skipUnless(hasattr(os, "fork"), "POSIX only")
+    def test_running_out_of_file_descriptors_keeps_the_loop_alive(self):
+        users = write_file(self, USERS)
+        server = ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web",
+                               "off", "--setter", "off", "--log-level", "info",
+                               preexec_fn=_limit_files(40))
+        address = server.address()
+        flood = []
+        for _ in range(60):                    # more than the 40 descriptors it may open
+            try:
+                flood.append(socket.create_connection(address, timeout=TIMEOUT))
+            except OSError:
+                break
+        server.expect("out of file descriptors")
+        for sock in flood:
+            sock.close()
+        wait_until(lambda: _try_ask(address) == b"Happy and well\r\n")
+        self.assertIsNone(server.process.poll())
+
+
+def _limit_files(limit):
+    def apply():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
+def _try_ask(address):
+    try:
+        return ask(address, b"moshez\r\n", timeout=1)
+    except OSError:
+        return None
+
+
+# == inetd mode ================================================================================
+
+class TestInetd(unittest.TestCase):
+    def test_one_query_on_stdin_and_stdout(self):
+        users = write_file(self, USERS)
+        result = subprocess.run([sys.executable, FINGER_PY, "--inetd", "--users", users],
+                                input=b"moshez\r\n", capture_output=True, timeout=15)
+        self.assertEqual(result.stdout, b"Happy and well\r\n")
+        self.assertEqual(result.returncode, 0)
+
+    def test_socket_as_stdin_stdout_and_stderr_keeps_logs_off_the_wire(self):
+        users = write_file(self, USERS)
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.sendall(b"/W moshez\r\n")
+            process = subprocess.Popen([sys.executable, FINGER_PY, "--inetd", "--users", users],
+                                       stdin=theirs, stdout=theirs, stderr=theirs)
+            self.assertEqual(process.wait(TIMEOUT * 2), 0)
+            theirs.close()
+            ours.settimeout(TIMEOUT)
+            self.assertEqual(ours.recv(1000), b"Happy and well\r\n")
+
+    def test_timeout_with_no_query(self):
+        users = write_file(self, USERS)
+        reader, writer = os.pipe()
+        try:
+            result = run_finger("--inetd", "--users", users, "--timeout", "0.3", stdin=reader)
+        finally:
+            os.close(reader)
+            os.close(writer)
+        self.assertEqual((result.returncode, result.stdout), (0, ""))
+
+
+# == the client ================================================================================
+
+class CaptureServer:
+    """A raw TCP server that records each query line and answers a fixed reply."""
+
+    def __init__(self, test, reply=b"ok\r\n", family=socket.AF_INET, host=LOCALHOST):
+        self.reply = reply
+        self.queries = []
+        self.listener = socket.socket(family)
+        self.listener.bind((host, 0))
+        self.listener.listen()
+        self.address = self.listener.getsockname()[:2]
+        test.addCleanup(self.listener.close)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with sock:
+                sock.settimeout(TIMEOUT)
+                self.queries.append(sock.makefile("rb").readline())
+                sock.sendall(self.reply)
+
+
+def client(*args):
+    """Run the client in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = finger.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+class TestClient(unittest.TestCase):
+    def test_user_at_host_prints_host_line_and_reply(self):
+        port = finger_service(self).address[1]
+        self.assertEqual(client("moshez@127.0.0.1:%d" % port),
+                         (0, "[127.0.0.1]\nHappy and well\n", ""))
+
+    def test_several_queries_and_verbose(self):
+        server = CaptureServer(self)
+        target = "127.0.0.1:%d" % server.address[1]
+        code, out, _ = client("-l", "moshez@" + target, "@" + target, "a@h1@" + target)
+        self.assertEqual(code, 0)
+        self.assertEqual(server.queries, [b"/W moshez\r\n", b"/W \r\n", b"/W a@h1\r\n"])
+        self.assertEqual(out, "[127.0.0.1]\nok\n" * 3)
+
+    def test_forwarding_form_sends_the_rest_to_the_rightmost_host(self):
+        server = CaptureServer(self)
+        client("moshez@example.org@127.0.0.1:%d" % server.address[1])
+        self.assertEqual(server.queries, [b"moshez@example.org\r\n"])
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6_host(self):
+        try:
+            server = CaptureServer(self, family=socket.AF_INET6, host="::1")
+        except OSError as error:
+            self.skipTest("no ::1: %s" % error)
+        self.assertEqual(client("moshez@[::1]:%d" % server.address[1]), (0, "[::1]\nok\n", ""))
+
+    def test_control_characters_in_replies_are_made_harmless(self):
+        server = CaptureServer(self, reply=b"\x1b[2Jhi\tthere\x07\r\nline2\xc2\x9b\r\n")
+        _, out, _ = client("x@127.0.0.1:%d" % server.address[1])
+        self.assertEqual(out, "[127.0.0.1]\n^[[2Jhi\tthere^G\nline2M-^[\n")
+
+    def test_connection_refused_exits_1_with_one_line(self):
+        with socket.socket() as unused:
+            unused.bind((LOCALHOST, 0))
+            port = unused.getsockname()[1]
+        code, out, err = client("moshez@127.0.0.1:%d" % port, "--timeout", "2")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(len(err.splitlines()), 1)
+        self.assertIn("127.0.0.1:%d" % port, err)
+
+    def test_silent_server_times_out_with_exit_1(self):
+        with socket.socket() as silent:
+            silent.bind((LOCALHOST, 0))
+            silent.listen()
+            started = time.monotonic()
+            code, _, err = client("x@127.0.0.1:%d" % silent.getsockname()[1],
+                                  "--timeout", "0.3")
+        self.assertEqual(code, 1)
+        self.assertIn("timed out", err)
+        self.assertLess(time.monotonic() - started, 2.0)
+
+    def test_reply_size_is_capped(self):
+        server = CaptureServer(self, reply=b"z" * 5000)
+        reply = finger.finger("x", LOCALHOST, server.address[1], max_bytes=1000)
+        self.assertEqual(reply, b"z" * 1000)
+
+    def test_bad_usage_exits_2(self):
+        self.assertEqual(client("moshez@")[0], 2)
+        self.assertEqual(run_finger("--no-such-option").returncode, 2)
+        self.assertEqual(run_finger("--timeout", "-1", "x").returncode, 2)
+
+    def test_client_does_not_import_server_only_modules(self):
+        port = finger_service(self).address[1]
+        code = ("import sys, finger; finger.main(['moshez@127.0.0.1:%d']); "
+                "print(sorted(m for m in ('ssl', 'http.server', 'xmlrpc.server', "
+                "'concurrent.futures', 'logging.handlers') if m in sys.modules))" % port)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                cwd=HERE, timeout=15)
+        self.assertEqual(result.stdout, "[127.0.0.1]\nHappy and well\n[]\n")
+
+
+# == --serve, the Python API and the command line ==============================================
+
+class TestServeCommand(unittest.TestCase):
+    def serve(self, *args, **popen):
+        users = write_file(self, USERS)
+        return ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web", "off",
+                             "--setter", "off", *args, **popen)
+
+    def test_serves_logs_and_stops_on_sigterm_and_sigint(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = self.serve()
+                address = server.address()
+                self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
+                server.expect(r"finger 127\.0\.0\.1:\d+ b'moshez' ok [\d.]+ms")
+                idle = connect(self, address)
+                started = time.monotonic()
+                server.process.send_signal(signum)
+                self.assertEqual(server.process.wait(TIMEOUT), 0)
+                self.assertLess(time.monotonic() - started, 2.0)
+                self.assertEqual(idle.recv(10), b"")
+
+    def test_users_file_is_reloaded(self):
+        users = write_file(self, USERS)
+        server = ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web", "off",
+                               "--setter", "off", "--reload", "0.05")
+        address = server.address()
+        replace_file(users, "moshez: Reloaded\n")
+        wait_until(lambda: ask(address, b"moshez\r\n") == b"Reloaded\r\n")
+
+    def test_sighup_reloads_now(self):
+        users = write_file(self, USERS)
+        server = ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web", "off",
+                               "--setter", "off", "--reload", "0")
+        address = server.address()
+        replace_file(users, "moshez: Hung up\n")
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: ask(address, b"moshez\r\n") == b"Hung up\r\n")
+
+    def test_missing_users_file_exits_2_naming_it(self):
+        result = run_finger("--serve", "--users", "/nonexistent/users", "--finger", "off")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("/nonexistent/users", result.stderr)
+        self.assertIn("users.example", result.stderr)
+
+    def test_bad_listener_value_exits_2_naming_the_option(self):
+        for option in LISTENER_OPTIONS:
+            with self.subTest(option=option):
+                result = run_finger("--serve", option, "nonsense")
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("argument %s" % option, result.stderr)
+
+    def test_listeners_not_built_yet_refuse_clearly(self):
+        users = write_file(self, USERS)
+        result = run_finger("--serve", "--users", users, "--finger", "127.0.0.1:0",
+                            "--pb", "127.0.0.1:0")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--pb: not implemented yet", result.stderr)
+
+    def test_every_listener_off_exits_2(self):
+        users = write_file(self, USERS)
+        args = ["--serve", "--users", users]
+        for option in LISTENER_OPTIONS:
+            args += [option, "off"]
+        result = run_finger(*args)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("nothing to serve", result.stderr)
+
+    def test_port_in_use_fails_with_a_message(self):
+        with socket.socket() as taken:
+            taken.bind((LOCALHOST, 0))
+            taken.listen()
+            users = write_file(self, USERS)
+            result = run_finger("--serve", "--users", users, "--web", "off", "--setter", "off",
+                                "--finger", "127.0.0.1:%d" % taken.getsockname()[1])
+            self.assertEqual(result.returncode, 1)
+            self.assertIn("--finger 127.0.0.1:%d: cannot listen" % taken.getsockname()[1],
+                          result.stderr)
+
+    @unittest.skipUnless(hasattr(os, "geteuid"), "POSIX only")
+    def test_privileged_port_without_the_privilege_suggests_a_high_port(self):
+        users = write_file(self, USERS)
+        command = [sys.executable, FINGER_PY]
+        if os.geteuid() == 0:     # root without CAP_NET_BIND_SERVICE is refused like anyone
+            if not shutil.which("setpriv"):
+                self.skipTest("running as root and setpriv (util-linux) is missing")
+            command[:0] = ["setpriv", "--bounding-set", "-net_bind_service", "--inh-caps",
+                           "-net_bind_service"]
+        result = subprocess.run(command + ["--serve", "--users", users, "--web", "off",
+                                           "--setter", "off", "--finger", "127.0.0.1:79"],
+                                capture_output=True, text=True, timeout=15)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("ports below 1024 need root", result.stderr)
+        self.assertIn("--finger 127.0.0.1:7979", result.stderr)
+
+
+LISTENER_OPTIONS = ["--" + name for name in finger.LISTENERS]
+
+
+class TestPythonAPI(unittest.TestCase):
+    def test_build_services_from_options(self):
+        options = finger.default_options(finger="127.0.0.1:0", web="off", setter="off")
+        db = finger.MemoryDatabase({"moshez": "Happy and well"})
+        with finger.build_services(options, db) as services:
+            address = services.by_name("finger").address
+            self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertIsNone(_try_ask(address))
+
+    def test_build_services_reads_the_users_file(self):
+        users = write_file(self, USERS)
+        options = finger.default_options(finger="127.0.0.1:0", web="off", setter="off",
+                                         users=users, no_list=True)
+        with finger.build_services(options) as services:
+            address = services.by_name("finger").address
+            self.assertEqual(ask(address, b"shawn\r\n"), b"alive\r\n")
+            self.assertEqual(ask(address, b"\r\n"), b"Finger online user list denied\r\n")
+
+    def test_unknown_option_is_an_error(self):
+        with self.assertRaises(TypeError):
+            finger.default_options(colour="blue")
+
+
+# == interop with peers we did not write (make interop) =======================================
+
+def _needs(*programs):
+    missing = [p for p in programs if not shutil.which(p)]
+    if not INTEROP:
+        return unittest.skip("interop test: run with FINGER_INTEROP=1 (make interop)")
+    if missing:
+        return unittest.skip("not installed: %s" % ", ".join(missing))
+    return lambda test: test
+
+
+class TestInterop(unittest.TestCase):
+    @_needs("finger")
+    def test_debian_finger_client_against_our_server_on_port_79(self):
+        if os.geteuid() != 0:
+            self.skipTest("binding port 79 needs root")
+        db = finger.MemoryDatabase({"moshez": "Happy and well", "evil": "\x1b[2Jgone"})
+        service = finger.TCPService(finger.FingerProtocol(db), (LOCALHOST, 79))
+        try:
+            start(self, service)
+        except finger.FingerError as error:
+            self.skipTest("port 79 is taken: %s" % error)
+        result = subprocess.run(["finger", "moshez@127.0.0.1"], capture_output=True,
+                                text=True, timeout=15)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.splitlines(), ["[127.0.0.1]", "Happy and well"])
+        result = subprocess.run(["finger", "-l", "@127.0.0.1"], capture_output=True,
+                                text=True, timeout=15)
+        self.assertIn("moshez  Happy and well", result.stdout)
+        result = subprocess.run(["finger", "evil@127.0.0.1"], capture_output=True,
+                                text=True, timeout=15)
+        self.assertNotIn("\x1b", result.stdout)
+
+    @_needs("socat", "useradd")
+    def test_our_client_against_bsd_in_fingerd(self):
+        fingerd = shutil.which("in.fingerd") or "/usr/sbin/in.fingerd"
+        if not os.path.exists(fingerd):
+            self.skipTest("in.fingerd not installed (Debian package fingerd)")
+        if os.geteuid() != 0:
+            self.skipTest("creating a user with a ~/.plan needs root")
+        user = "fingertest%d" % os.getpid()
+        subprocess.run(["useradd", "-m", "-c", "Plan Tester", user], check=True)
+        self.addCleanup(subprocess.run, ["userdel", "-r", user], capture_output=True)
+        home = pwd.getpwnam(user).pw_dir
+        with open(os.path.join(home, ".plan"), "w") as plan:
+            plan.write("Testing plans\n")
+        with socket.socket() as probe:
+            probe.bind((LOCALHOST, 0))
+            port = probe.getsockname()[1]
+        socat = subprocess.Popen(["socat", "TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork" % port,
+                                  "EXEC:" + fingerd], stderr=subprocess.DEVNULL)
+        self.addCleanup(socat.wait)
+        self.addCleanup(socat.terminate)
+        wait_until(lambda: _port_open(port))
+        code, out, err = client("%s@127.0.0.1:%d" % (user, port))
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("[127.0.0.1]\n"))
+        self.assertIn("Plan Tester", out)
+        self.assertIn("Testing plans", out)
+        self.assertNotIn("\r", out)
+
+
+def _port_open(port):
+    try:
+        socket.create_connection((LOCALHOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    unittest.main()
