@@ -876,6 +876,18 @@ class TestInterop(unittest.TestCase):
         self.assertNotIn("\r", out)
 
 
+class TestPythonVersions(unittest.TestCase):
+    """finger.py must run on CPython 3.9: vermin (PyPI) finds the minimum version it needs."""
+
+    def test_needs_no_python_newer_than_3_9(self):
+        vermin = os.environ.get("VERMIN") or shutil.which("vermin")
+        if not INTEROP or not vermin or not os.path.exists(vermin):
+            self.skipTest("needs vermin and FINGER_INTEROP=1 (make interop installs it)")
+        result = subprocess.run([vermin, "-t=3.9-", "--no-tips", "--violations", FINGER_PY],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+
 def _port_open(port):
     try:
         socket.create_connection((LOCALHOST, port), timeout=1).close()
@@ -884,5 +896,17 @@ def _port_open(port):
         return False
 
 
+def main(argv):
+    """Run the tests named in argv (all by default) and end with one line that CI reads:
+    'results: N passed, N failed, N skipped'.  Exit status 1 when any failed."""
+    program = unittest.main(module=__name__, argv=[argv[0], "-v", *argv[1:]], exit=False)
+    result = program.result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    print("results: %d passed, %d failed, %d skipped"
+          % (result.testsRun - failed - skipped, failed, skipped))
+    return 1 if failed or not result.testsRun else 0
+
+
 if __name__ == "__main__":
-    unittest.main()
+    sys.exit(main(sys.argv))

@@ -1,0 +1,36 @@
+# finger.py: `make serve` to try it, `make test` to test it (python3 only),
+# `make interop` to test it against real peers (installs them; Debian, as root).
+
+PYTHON ?= python3
+VENV   := build/venv
+SERVE_ARGS ?= --users users.example --finger 127.0.0.1:7979 --web off --setter off
+
+.PHONY: serve test interop peers bench clean
+
+serve:
+	@echo "finger.py: serving users.example; try: $(PYTHON) finger.py moshez@127.0.0.1:7979"
+	@echo "(Ctrl-C stops it)"
+	$(PYTHON) finger.py --serve $(SERVE_ARGS)
+
+test:
+	$(PYTHON) test_finger.py
+
+# Test-only peers: Debian's finger client and bsd fingerd, socat to run fingerd like inetd,
+# and vermin (PyPI, in a venv under build/) to check that finger.py needs no Python above 3.9.
+peers:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq >/dev/null && \
+	    apt-get install -y -qq --no-install-recommends finger fingerd socat >/dev/null; \
+	else echo "peers: not root or no apt-get: Debian packages not installed"; fi
+	@[ -x $(VENV)/bin/vermin ] || { $(PYTHON) -m venv $(VENV) && \
+	    $(VENV)/bin/pip install --quiet --disable-pip-version-check vermin; }
+
+interop: peers
+	FINGER_INTEROP=1 VERMIN=$(VENV)/bin/vermin $(PYTHON) test_finger.py TestInterop TestPythonVersions
+
+bench:
+	@echo "make bench comes with the benchmark issue (#9)."
+
+clean:
+	rm -rf build __pycache__ .ci/__pycache__
