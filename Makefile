@@ -3,6 +3,8 @@
 
 PYTHON ?= python3
 VENV   := build/venv
+# Other interpreters the interop tests run the core tests with (pyenv's, when present).
+PYTHONS ?= $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.*/bin/python3)
 SERVE_ARGS ?= --users users.example --finger 127.0.0.1:7979 --web off --setter off
 
 .PHONY: serve test interop peers bench clean
@@ -27,7 +29,7 @@ peers:
 	    $(VENV)/bin/pip install --quiet --disable-pip-version-check vermin; }
 
 interop: peers
-	FINGER_INTEROP=1 VERMIN=$(VENV)/bin/vermin $(PYTHON) test_finger.py TestInterop TestPythonVersions
+	FINGER_INTEROP=1 VERMIN=$(VENV)/bin/vermin FINGER_PYTHONS="$(PYTHONS)" $(PYTHON) test_finger.py TestInterop TestPythonVersions
 
 bench:
 	@echo "make bench comes with the benchmark issue (#9)."

@@ -892,11 +892,11 @@ class TestPythonVersions(unittest.TestCase):
     def test_core_tests_pass_on_every_python_from_3_9_to_3_13_found(self):
         if not INTEROP:
             self.skipTest("interop test: run with FINGER_INTEROP=1 (make interop)")
-        found = [p for p in ("python3.%d" % minor for minor in range(9, 14)) if shutil.which(p)]
+        found = _pythons_3_9_to_3_13()
         if not found:
-            self.skipTest("no python3.9 ... python3.13 on PATH")
-        for python in found:
-            with self.subTest(python=python):
+            self.skipTest("no Python 3.9 to 3.13 found (FINGER_PYTHONS or python3.N on PATH)")
+        for version, python in sorted(found.items()):
+            with self.subTest(python="3.%d" % version):
                 result = subprocess.run(
                     [python, "-m", "unittest", "test_finger.TestParseUsers",
                      "test_finger.TestParseQuery", "test_finger.TestFileDatabase",
@@ -904,6 +904,24 @@ class TestPythonVersions(unittest.TestCase):
                     cwd=HERE, capture_output=True, text=True, timeout=120,
                     env=dict(os.environ, FINGER_INTEROP="0"))
                 self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+
+
+def _pythons_3_9_to_3_13():
+    """{minor version: interpreter} from FINGER_PYTHONS (paths) and python3.N on PATH."""
+    candidates = os.environ.get("FINGER_PYTHONS", "").split()
+    candidates += ["python3.%d" % minor for minor in range(9, 14)]
+    found = {}
+    for python in candidates:
+        try:
+            result = subprocess.run([python, "-c", "import sys; print(sys.version_info[1])"],
+                                    capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if result.returncode == 0 and result.stdout.strip().isdigit():
+            minor = int(result.stdout)
+            if 9 <= minor <= 13:
+                found.setdefault(minor, python)
+    return found
 
 
 def _port_open(port):
