@@ -705,9 +705,10 @@ class TestServeCommand(unittest.TestCase):
             with self.subTest(signal=signum):
                 server = self.serve()
                 address = server.address()
+                idle = connect(self, address)
+                # answered after idle was accepted: the listener accepts in order
                 self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
                 server.expect(r"finger 127\.0\.0\.1:\d+ b'moshez' ok [\d.]+ms")
-                idle = connect(self, address)
                 started = time.monotonic()
                 server.process.send_signal(signum)
                 self.assertEqual(server.process.wait(TIMEOUT), 0)
