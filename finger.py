@@ -15,13 +15,19 @@ Runs on CPython 3.9 and newer, with the standard library only.
 """
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import pwd
+import re
 import selectors
 import signal
 import socket
+import stat
+import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -53,6 +59,11 @@ STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when
 BUSY_BACKLOG = 256                # connections over the cap whose query is read before the
                                   # busy answer (so closing does not reset it); beyond: dropped
 
+MAX_SETTER_BYTES = 8192           # a setter request (user line + status line) at most
+DEFAULT_MAX_STATUS = 1024         # characters in a status sent to the setter
+MAX_USER_NAME = 32
+DEFAULT_SETTER_SOCKET = "/run/finger/setter.sock"
+
 NO_SUCH_USER = "No such user"
 INTERNAL_ERROR = "Internal error in server"
 FORWARDING_DENIED = "Finger forwarding service denied"      # RFC 1288 section 3.2.1
@@ -69,7 +80,7 @@ LISTENERS = {
     "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
     "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
 }
-IMPLEMENTED_LISTENERS = {"finger"}
+IMPLEMENTED_LISTENERS = {"finger", "setter"}
 IMPLEMENTED_BACKENDS = {"file", "memory"}
 
 
@@ -233,6 +244,68 @@ def format_reply(text):
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+_USER_NAME = re.compile(r"[A-Za-z0-9._-]{1,%d}\Z" % MAX_USER_NAME)
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def valid_user_name(name):
+    """The names the setter accepts: letters, digits, '.', '_' and '-', at most 32."""
+    return bool(_USER_NAME.match(name))
+
+
+def clean_status(text):
+    """A status as the setter stores it: one line, control characters removed, stripped."""
+    return _CONTROL_CHARS.sub("", text.replace("\t", " ")).strip()
+
+
+def rewrite_users(data, name, status):
+    """The users file `data` (bytes) with `name`'s status set: its last line is replaced (or
+    a line is appended); every other byte, comments and order included, stays as it was."""
+    lines = data.splitlines(keepends=True)
+    wanted = name.encode("utf-8")
+    new_line = ("%s: %s" % (name, status)).encode("utf-8")
+    for index in range(len(lines) - 1, -1, -1):
+        key, colon, _ = lines[index].partition(b":")
+        if colon and key.strip() == wanted:
+            body = lines[index].rstrip(b"\r\n")
+            lines[index] = new_line + lines[index][len(body):]
+            return b"".join(lines)
+    if lines and not lines[-1].endswith(b"\n"):
+        lines[-1] += b"\n"
+    return b"".join(lines) + new_line + b"\n"
+
+
+def write_file_atomically(path, data):
+    """Replace `path` by `data` so that a reader sees the old file or the new one, never a
+    mix, and the new one survives a crash: temp file in the same directory, fsync, rename,
+    fsync the directory.  Keeps the file's mode (and owner, where allowed)."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    info = os.stat(path)
+    fd, temp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, stat.S_IMODE(info.st_mode))
+        if (info.st_uid, info.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(temp, info.st_uid, info.st_gid)
+            except OSError:
+                pass
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 # == 3. User databases (back-ends) ============================================================
 
 class UserDatabase:
@@ -304,7 +377,8 @@ class FileDatabase(MemoryDatabase):
 
     The file is parsed outside any lock and the new table swapped in at once, so a lookup
     never waits for a parse.  A reload that fails keeps the last good table and is logged
-    once per streak of failures."""
+    once per streak of failures.  set_user writes through to the file before it returns;
+    reloads and writes take turns (a writer lock), lookups never wait for either."""
 
     def __init__(self, path, reload_interval=DEFAULT_RELOAD):
         super().__init__()
@@ -319,6 +393,10 @@ class FileDatabase(MemoryDatabase):
 
     def load(self):
         """Read the file now; UsersFileError if it cannot be used."""
+        with self._lock:
+            self._load()
+
+    def _load(self):
         try:
             info = os.stat(self.path)
             with open(self.path, encoding="utf-8", errors="replace") as lines:
@@ -340,9 +418,10 @@ class FileDatabase(MemoryDatabase):
     def reload(self, force=False):
         """Re-read the file if it changed (or `force`); True when a new table is in use."""
         try:
-            if not force and self._signature_of(os.stat(self.path)) == self._signature:
-                return False
-            self.load()
+            with self._lock:
+                if not force and self._signature_of(os.stat(self.path)) == self._signature:
+                    return False
+                self._load()
         except (OSError, UsersFileError) as error:
             if not self._failing:
                 reason = error.strerror if isinstance(error, OSError) else error
@@ -354,6 +433,18 @@ class FileDatabase(MemoryDatabase):
             log.info("users file %s is usable again", self.path)
         self._failing = False
         return True
+
+    def set_user(self, name, status):
+        """Write the status through to the file, then serve it; OSError leaves both alone."""
+        with self._lock:
+            with open(self.path, "rb") as f:
+                seen = self._signature_of(os.fstat(f.fileno())) == self._signature
+                data = f.read()
+            write_file_atomically(self.path, rewrite_users(data, name, status))
+            # Edits nobody has loaded yet are in the new file too: leave them to the reload.
+            self._signature = self._signature_of(os.stat(self.path)) if seen else None
+            self._users[name] = status
+            self._names = None
 
     def start(self):
         if self._thread is None and self.reload_interval > 0:
@@ -407,7 +498,7 @@ class FingerProtocol:
             raise RequestError(QUERY_TOO_LONG, "too long")
         return line
 
-    def respond(self, line):
+    def respond(self, line, peer=None):
         """A query line (bytes) -> (reply bytes, outcome word for the log)."""
         query = parse_query(line.decode("utf-8", "replace"))
         try:
@@ -440,6 +531,75 @@ class FingerProtocol:
             status = self._lookup(name, verbose)
             lines.append("%s  %s" % (name, NO_SUCH_USER if status is None else status))
         return "\n".join(lines)
+
+
+class PeerCredentials:
+    """Who is at the other end of a unix socket (SO_PEERCRED)."""
+    __slots__ = ("pid", "uid", "gid")
+
+    def __init__(self, sock):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+
+    def __str__(self):
+        return "uid=%d,pid=%d" % (self.uid, self.pid)
+
+
+class SetterProtocol:
+    """The tutorial's FingerSetterProtocol: the peer sends a user line and a status line and
+    closes its side; with exactly two lines the status is set.  One line answers: OK or why
+    not.  With `check_identity` (the unix socket), peers may set only their own status,
+    except root."""
+
+    name = "setter"
+    max_request = MAX_SETTER_BYTES
+    blocking = True            # setting may write the users file (fsync): off the loop
+
+    def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False):
+        self.db = db
+        self.max_status = max_status
+        self.check_identity = check_identity
+
+    def parse(self, data, eof):
+        """Everything the peer sent, once it has closed its side; None until then."""
+        if len(data) > self.max_request:
+            raise RequestError("Too much: send a user line and a status line", "too long")
+        return data if eof else None
+
+    def respond(self, data, peer=None):
+        lines = data.decode("utf-8", "replace").splitlines()
+        if len(lines) != 2:
+            return format_reply("Expected two lines: a user, then a status"), "bad request"
+        name, status = lines[0].strip(), clean_status(lines[1])
+        if not valid_user_name(name):
+            return format_reply("Bad user name: letters, digits, '.', '_' and '-', at most "
+                                "%d" % MAX_USER_NAME), "bad request"
+        if len(status) > self.max_status:
+            return format_reply("Status too long: at most %d characters"
+                                % self.max_status), "bad request"
+        if self.check_identity and not self._may_set(peer, name):
+            return format_reply("Permission denied: you may set only your own status"), \
+                "denied"
+        try:
+            self.db.set_user(name, status)
+        except OSError as error:
+            log.error("setting the status of %r failed: %s", name, error)
+            return format_reply("Could not save the status: %s" % error.strerror), "error"
+        except Exception:
+            log.exception("setting the status of %r failed", name)
+            return format_reply(INTERNAL_ERROR), "error"
+        return b"OK\r\n", "set %s" % name
+
+    @staticmethod
+    def _may_set(peer, name):
+        if peer is None:
+            return False
+        if peer.uid == 0:
+            return True
+        try:
+            return pwd.getpwuid(peer.uid).pw_name == name
+        except KeyError:
+            return False
 
 
 class Service:
@@ -507,6 +667,36 @@ def bind_tcp(address, option="listener"):
         raise FingerError(message) from None
 
 
+def bind_unix(path, option="setter-socket"):
+    """Listen on a unix socket at `path`, mode 0666 (peers are told apart by SO_PEERCRED).
+    A socket file left by a dead server is replaced; anything else there is an error."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise UsageError("--%s %s: exists and is not a socket" % (option, path))
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(path) == 0:
+                raise FingerError("--%s %s: a running server listens there" % (option, path))
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        raise FingerError("--%s %s: cannot listen: %s" % (option, path, error.strerror or error))
+    return sock
+
+
+def format_peer(peer):
+    """A connection's peer for the log: host:port, or the credentials of a unix peer."""
+    return format_address(peer) if isinstance(peer, tuple) else str(peer)
+
+
 class _Connection:
     """One client connection of a TCPService."""
     __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "busy")
@@ -523,22 +713,26 @@ class _Connection:
 class TCPService(Service):
     """A TCP listener whose connections are all served by one thread running a selectors loop.
 
+    `address` is (host, port), or a path for a unix socket (whose peers are known by their
+    PeerCredentials); `sock` is a listening socket made elsewhere (systemd, tests).
     `protocol` turns received bytes into a request (`parse(data, eof)`) and a request into
-    a reply (`respond(request)`).  Answers from a protocol whose `blocking` is true are
-    computed in a bounded worker pool; the loop never waits for them.  Limits: `timeout`
+    a reply (`respond(request, peer)`).  Answers from a protocol whose `blocking` is true
+    are computed in a bounded worker pool; the loop never waits for them.  Limits: `timeout`
     seconds to send a request and to take the answer, `max_connections` open at once
-    (more get a one-line busy answer), at most 2 × `workers` answers waiting for the pool."""
+    (more get a one-line busy answer), at most `max_pending` answers (default 2 × `workers`)
+    waiting for the pool."""
 
-    def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None,
+    def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 workers=DEFAULT_WORKERS):
+                 workers=DEFAULT_WORKERS, max_pending=None):
         super().__init__()
         self.protocol = protocol
-        self.name = protocol.name
+        self.name = name or protocol.name
         self.requested_address = address
         self.timeout = timeout
         self.max_connections = max_connections
         self.workers = workers
+        self.max_pending = max_pending or 2 * workers
         self.counts = {}                 # outcome -> number of requests, for reports
         self._listener = sock
         self._conns = {}                 # _Connection -> None, in order of deadline
@@ -555,13 +749,23 @@ class TCPService(Service):
 
     def bind(self):
         if self._listener is None:
-            self._listener = bind_tcp(self.requested_address, self.name)
+            if isinstance(self.requested_address, str):
+                self._listener = bind_unix(self.requested_address, self.name)
+            else:
+                self._listener = bind_tcp(self.requested_address, self.name)
         self._listener.setblocking(False)
-        self.address = self._listener.getsockname()[:2]
+        address = self._listener.getsockname()
+        self.address = address if isinstance(address, str) else address[:2]
 
     def close(self):
         self._stopping = True
         self._wake()
+
+    def stop(self):
+        super().stop()
+        if isinstance(self.address, str):          # our unix socket file goes with us
+            with contextlib.suppress(OSError):
+                os.unlink(self.address)
 
     def serve(self):
         self._selector = selectors.DefaultSelector()
@@ -653,6 +857,8 @@ class TCPService(Service):
                 self._refuse(sock, SERVER_BUSY)
                 self.counts["busy"] = self.counts.get("busy", 0) + 1
                 continue
+            if sock.family == socket.AF_UNIX:
+                peer = PeerCredentials(sock)
             self._busy += busy
             sock.setblocking(False)
             conn = _Connection(sock, peer, time.monotonic() + self.timeout, busy)
@@ -707,7 +913,7 @@ class TCPService(Service):
         elif self.protocol.blocking:
             self._submit(conn, request)
         else:
-            reply, outcome = self.protocol.respond(request)
+            reply, outcome = self.protocol.respond(request, conn.peer)
             self._log(conn, request, outcome)
             self._send(conn, reply)
 
@@ -757,7 +963,7 @@ class TCPService(Service):
     # -- the worker pool, for back-ends that may block
 
     def _submit(self, conn, request):
-        if self._in_flight >= 2 * self.workers:
+        if self._in_flight >= self.max_pending:
             self._log(conn, request, "busy")
             self._send(conn, format_reply(SERVER_BUSY))
             return
@@ -767,7 +973,7 @@ class TCPService(Service):
         self._selector.unregister(conn.sock)
         conn.state = "working"
         self._in_flight += 1
-        future = self._pool.submit(self.protocol.respond, request)
+        future = self._pool.submit(self.protocol.respond, request, conn.peer)
         future.add_done_callback(lambda future: self._job_done(conn, request, future))
 
     def _job_done(self, conn, request, future):
@@ -807,7 +1013,7 @@ class TCPService(Service):
     def _log(self, conn, request, outcome):
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %r %s %.1fms", self.name, format_address(conn.peer), request,
+            log.info("%s %s %r %s %.1fms", self.name, format_peer(conn.peer), request,
                      outcome, (time.monotonic() - conn.started) * 1000)
 
 
@@ -920,6 +1126,41 @@ def run_client(args, verbose, timeout, out=None, err=None):
     return status
 
 
+def set_status(status, path=DEFAULT_SETTER_SOCKET, timeout=DEFAULT_TIMEOUT):
+    """Set the caller's own status through the server's unix-socket setter; returns the
+    server's one-line answer ('OK' or why not).  Raises OSError."""
+    name = pwd.getpwuid(os.getuid()).pw_name
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(("%s\n%s\n" % (name, status)).encode("utf-8"))
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while len(reply) < RECV_SIZE:
+            chunk = sock.recv(RECV_SIZE)
+            if not chunk:
+                break
+            reply += chunk
+    return defang(reply.decode("utf-8", "replace")).strip()
+
+
+def run_set(status, path, timeout):
+    """--set STATUS: 0 when the server answered OK, else 1 with the reason on stderr."""
+    path = path or DEFAULT_SETTER_SOCKET
+    try:
+        answer = set_status(status, path, timeout)
+    except OSError as error:
+        print("finger.py: cannot reach the setter at %s: %s (is finger.py --serve running "
+              "with --setter-socket %s?)" % (path, error.strerror or error, path),
+              file=sys.stderr)
+        return 1
+    if answer != "OK":
+        print("finger.py: %s" % answer, file=sys.stderr)
+        return 1
+    print(answer)
+    return 0
+
+
 # == 6. Services and assembly ==================================================================
 
 class ServiceGroup(Service):
@@ -971,7 +1212,7 @@ def build_database(options):
     if options.backend not in IMPLEMENTED_BACKENDS:
         raise UsageError("--backend %s: not implemented yet" % options.backend)
     if options.backend == "memory":
-        return MemoryDatabase()
+        return MemoryDatabase(options.status)
     try:
         return FileDatabase(options.users, options.reload)
     except UsersFileError as error:
@@ -996,11 +1237,31 @@ def build_services(options, db=None):
             log.warning("--%s (default %s): not implemented yet, not started",
                         name, LISTENERS[name][0])
             continue
-        protocol = FingerProtocol(db, allow_list=not options.no_list)
-        services.append(TCPService(protocol, address, timeout=options.timeout,
-                                   max_connections=options.max_connections,
-                                   workers=options.workers))
+        services.append(_listener_service(name, address, db, options))
+    if options.setter_socket:
+        protocol = SetterProtocol(db, options.max_status, check_identity=True)
+        services.append(TCPService(protocol, options.setter_socket, name="setter-socket",
+                                   **_limits(options, protocol)))
     return ServiceGroup(services, [db])
+
+
+def _listener_service(name, address, db, options):
+    """The service behind listener option `name`."""
+    if name == "setter":
+        protocol = SetterProtocol(db, options.max_status)
+    else:
+        protocol = FingerProtocol(db, allow_list=not options.no_list)
+    return TCPService(protocol, address, **_limits(options, protocol))
+
+
+def _limits(options, protocol):
+    """The limits of a TCPService from the options.  Setter requests may all wait for the
+    writer (they are few and short), finger answers at most 2 x workers."""
+    limits = dict(timeout=options.timeout, max_connections=options.max_connections,
+                  workers=options.workers)
+    if isinstance(protocol, SetterProtocol):
+        limits["max_pending"] = options.max_connections
+    return limits
 
 
 def default_options(**overrides):
@@ -1101,6 +1362,14 @@ def _count(text):
     return int(text)
 
 
+def _status_pair(text):
+    name, equals, status = text.partition("=")
+    if not equals or not valid_user_name(name):
+        raise argparse.ArgumentTypeError("expected USER=TEXT with a valid user name, got %r"
+                                         % text)
+    return name, clean_status(status)
+
+
 def build_parser():
     """The one parser of finger.py, client and server."""
     parser = argparse.ArgumentParser(
@@ -1117,6 +1386,9 @@ def build_parser():
     parser.add_argument("--timeout", type=_positive_number, default=DEFAULT_TIMEOUT,
                         metavar="SECONDS", help="client: whole-exchange timeout; server: "
                         "time a peer has to send its query (default: %(default)s)")
+    parser.add_argument("--set", metavar="STATUS",
+                        help="set your own status through the server's unix-socket setter "
+                             "(--setter-socket, default %s)" % DEFAULT_SETTER_SOCKET)
     parser.add_argument("--version", action="version", version="finger.py " + __version__)
 
     modes = parser.add_argument_group("server modes")
@@ -1130,6 +1402,10 @@ def build_parser():
         listeners.add_argument("--" + name, type=_listen_option, default=default,
                                metavar="ADDR", help="%s (default: %s)" % (what, default))
 
+    listeners.add_argument("--setter-socket", metavar="PATH",
+                           help="also take statuses on this unix socket, where local users "
+                                "may set only their own (default: off)")
+
     data = parser.add_argument_group("data")
     data.add_argument("--users", default=DEFAULT_USERS_FILE, metavar="FILE",
                       help="users file, lines 'user: status' (default: %(default)s)")
@@ -1141,6 +1417,12 @@ def build_parser():
                            "(default: %(default)s)")
     data.add_argument("--no-list", action="store_true",
                       help="refuse the empty query (the list of users)")
+    data.add_argument("--status", action="append", type=_status_pair, default=[],
+                      metavar="USER=TEXT", help="--backend memory: a status to start with "
+                      "(repeatable)")
+    data.add_argument("--max-status", type=_count, default=DEFAULT_MAX_STATUS, metavar="N",
+                      help="longest status the setter accepts, in characters (default: "
+                           "%(default)s)")
 
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
@@ -1160,6 +1442,8 @@ def main(argv=None):
     """Run finger.py with `argv` (default sys.argv[1:]); returns the exit code."""
     parser = build_parser()
     options = parser.parse_intermixed_args(argv)
+    if options.set is not None:
+        return run_set(options.set, options.setter_socket, options.timeout)
     if not (options.serve or options.inetd):
         return run_client(options.queries, options.verbose, options.timeout)
     if options.queries:

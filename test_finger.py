@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -552,6 +553,301 @@ def _try_ask(address):
         return None
 
 
+# == the setter ================================================================================
+
+def set_over(address, data, half_close=True, family=socket.AF_INET):
+    """Send a setter request; with half_close, read the one-line answer."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(address)
+        sock.sendall(data)
+        if not half_close:
+            return None
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = sock.recv(1000)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def setter_service(test, db, **options):
+    protocol = finger.SetterProtocol(db, options.pop("max_status", finger.DEFAULT_MAX_STATUS),
+                                     check_identity=options.pop("check_identity", False))
+    address = options.pop("address", (LOCALHOST, 0))
+    service = finger.TCPService(protocol, address, **options)
+    start(test, service)
+    return service
+
+
+USERS_WITH_COMMENTS = ("# the users of this box\r\n"
+                       "moshez: Happy and well\r\n"
+                       "\n"
+                       "  # shawn is next\n"
+                       "shawn:alive\n"
+                       "glyph: Writing Twisted")          # no newline at the end
+
+
+class TestSetterRules(unittest.TestCase):
+    def test_rewrite_keeps_every_other_byte(self):
+        data = USERS_WITH_COMMENTS.encode()
+        new = finger.rewrite_users(data, "shawn", "Sleeping")
+        self.assertEqual(new, data.replace(b"shawn:alive", b"shawn: Sleeping"))
+        new = finger.rewrite_users(data, "moshez", "caf\u00e9")
+        self.assertEqual(new, data.replace(b"Happy and well", "caf\u00e9".encode()))
+        new = finger.rewrite_users(data, "radix", "new")
+        self.assertEqual(new, data + b"\nradix: new\n")
+        self.assertEqual(finger.rewrite_users(b"", "a", "b"), b"a: b\n")
+
+    def test_rewrite_replaces_the_line_that_wins(self):
+        new = finger.rewrite_users(b"a: 1\na: 2\n", "a", "3")
+        self.assertEqual(new, b"a: 1\na: 3\n")
+
+    def test_names_and_statuses(self):
+        for name in ["moshez", "a.b_c-d", "x" * 32]:
+            self.assertTrue(finger.valid_user_name(name), name)
+        for name in ["", "x" * 33, "../etc", "a b", "a:b", "caf\u00e9", "a\n"]:
+            self.assertFalse(finger.valid_user_name(name), name)
+        self.assertEqual(finger.clean_status(" a\tb\x1b[2J\x00c\x9b\u202e "), "a b[2Jc")
+
+
+class TestSetter(unittest.TestCase):
+    def file_db(self, text=USERS_WITH_COMMENTS):
+        path = write_file(self, text, mode="w")
+        db = finger.FileDatabase(path, 0)
+        self.addCleanup(db.stop)
+        return path, db
+
+    def test_two_lines_set_the_status_and_the_answer_is_ok(self):
+        path, db = self.file_db()
+        address = setter_service(self, db).address
+        self.assertEqual(set_over(address, b"shawn\r\nSleeping\r\n"), b"OK\r\n")
+        self.assertEqual(db.get_user("shawn"), "Sleeping")
+        with open(path, "rb") as f:        # written through, all else preserved byte for byte
+            self.assertEqual(f.read(), USERS_WITH_COMMENTS.replace(
+                "shawn:alive", "shawn: Sleeping").encode())
+        self.assertEqual(finger.FileDatabase(path, 0).get_user("shawn"), "Sleeping")  # restart
+
+    def test_a_set_status_survives_the_periodic_reload(self):
+        path, db = self.file_db()
+        address = setter_service(self, db).address
+        set_over(address, b"moshez\nAway\n")
+        self.assertFalse(db.reload())
+        self.assertTrue(db.reload(force=True))
+        self.assertEqual(db.get_user("moshez"), "Away")
+
+    def test_edits_not_yet_loaded_are_kept_and_loaded(self):
+        path, db = self.file_db("a: 1\n")
+        replace_file(path, "a: 1\nb: edited by hand\n")
+        db.set_user("a", "2")
+        self.assertTrue(db.reload())
+        self.assertEqual((db.get_user("a"), db.get_user("b")), ("2", "edited by hand"))
+
+    def test_nc_style_full_close_loses_nothing(self):
+        _, db = self.file_db()
+        address = setter_service(self, db).address
+        set_over(address, b"glyph\nGone fishing\n", half_close=False)
+        wait_until(lambda: db.get_user("glyph") == "Gone fishing")
+
+    def test_anything_but_two_lines_changes_nothing(self):
+        path, db = self.file_db()
+        address = setter_service(self, db).address
+        for data in [b"", b"shawn\n", b"shawn\nA\nB\n", b"shawn\nA\n\n"]:
+            with self.subTest(data=data):
+                self.assertEqual(set_over(address, data),
+                                 b"Expected two lines: a user, then a status\r\n")
+        self.assertEqual(db.get_user("shawn"), "alive")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), USERS_WITH_COMMENTS.encode())
+
+    def test_bad_names_and_long_statuses_are_refused(self):
+        _, db = self.file_db()
+        address = setter_service(self, db, max_status=10).address
+        for name in [b"../../etc/passwd", b"x" * 33, b"a b", b"#comment"]:
+            with self.subTest(name=name):
+                self.assertTrue(set_over(address, name + b"\nx\n").startswith(b"Bad user name"))
+        self.assertEqual(set_over(address, b"shawn\n" + b"y" * 11 + b"\n"),
+                         b"Status too long: at most 10 characters\r\n")
+        self.assertEqual(set_over(address, b"shawn\n" + b"y" * 10 + b"\n"), b"OK\r\n")
+        self.assertEqual(set_over(address, b"shawn\n" + b"x" * 9000),
+                         b"Too much: send a user line and a status line\r\n")
+        self.assertEqual(db.get_user("shawn"), "y" * 10)
+
+    def test_control_characters_are_removed(self):
+        _, db = self.file_db()
+        address = setter_service(self, db).address
+        set_over(address, b"shawn\n\x1b[2Jwiped\x07\r\n")
+        self.assertEqual(db.get_user("shawn"), "[2Jwiped")
+
+    def test_no_eof_within_timeout_sets_nothing(self):
+        _, db = self.file_db()
+        service = setter_service(self, db, timeout=0.2)
+        sock = connect(self, service.address)
+        sock.sendall(b"shawn\nNever\n")
+        self.assertEqual(sock.recv(100), b"")
+        self.assertEqual(db.get_user("shawn"), "alive")
+
+    def test_write_failure_changes_nothing_and_is_answered(self):
+        path, db = self.file_db()
+        directory = os.path.dirname(path)
+        os.chmod(directory, 0o555)
+        self.addCleanup(os.chmod, directory, 0o755)
+        if os.access(directory, os.W_OK):
+            self.skipTest("running as root: a read-only directory does not stop root")
+        address = setter_service(self, db).address
+        with self.assertLogs("finger", "ERROR") as logs:
+            self.assertEqual(set_over(address, b"shawn\nLost\n"),
+                             b"Could not save the status: Permission denied\r\n")
+        self.assertIn("shawn", logs.output[0])
+        self.assertEqual(db.get_user("shawn"), "alive")
+
+    @unittest.skipUnless(hasattr(os, "fork"), "POSIX only")
+    def test_full_disk_changes_nothing_and_is_answered(self):
+        path, db = self.file_db()
+        # RLIMIT_FSIZE makes writing the new users file fail like a full disk, even for root.
+        server = ServerProcess(self, "--users", path, "--finger", "127.0.0.1:0", "--web", "off",
+                               "--setter", "127.0.0.1:0", preexec_fn=_limit_file_size(100))
+        finger_address = server.address("finger")
+        setter_address = server.address("setter")
+        self.assertEqual(set_over(setter_address, b"shawn\nLost\n"),
+                         b"Could not save the status: File too large\r\n")
+        self.assertEqual(ask(finger_address, b"shawn\r\n"), b"alive\r\n")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), USERS_WITH_COMMENTS.encode())
+        self.assertEqual([n for n in os.listdir(os.path.dirname(path)) if n != "users"], [])
+
+    def test_concurrent_setters_racing_reloads_lose_nothing(self):
+        path, db = self.file_db()
+        address = setter_service(self, db, max_pending=200, workers=4).address
+        stop = threading.Event()
+
+        def reload_forever():
+            while not stop.is_set():
+                db.reload(force=True)
+
+        reloader = threading.Thread(target=reload_forever)
+        reloader.start()
+        self.addCleanup(reloader.join)
+        self.addCleanup(stop.set)
+        answers = {}
+
+        def setter(number):
+            answers[number] = set_over(address, b"user%d\nstatus %d\n" % (number, number))
+
+        threads = [threading.Thread(target=setter, args=(n,)) for n in range(100)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stop.set()
+        self.assertEqual(set(answers.values()), {b"OK\r\n"})
+        on_disk, problems = finger.parse_users(open(path, encoding="utf-8"))
+        self.assertEqual(problems, [])
+        for number in range(100):
+            self.assertEqual(on_disk["user%d" % number], "status %d" % number)
+            self.assertEqual(db.get_user("user%d" % number), "status %d" % number)
+        self.assertEqual(on_disk["moshez"], "Happy and well")
+
+    def test_memory_backend_and_seed_statuses(self):
+        users = write_file(self, "")
+        server = ServerProcess(self, "--backend", "memory", "--status", "moshez=Happy and well",
+                               "--finger", "127.0.0.1:0", "--web", "off", "--setter",
+                               "127.0.0.1:0", "--users", users + ".not-read")
+        finger_address = server.address("finger")
+        setter_address = server.address("setter")
+        self.assertEqual(ask(finger_address, b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertEqual(set_over(setter_address, b"shawn\nalive\n"), b"OK\r\n")
+        self.assertEqual(ask(finger_address, b"shawn\r\n"), b"alive\r\n")
+
+    def test_setter_listens_on_loopback_by_default(self):
+        self.assertEqual(finger.default_options().setter, ("127.0.0.1", 1079))
+
+
+def _limit_file_size(limit):
+    def apply():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RAW_UNIX_SETTER = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.sendall(sys.argv[2].encode() + b"\\n" + sys.argv[3].encode() + b"\\n")
+sock.shutdown(socket.SHUT_WR)
+print(sock.recv(1000).decode().strip())
+"""
+
+
+@unittest.skipUnless(hasattr(socket, "AF_UNIX") and hasattr(socket, "SO_PEERCRED"),
+                     "needs unix sockets with SO_PEERCRED (Linux)")
+class TestUnixSetter(unittest.TestCase):
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="finger-test-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        os.chmod(self.directory, 0o755)
+        self.path = os.path.join(self.directory, "setter.sock")
+        self.db = finger.MemoryDatabase({"moshez": "Happy and well"})
+        self.service = setter_service(self, self.db, address=self.path, check_identity=True,
+                                      name="setter-socket")
+
+    def test_socket_file_mode_and_owner_and_removal(self):
+        info = os.stat(self.path)
+        self.assertEqual(stat.S_IMODE(info.st_mode), 0o666)
+        self.assertEqual(info.st_uid, os.geteuid())
+        self.service.stop()
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_set_command_sets_the_callers_own_status(self):
+        me = pwd.getpwuid(os.getuid()).pw_name
+        result = run_finger("--set", "Hacking \x1b[5m", "--setter-socket", self.path)
+        self.assertEqual((result.returncode, result.stdout), (0, "OK\n"), result.stderr)
+        self.assertEqual(self.db.get_user(me), "Hacking [5m")
+
+    def test_root_may_set_anybody(self):
+        if os.geteuid() != 0:
+            self.skipTest("not root")
+        reply = set_over(self.path, b"moshez\nSet by root\n", family=socket.AF_UNIX)
+        self.assertEqual(reply, b"OK\r\n")
+        self.assertEqual(self.db.get_user("moshez"), "Set by root")
+
+    def test_a_user_may_set_only_their_own_status(self):
+        if os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK):
+            self.skipTest("needs root (to run a client as nobody) and %s" % SYSTEM_PYTHON)
+        def as_nobody(name, status):
+            return subprocess.run([SYSTEM_PYTHON, "-c", RAW_UNIX_SETTER, self.path, name,
+                                   status], user="nobody", capture_output=True, text=True,
+                                  timeout=15).stdout.strip()
+        self.assertEqual(as_nobody("moshez", "hijacked"),
+                         "Permission denied: you may set only your own status")
+        self.assertEqual(self.db.get_user("moshez"), "Happy and well")
+        self.assertEqual(as_nobody("nobody", "Just me"), "OK")
+        self.assertEqual(self.db.get_user("nobody"), "Just me")
+
+    def test_set_with_no_server_running_exits_1(self):
+        self.service.stop()
+        result = run_finger("--set", "x", "--setter-socket", self.path)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot reach the setter at %s" % self.path, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1)
+
+    def test_stale_socket_file_is_replaced_but_other_files_are_not(self):
+        self.service.stop()
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.path)
+        stale.close()                                     # a dead server's leftover
+        setter_service(self, self.db, address=self.path, check_identity=True)
+        other = os.path.join(self.directory, "not-a-socket")
+        open(other, "w").close()
+        with self.assertRaises(finger.UsageError):
+            finger.bind_unix(other)
+        with self.assertRaises(finger.FingerError):     # a live server is not displaced
+            finger.bind_unix(self.path)
+
+
 # == inetd mode ================================================================================
 
 class TestInetd(unittest.TestCase):
@@ -876,6 +1172,20 @@ class TestInterop(unittest.TestCase):
         self.assertIn("Plan Tester", out)
         self.assertIn("Testing plans", out)
         self.assertNotIn("\r", out)
+
+
+    @_needs("nc")
+    def test_the_tutorials_nc_session_with_the_setter(self):
+        db = finger.MemoryDatabase()
+        address = setter_service(self, db).address
+        result = subprocess.run(["nc", "-N", LOCALHOST, str(address[1])],   # half-closes
+                                input=b"moshez\nHappy and well\n", capture_output=True,
+                                timeout=15)
+        self.assertEqual(result.stdout, b"OK\r\n")
+        self.assertEqual(db.get_user("moshez"), "Happy and well")
+        subprocess.run(["nc", "-q", "0", LOCALHOST, str(address[1])],     # closes at once
+                       input=b"shawn\nalive\n", capture_output=True, timeout=15)
+        wait_until(lambda: db.get_user("shawn") == "alive")
 
 
 class TestPythonVersions(unittest.TestCase):
