@@ -17,6 +17,7 @@ Runs on CPython 3.9 and newer, with the standard library only.
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import os
 import pwd
@@ -80,7 +81,7 @@ LISTENERS = {
     "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
     "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
 }
-IMPLEMENTED_LISTENERS = {"finger", "setter"}
+IMPLEMENTED_LISTENERS = {"finger", "setter", "web", "https"}
 IMPLEMENTED_BACKENDS = {"file", "memory"}
 
 
@@ -334,6 +335,10 @@ class UserDatabase:
     def set_user(self, name, status):
         raise FingerError("this user database is read-only")
 
+    def health(self):
+        """(time of the last successful load or None, whether the last load worked)."""
+        return None, True
+
     def start(self):
         pass
 
@@ -458,6 +463,9 @@ class FileDatabase(MemoryDatabase):
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def health(self):
+        return self.loaded_at, not self._failing
 
     def _reload_forever(self):
         while not self._stopping.wait(self.reload_interval):
@@ -625,6 +633,12 @@ class Service:
     def close(self):
         pass
 
+    def reload(self):
+        """SIGHUP: re-read what can be re-read (certificates)."""
+
+    def open_connections(self):
+        return 0
+
     def start(self):
         if self._thread is None:
             self.bind()
@@ -744,6 +758,9 @@ class TCPService(Service):
         self._spare_fd = None
         self._selector = None
         self._waker = None
+
+    def open_connections(self):
+        return len(self._conns)
 
     # -- lifecycle
 
@@ -1055,7 +1072,438 @@ def selectors_wait(fd, timeout):
         return bool(selector.select(timeout))
 
 
-# == 5. The finger client ======================================================================
+# == 5. The web site: HTML pages, JSON, XML-RPC at /RPC2, HTTPS ================================
+
+WEB_TIMEOUT = 10.0                # seconds a web connection may sit between two reads
+DEFAULT_WEB_MAX_CONNECTIONS = 256  # handler threads at once; more get 503
+MAX_RPC_BODY = 1 << 20            # bytes of XML-RPC request; more get 413
+WEB_CACHE = "public, max-age=30"  # statuses change at most every reload (30 s by default)
+CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+                           "form-action 'none'; frame-ancestors 'none'")
+
+PAGE_CSS = ("body{font:1.05rem/1.5 system-ui,sans-serif;margin:0;background:#f6f6f2;"
+            "color:#222}main{max-width:40rem;margin:0 auto;padding:1rem}"
+            "h1{font-size:1.5rem;border-bottom:2px solid #ccc}ul{padding:0;list-style:none}"
+            "li{padding:.4rem 0;border-bottom:1px solid #ddd}a{color:#0645ad}"
+            ".status{white-space:pre-wrap;overflow-wrap:anywhere}.note{color:#666;"
+            "font-size:.9rem}")
+_PAGE = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+         '<title>%s</title><style>$css</style></head>\n<body><main>\n%s\n</main></body></html>\n')
+DEFAULT_TEMPLATES = {
+    "users.html": _PAGE % ("$title", '<h1>$title</h1>\n<ul>\n$users</ul>\n'
+                           '<p class="note">$count users. Also as <a href="/api/users">JSON'
+                           '</a> and XML-RPC at /RPC2.</p>'),
+    "user.html": _PAGE % ("$user", '<h1>$user</h1>\n<p class="status">$status</p>\n'
+                          '<p class="note"><a href="/">All users</a></p>'),
+    "error.html": _PAGE % ("$title", '<h1>$title</h1>\n<p>$message</p>\n'
+                           '<p class="note"><a href="/">All users</a></p>'),
+}
+TEMPLATE_FIELDS = {"users.html": ("title", "users", "count", "css"),
+                   "user.html": ("user", "status", "css"),
+                   "error.html": ("title", "message", "css")}
+
+
+def load_templates(directory=None):
+    """The page templates (string.Template), the built-in ones or users.html and user.html
+    from `directory`; a missing or broken one is a UsageError naming the file."""
+    from string import Template
+    templates = {name: Template(text) for name, text in DEFAULT_TEMPLATES.items()}
+    for name in ("users.html", "user.html") if directory else ():
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                template = Template(f.read())
+            template.substitute(dict.fromkeys(TEMPLATE_FIELDS[name], "x"))
+        except OSError as error:
+            raise UsageError("--templates: cannot read %s: %s" % (path, error.strerror)) from None
+        except (ValueError, KeyError) as error:
+            raise UsageError("--templates: %s is broken: %s (placeholders: %s)" % (
+                path, error, ", ".join("$" + f for f in TEMPLATE_FIELDS[name]))) from None
+        templates[name] = template
+    return templates
+
+
+class WebResponse:
+    """What the site answers: status code, content type, body bytes, extra headers."""
+    __slots__ = ("status", "content_type", "body", "headers")
+
+    def __init__(self, status, content_type, body, headers=()):
+        self.status, self.content_type, self.body = status, content_type, body
+        self.headers = list(headers)
+
+
+class WebSite:
+    """The tutorial's UserStatusTree, UserStatus and UserStatusXR as one object that maps a
+    request (method, path, body) to a WebResponse.  Knows the database, not the sockets.
+
+    GET /             the users, each a link to its page
+    GET /NAME         that user's status (404 page for an unknown user)
+    GET /api/users    JSON list of names; /api/users/NAME: {"user": ..., "status": ...}
+    GET /metrics      Prometheus text, when `metrics` (a function returning it) is given
+    POST /RPC2        XML-RPC: getUser(name), getUsers(), system.listMethods, methodHelp
+    Nothing is ever read from disk for a URL."""
+
+    methods = ("GET", "HEAD", "POST")
+
+    def __init__(self, db, templates=None, metrics=None, title="Users"):
+        self.db = db
+        self.templates = templates or load_templates()
+        self.metrics = metrics
+        self.title = title
+        self.rpc = self._make_rpc_dispatcher()
+
+    def _make_rpc_dispatcher(self):
+        from xmlrpc.server import SimpleXMLRPCDispatcher
+        rpc = SimpleXMLRPCDispatcher(allow_none=False, encoding="utf-8")
+        rpc.register_function(self.rpc_get_user, "getUser")
+        rpc.register_function(self.rpc_get_users, "getUsers")
+        rpc.register_introspection_functions()
+        return rpc
+
+    def rpc_get_user(self, name):
+        """getUser(name): the user's status, or 'No such user'."""
+        if not isinstance(name, str):
+            raise TypeError("getUser takes a user name (a string)")
+        status = self.db.get_user(name)
+        return NO_SUCH_USER if status is None else defang(status)
+
+    def rpc_get_users(self):
+        """getUsers(): the list of user names."""
+        return list(self.db.get_users())
+
+    # -- routing
+
+    def handle(self, method, target, body=b""):
+        """One request -> WebResponse.  `target` is the request target, query included."""
+        from urllib.parse import unquote
+        path = target.split("?", 1)[0].split("#", 1)[0]
+        if path == "/RPC2":
+            if method != "POST":
+                return self.error(405, "Method not allowed", "XML-RPC takes POST.",
+                                  [("Allow", "POST")])
+            return self.xmlrpc(body)
+        if method == "POST":
+            return self.error(405, "Method not allowed", "Only /RPC2 takes POST.",
+                              [("Allow", "GET, HEAD")])
+        if path == "/":
+            return self.users_page()
+        if path == "/metrics" and self.metrics is not None:
+            return WebResponse(200, "text/plain; version=0.0.4; charset=utf-8",
+                               self.metrics().encode("utf-8"), [("Cache-Control", "no-store")])
+        if path in ("/api/users", "/api/users/"):
+            return self.json(200, list(self.db.get_users()))
+        api_prefix = "/api/users/"
+        try:
+            name = unquote(path[len(api_prefix):] if path.startswith(api_prefix)
+                           else path[1:], errors="strict")
+        except UnicodeDecodeError:
+            name = ""
+        if not _safe_segment(name):
+            return self.error(404, "Not found", "There is no such page.")
+        if path.startswith(api_prefix):
+            status = self.db.get_user(name)
+            if status is None:
+                return self.json(404, {"error": NO_SUCH_USER, "user": name})
+            return self.json(200, {"user": name, "status": defang(status)})
+        return self.user_page(name)
+
+    # -- responses
+
+    def users_page(self):
+        from html import escape
+        from urllib.parse import quote
+        items = []
+        for name in self.db.get_users():
+            status = self.db.get_user(name)
+            items.append('<li><a href="/%s">%s</a> <span class="status">%s</span></li>\n' % (
+                escape(quote(name, safe="")), escape(name), escape(defang(status or ""))))
+        return self.page(200, "users.html", title=escape(self.title), users="".join(items),
+                         count=str(len(items)))
+
+    def user_page(self, name):
+        from html import escape
+        status = self.db.get_user(name)
+        if status is None:
+            return self.error(404, NO_SUCH_USER, "There is no user %s here." % escape(name))
+        return self.page(200, "user.html", user=escape(name), status=escape(defang(status)))
+
+    def error(self, code, title, message, headers=()):
+        """An error page; `message` is HTML, already escaped."""
+        from html import escape
+        response = self.page(code, "error.html", title=escape(title), message=message)
+        response.headers.extend(headers)
+        return response
+
+    def page(self, code, template, **fields):
+        """Fill a template; every value is already HTML-escaped."""
+        html = self.templates[template].safe_substitute(fields, css=PAGE_CSS)
+        return WebResponse(code, "text/html; charset=utf-8", html.encode("utf-8"))
+
+    @staticmethod
+    def json(code, value):
+        import json
+        return WebResponse(code, "application/json; charset=utf-8",
+                           json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    def xmlrpc(self, body):
+        if b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
+            return self.error(400, "Bad request", "XML-RPC requests have no DTD.")
+        answer = self.rpc._marshaled_dispatch(body)
+        return WebResponse(200, "text/xml; charset=utf-8", answer,
+                           [("Cache-Control", "no-store")])
+
+
+def _safe_segment(name):
+    """A path segment that may name a user: not empty, no '/', no '..', no control characters."""
+    return (name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and not _CONTROL_CHARS.search(name) and len(name) <= 256)
+
+
+def _http_date(timestamp=None):
+    from email.utils import formatdate
+    return formatdate(timestamp, usegmt=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _web_classes():
+    """The http.server classes, made on first use: the client never imports http.server."""
+    import http.server
+
+    class WebHandler(http.server.BaseHTTPRequestHandler):
+        """One HTTP/1.1 connection, keep-alive, run in its own thread by WebServer."""
+        protocol_version = "HTTP/1.1"
+        server_version = "finger.py/" + __version__
+        sys_version = ""
+        default_request_version = "HTTP/1.1"   # errors before the version is read get one
+        wbufsize = 64 * 1024     # headers and body leave in one write: no delayed-ACK stall
+
+        def setup(self):
+            self.timeout = self.server.timeout_seconds
+            context = self.server.ssl_context
+            if context is not None:
+                raw = self.request
+                raw.settimeout(self.timeout)
+                self.request = context.wrap_socket(raw, server_side=True)
+                self.server.track(raw, self.request)
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def finish(self):
+            super().finish()
+            if self.server.ssl_context is not None:
+                self.request.close()
+
+        def do_GET(self):
+            self.respond(self.server.site.handle("GET", self.path))
+
+        def do_HEAD(self):
+            self.respond(self.server.site.handle("GET", self.path), with_body=False)
+
+        def do_POST(self):
+            if self.headers.get("Transfer-Encoding"):
+                return self.respond(self.server.site.error(
+                    411, "Length required", "Send a Content-Length, not chunks."), close=True)
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit():
+                return self.respond(self.server.site.error(
+                    411, "Length required", "Send a Content-Length."), close=True)
+            if int(length) > MAX_RPC_BODY:
+                return self.respond(self.server.site.error(
+                    413, "Request too large", "At most %d bytes." % MAX_RPC_BODY), close=True)
+            body = self.rfile.read(int(length))
+            self.respond(self.server.site.handle("POST", self.path, body))
+
+        def __getattr__(self, name):
+            if name.startswith("do_"):      # any other method: 405, not http.server's 501
+                return self.not_allowed
+            raise AttributeError(name)
+
+        def not_allowed(self):
+            self.respond(self.server.site.error(
+                405, "Method not allowed", "This site takes GET, HEAD and POST (/RPC2).",
+                [("Allow", "GET, HEAD, POST")]))
+
+        def respond(self, response, with_body=True, close=False):
+            self.send_response(response.status)
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(response.body)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+            self.send_header("Referrer-Policy", "no-referrer")
+            headers = dict(response.headers)
+            headers.setdefault("Cache-Control", WEB_CACHE if response.status < 400
+                               else "no-store")
+            for key, value in headers.items():
+                self.send_header(key, value)
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            if with_body:
+                self.wfile.write(response.body)
+            self.server.count(response.status)
+            self.log_request(response.status, len(response.body) if with_body else 0)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own errors (bad request line, headers too long) on our page."""
+            from html import escape
+            self.close_connection = True
+            if code == 501:
+                code = 405
+            self.respond(self.server.site.error(code, message or "Error", escape(
+                explain or message or "Bad request")), close=True)
+
+        def send_response(self, code, message=None):
+            self.send_response_only(code, message)
+            self.send_header("Server", self.server_version)
+            self.send_header("Date", _http_date())
+
+        def log_request(self, code="-", size="-"):
+            if log.isEnabledFor(logging.INFO):
+                log.info('%s %s - - [%s] "%s" %s %s', self.server.name, self.client_address[0],
+                         self.log_date_time_string(), self.requestline[:200], code, size)
+
+        def log_message(self, format, *args):
+            log.warning("%s %s: %s", self.server.name, self.client_address[0], format % args)
+
+    class WebServer(http.server.ThreadingHTTPServer):
+        """http.server with a cap on connections (one thread each), TLS done in the
+        connection's thread (a slow handshake never holds the accept loop), and a way to
+        close every keep-alive connection when stopping."""
+        daemon_threads = True
+
+        def __init__(self, sock, site, name, timeout, max_connections, ssl_context):
+            super().__init__(sock.getsockname()[:2], WebHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.site, self.name = site, name
+            self.timeout_seconds = timeout
+            self.max_connections = max_connections
+            self.ssl_context = ssl_context
+            self.counts = {}
+            self.active = {}          # accepted socket -> the socket in use (TLS wraps it)
+            self.lock = threading.Lock()
+
+        def count(self, outcome):
+            with self.lock:
+                self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+        def process_request(self, request, client_address):
+            with self.lock:
+                full = len(self.active) >= self.max_connections
+                if not full:
+                    self.active[request] = request
+            if full:
+                self.count(503)
+                _send_and_close(request, b"HTTP/1.1 503 Service Unavailable\r\n"
+                                b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            super().process_request(request, client_address)
+
+        def track(self, request, in_use):
+            with self.lock:
+                self.active[request] = in_use
+
+        def shutdown_request(self, request):
+            with self.lock:
+                self.active.pop(request, None)
+            super().shutdown_request(request)
+
+        def handle_error(self, request, client_address):
+            error = sys.exc_info()[1]
+            if isinstance(error, (OSError, ValueError)):    # TLS failures, resets, timeouts
+                log.warning("%s %s: connection dropped: %s", self.name, client_address[0],
+                            error)
+            else:
+                log.exception("%s %s: request failed", self.name, client_address[0])
+
+        def close_connections(self):
+            """Unblock every connection thread: their reads return EOF and they end."""
+            with self.lock:
+                active = list(self.active.values())
+            for request in active:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+
+    return WebServer
+
+
+def _send_and_close(sock, data):
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(data)
+    sock.close()
+
+
+def make_tls_context(cert, key=None):
+    """A server TLS context (TLS 1.2 at least, the ssl module's defaults otherwise) with the
+    certificate (and key) from PEM files; UsageError naming the file when they are unusable."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise UsageError("--cert %s%s: cannot load the certificate: %s" % (
+            cert, " --key %s" % key if key else "", getattr(error, "strerror", None) or error)
+        ) from None
+    return context
+
+
+class WebService(Service):
+    """The web site on one listener, plain or TLS; `reload()` re-reads the certificate."""
+
+    def __init__(self, site, address=("127.0.0.1", 0), *, sock=None, name="web",
+                 cert=None, key=None, timeout=WEB_TIMEOUT,
+                 max_connections=DEFAULT_WEB_MAX_CONNECTIONS):
+        super().__init__()
+        self.site, self.name = site, name
+        self.requested_address = address
+        self.cert, self.key = cert, key
+        self.ssl_context = make_tls_context(cert, key) if cert else None
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self._sock = sock
+        self._server = None
+
+    @property
+    def counts(self):
+        return self._server.counts if self._server else {}
+
+    def open_connections(self):
+        return len(self._server.active) if self._server else 0
+
+    def bind(self):
+        if self._server is None:
+            sock = self._sock or bind_tcp(self.requested_address, self.name)
+            self._server = _web_classes()(sock, self.site, self.name, self.timeout,
+                                          self.max_connections, self.ssl_context)
+            self.address = sock.getsockname()[:2]
+
+    def serve(self):
+        self._server.serve_forever(poll_interval=0.1)
+
+    def close(self):
+        self._server.shutdown()
+        self._server.close_connections()
+        deadline = time.monotonic() + STOP_GRACE
+        while self._server.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._server.server_close()
+
+    def reload(self):
+        """Load the certificate again (renewals); a bad one is logged and the old one kept."""
+        if self.cert:
+            try:
+                self._server.ssl_context = self.ssl_context = make_tls_context(self.cert,
+                                                                               self.key)
+                log.info("%s: reloaded the certificate %s", self.name, self.cert)
+            except UsageError as error:
+                log.error("%s; keeping the certificate loaded before", error)
+
+
+# == 6. The finger client ======================================================================
 
 def parse_target(arg, verbose=False):
     """One client argument -> (query line, host, port).
@@ -1161,7 +1609,7 @@ def run_set(status, path, timeout):
     return 0
 
 
-# == 6. Services and assembly ==================================================================
+# == 7. Services and assembly ==================================================================
 
 class ServiceGroup(Service):
     """Services started in order and stopped in reverse; itself a Service."""
@@ -1226,6 +1674,11 @@ def build_services(options, db=None):
     `options` is what build_parser() parses (see default_options()); `db` overrides the
     database the options name.  Returns a ServiceGroup; start() binds and runs it."""
     db = build_database(options) if db is None else db
+    site = None
+    if options.web or options.https:
+        if options.https and not options.cert:
+            raise UsageError("--https needs --cert FILE (PEM with the certificate and key)")
+        site = WebSite(db, load_templates(options.templates))
     services = []
     for name, (default, _) in LISTENERS.items():
         address = getattr(options, name)
@@ -1237,16 +1690,23 @@ def build_services(options, db=None):
             log.warning("--%s (default %s): not implemented yet, not started",
                         name, LISTENERS[name][0])
             continue
-        services.append(_listener_service(name, address, db, options))
+        services.append(_listener_service(name, address, db, site, options))
     if options.setter_socket:
         protocol = SetterProtocol(db, options.max_status, check_identity=True)
         services.append(TCPService(protocol, options.setter_socket, name="setter-socket",
                                    **_limits(options, protocol)))
-    return ServiceGroup(services, [db])
+    group = ServiceGroup(services, [db])
+    if site is not None:
+        site.metrics = functools.partial(render_metrics, group)
+    return group
 
 
-def _listener_service(name, address, db, options):
+def _listener_service(name, address, db, site, options):
     """The service behind listener option `name`."""
+    if name in ("web", "https"):
+        return WebService(site, address, name=name, timeout=options.timeout,
+                          max_connections=options.web_max_connections,
+                          cert=options.cert if name == "https" else None, key=options.key)
     if name == "setter":
         protocol = SetterProtocol(db, options.max_status)
     else:
@@ -1264,6 +1724,34 @@ def _limits(options, protocol):
     return limits
 
 
+def render_metrics(group):
+    """Prometheus text: requests by service and outcome, open connections, users loaded,
+    the last load of the users and whether it worked."""
+    lines = ["# HELP finger_requests_total Requests answered, by service and outcome.",
+             "# TYPE finger_requests_total counter"]
+    for service in group:
+        for outcome, count in sorted(service.counts.items(), key=str):
+            lines.append('finger_requests_total{service="%s",outcome="%s"} %d'
+                         % (service.name, outcome, count))
+    lines += ["# HELP finger_open_connections Connections open now.",
+              "# TYPE finger_open_connections gauge"]
+    lines += ['finger_open_connections{service="%s"} %d' % (service.name,
+                                                            service.open_connections())
+              for service in group]
+    for db in group.databases:
+        loaded_at, ok = db.health()
+        lines += ["# HELP finger_users Users the database lists.", "# TYPE finger_users gauge",
+                  "finger_users %d" % len(db.get_users()),
+                  "# HELP finger_last_reload_success Whether the last load of the users "
+                  "worked.", "# TYPE finger_last_reload_success gauge",
+                  "finger_last_reload_success %d" % ok]
+        if loaded_at is not None:
+            lines += ["# HELP finger_last_reload_timestamp_seconds When the users were last "
+                      "loaded.", "# TYPE finger_last_reload_timestamp_seconds gauge",
+                      "finger_last_reload_timestamp_seconds %.3f" % loaded_at]
+    return "\n".join(lines) + "\n"
+
+
 def default_options(**overrides):
     """The options of `--serve` with no arguments, with `overrides` applied (Python API)."""
     options = build_parser().parse_intermixed_args(["--serve"])
@@ -1275,7 +1763,7 @@ def default_options(**overrides):
     return options
 
 
-# == 7. Process: logging, signals, running the server ===========================================
+# == 8. Process: logging, signals, running the server ===========================================
 
 def setup_logging(level, to_stderr=True):
     """Timestamped log lines on stderr; without `to_stderr` (inetd put the client's socket
@@ -1325,8 +1813,13 @@ def _stderr_is_stdout():
 
 
 def _reload_all(group):
-    for db in group.databases:
-        threading.Thread(target=db.reload, kwargs={"force": True}, daemon=True).start()
+    """SIGHUP: re-read the users file and the certificates, off the signal handler."""
+    def reload():
+        for db in group.databases:
+            db.reload(force=True)
+        for service in group:
+            service.reload()
+    threading.Thread(target=reload, daemon=True, name="finger-sighup").start()
 
 
 def run_inetd(options):
@@ -1336,7 +1829,7 @@ def run_inetd(options):
     return 0
 
 
-# == 8. Command line ===========================================================================
+# == 9. Command line ===========================================================================
 
 def _listen_option(text):
     try:
@@ -1402,6 +1895,10 @@ def build_parser():
         listeners.add_argument("--" + name, type=_listen_option, default=default,
                                metavar="ADDR", help="%s (default: %s)" % (what, default))
 
+    listeners.add_argument("--cert", metavar="FILE",
+                           help="--https: PEM file with the certificate (and the key)")
+    listeners.add_argument("--key", metavar="FILE",
+                           help="--https: PEM file with the key, if not in --cert")
     listeners.add_argument("--setter-socket", metavar="PATH",
                            help="also take statuses on this unix socket, where local users "
                                 "may set only their own (default: off)")
@@ -1415,6 +1912,8 @@ def build_parser():
     data.add_argument("--backend", default="file", metavar="NAME",
                       help="file, memory, plan, command, web, proxy or MODULE:CLASS "
                            "(default: %(default)s)")
+    data.add_argument("--templates", metavar="DIR",
+                      help="users.html and user.html replacing the built-in pages")
     data.add_argument("--no-list", action="store_true",
                       help="refuse the empty query (the list of users)")
     data.add_argument("--status", action="append", type=_status_pair, default=[],
@@ -1428,6 +1927,10 @@ def build_parser():
     limits.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
                         metavar="N", help="open connections per listener (default: "
                         "%(default)s)")
+    limits.add_argument("--web-max-connections", type=_count,
+                        default=DEFAULT_WEB_MAX_CONNECTIONS, metavar="N",
+                        help="web connections at once, one thread each; more get 503 "
+                             "(default: %(default)s)")
     limits.add_argument("--workers", type=_count, default=DEFAULT_WORKERS, metavar="N",
                         help="threads for back-ends that may block (default: %(default)s)")
 

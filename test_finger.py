@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 
 import finger
 
@@ -358,17 +359,17 @@ class TestFileDatabase(unittest.TestCase):
                 if db.get_user("user4999") is None:
                     misses.append(1)
 
-        readers = [threading.Thread(target=look) for _ in range(4)]
+        readers = [threading.Thread(target=look) for _ in range(2)]
         for reader in readers:
             reader.start()
-        for round_ in range(20):
+        for round_ in range(8):
             replace_file(path, "\n".join("user%d: round %d" % (i, round_) for i in range(5000)))
             self.assertTrue(db.reload())
         stop.set()
         for reader in readers:
             reader.join()
         self.assertEqual(misses, [])
-        self.assertEqual(db.get_user("user4999"), "round 19")
+        self.assertEqual(db.get_user("user4999"), "round 7")
 
 
 # == the finger server =========================================================================
@@ -742,7 +743,8 @@ class TestSetter(unittest.TestCase):
             thread.join()
         stop.set()
         self.assertEqual(set(answers.values()), {b"OK\r\n"})
-        on_disk, problems = finger.parse_users(open(path, encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:
+            on_disk, problems = finger.parse_users(f)
         self.assertEqual(problems, [])
         for number in range(100):
             self.assertEqual(on_disk["user%d" % number], "status %d" % number)
@@ -846,6 +848,315 @@ class TestUnixSetter(unittest.TestCase):
             finger.bind_unix(other)
         with self.assertRaises(finger.FingerError):     # a live server is not displaced
             finger.bind_unix(self.path)
+
+
+# == the web site ==============================================================================
+
+EVIL = '<img src=x onerror="document.title=\'pwned\'">'
+
+
+def web_service(test, db=None, **options):
+    db = db if db is not None else finger.MemoryDatabase(
+        {"moshez": "Happy and well", "shawn": "alive", "evil": EVIL, "caf\u00e9": "ol\u00e9"})
+    site = finger.WebSite(db, finger.load_templates(options.pop("templates", None)))
+    service = finger.WebService(site, (LOCALHOST, 0), **options)
+    start(test, service)
+    return service
+
+
+def http(address, method, path, body=None, headers=None, context=None):
+    """One request on a new connection -> (status, headers dict, body bytes)."""
+    import http.client
+    if context is None:
+        connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
+    else:
+        connection = http.client.HTTPSConnection(*address, timeout=TIMEOUT, context=context)
+    with contextlib.closing(connection):
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+
+
+def ask_or_reset(address, data):
+    """Like ask, but a connection reset counts as the server closing (b'')."""
+    try:
+        return ask(address, data)
+    except ConnectionResetError:
+        return b""
+
+
+class TestWebSite(unittest.TestCase):
+    def setUp(self):
+        self.address = web_service(self, timeout=1.0).address
+
+    def test_index_lists_users_as_links_escaped(self):
+        status, headers, body = http(self.address, "GET", "/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/html; charset=utf-8")
+        page = body.decode()
+        self.assertIn('<a href="/moshez">moshez</a>', page)
+        self.assertIn('<a href="/caf%C3%A9">caf\u00e9</a>', page)
+        self.assertIn('<meta name="viewport"', page)
+        self.assertNotIn("<img", page)
+        self.assertIn("&lt;img src=x onerror=&quot;document.title=&#x27;pwned&#x27;&quot;&gt;",
+                      page)
+
+    def test_user_page_and_404(self):
+        status, _, body = http(self.address, "GET", "/moshez")
+        self.assertEqual(status, 200)
+        self.assertIn("Happy and well", body.decode())
+        status, _, body = http(self.address, "GET", "/caf%C3%A9")
+        self.assertEqual((status, "ol\u00e9" in body.decode()), (200, True))
+        status, headers, body = http(self.address, "GET", "/nobody")
+        self.assertEqual(status, 404)
+        self.assertIn("No such user", body.decode())
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        status, _, body = http(self.address, "GET", "/%3Cscript%3E")
+        self.assertEqual(status, 404)
+        self.assertIn("&lt;script&gt;", body.decode())
+
+    def test_security_headers_everywhere(self):
+        for path in ["/", "/moshez", "/nobody", "/api/users", "/a/b"]:
+            with self.subTest(path=path):
+                _, headers, _ = http(self.address, "GET", path)
+                self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+                self.assertIn("default-src 'none'", headers["Content-Security-Policy"])
+                self.assertIn("charset=utf-8", headers["Content-Type"])
+                self.assertIn("Cache-Control", headers)
+
+    def test_json_api(self):
+        import json
+        status, headers, body = http(self.address, "GET", "/api/users")
+        self.assertEqual(headers["Content-Type"], "application/json; charset=utf-8")
+        self.assertEqual(json.loads(body), ["caf\u00e9", "evil", "moshez", "shawn"])
+        status, _, body = http(self.address, "GET", "/api/users/moshez")
+        self.assertEqual((status, json.loads(body)),
+                         (200, {"user": "moshez", "status": "Happy and well"}))
+        status, _, body = http(self.address, "GET", "/api/users/nobody")
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body)["error"], "No such user")
+
+    def test_xmlrpc(self):
+        import xmlrpc.client
+        proxy = xmlrpc.client.ServerProxy("http://%s:%d/RPC2" % self.address)
+        self.addCleanup(proxy("close"))
+        self.assertEqual(proxy.getUser("moshez"), "Happy and well")
+        self.assertEqual(proxy.getUser("nobody"), "No such user")
+        self.assertEqual(proxy.getUsers(), ["caf\u00e9", "evil", "moshez", "shawn"])
+        self.assertIn("getUser", proxy.system.listMethods())
+        self.assertIn("status", proxy.system.methodHelp("getUser"))
+        with self.assertRaises(xmlrpc.client.Fault):
+            proxy.noSuchMethod()
+        with self.assertRaises(xmlrpc.client.Fault):
+            proxy.getUser(42)
+        self.assertEqual(proxy.getUser("moshez"), "Happy and well")   # still serving
+
+    def test_xmlrpc_limits(self):
+        status, _, _ = http(self.address, "POST", "/RPC2", body=b"x" * (finger.MAX_RPC_BODY + 1))
+        self.assertEqual(status, 413)
+        laughs = (b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaa">]>'
+                  b"<methodCall><methodName>getUser</methodName><params><param><value>"
+                  b"<string>&a;</string></value></param></params></methodCall>")
+        self.assertEqual(http(self.address, "POST", "/RPC2", body=laughs)[0], 400)
+        status, _, body = http(self.address, "POST", "/RPC2", body=b"\xff garbage <<<")
+        self.assertEqual(status, 200)
+        self.assertIn(b"<fault>", body)
+        self.assertEqual(http(self.address, "GET", "/RPC2")[1]["Allow"], "POST")
+
+    def test_methods(self):
+        status, headers, body = http(self.address, "HEAD", "/moshez")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(headers["Content-Length"]), 0)
+        for method in ["PUT", "DELETE", "OPTIONS", "BREW"]:
+            with self.subTest(method=method):
+                status, headers, _ = http(self.address, method, "/")
+                self.assertEqual(status, 405)
+                self.assertEqual(headers["Allow"], "GET, HEAD, POST")
+        self.assertEqual(http(self.address, "POST", "/moshez", body=b"")[0], 405)
+
+    def test_odd_paths_are_404(self):
+        for path in ["/moshez/", "/moshez/x", "/..", "/%2e%2e", "/%2E%2E/etc/passwd",
+                     "/a%00b", "/%2Fetc%2Fpasswd", "//etc/passwd", "/..%2F..%2Fetc%2Fpasswd",
+                     "/%ff", "/%0d%0aSet-Cookie:x", "/api/users/moshez/x", "/favicon.ico"]:
+            with self.subTest(path=path):
+                self.assertEqual(http(self.address, "GET", path)[0], 404)
+
+    def test_keep_alive(self):
+        import http.client
+        connection = http.client.HTTPConnection(*self.address, timeout=TIMEOUT)
+        with contextlib.closing(connection):
+            for path in ["/moshez", "/shawn", "/api/users"]:
+                connection.request("GET", path)
+                response = connection.getresponse()
+                response.read()
+                self.assertEqual(response.status, 200)
+                self.assertFalse(response.will_close)
+
+    def test_malformed_requests_get_a_clean_error_and_the_site_keeps_serving(self):
+        for raw in [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+                    b"\x16\x03\x01\x00\xa5\x01\x00\x00"]:
+            with self.subTest(raw=raw[:20]):
+                reply = ask_or_reset(self.address, raw)
+                self.assertTrue(reply == b"" or reply.startswith(b"HTTP/1."), reply[:80])
+        self.assertEqual(http(self.address, "GET", "/moshez")[0], 200)
+
+
+class TestWebLimitsAndTemplates(unittest.TestCase):
+    def test_connection_cap_answers_503(self):
+        service = web_service(self, max_connections=2)
+        idle = [connect(self, service.address) for _ in range(2)]
+        wait_until(lambda: service.open_connections() == 2)
+        self.assertEqual(http(service.address, "GET", "/")[0], 503)
+        idle[0].close()
+        wait_until(lambda: service.open_connections() == 1)
+        self.assertEqual(http(service.address, "GET", "/")[0], 200)
+
+    def test_idle_connection_times_out(self):
+        service = web_service(self, timeout=0.2)
+        sock = connect(self, service.address)
+        sock.sendall(b"GET / HTTP/1.1\r\n")           # never finishes its headers
+        self.assertEqual(sock.recv(100), b"")
+        wait_until(lambda: service.open_connections() == 0)
+
+    def test_stop_closes_keep_alive_connections(self):
+        service = web_service(self)
+        sock = connect(self, service.address)
+        sock.sendall(b"GET /moshez HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", sock.recv(4096))
+        thread = service._thread
+        started = time.monotonic()
+        service.stop()
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(sock.recv(100), b"")
+
+    def test_templates_replace_the_pages_with_escaped_values(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        for name, text in [("users.html", "<ol>$users</ol> $count"),
+                           ("user.html", "<b>$user</b> says <i>$status</i>")]:
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text)
+        address = web_service(self, templates=directory).address
+        self.assertEqual(http(address, "GET", "/moshez")[2], b"<b>moshez</b> says <i>Happy and well</i>")
+        body = http(address, "GET", "/evil")[2].decode()
+        self.assertEqual(body, "<b>evil</b> says <i>&lt;img src=x onerror=&quot;document.title="
+                               "&#x27;pwned&#x27;&quot;&gt;</i>")
+        self.assertTrue(http(address, "GET", "/")[2].decode().endswith("</ol> 4"))
+
+    def test_missing_or_broken_template_exits_2_naming_the_file(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        users = write_file(self, USERS)
+        args = ["--serve", "--users", users, "--finger", "off", "--setter", "off", "--web",
+                "127.0.0.1:0", "--templates", directory]
+        result = run_finger(*args)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(os.path.join(directory, "users.html"), result.stderr)
+        with open(os.path.join(directory, "users.html"), "w") as f:
+            f.write("$users $nonsense")
+        with open(os.path.join(directory, "user.html"), "w") as f:
+            f.write("$user")
+        result = run_finger(*args)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("users.html is broken", result.stderr)
+
+    def test_metrics(self):
+        users = write_file(self, USERS)
+        options = finger.default_options(finger="127.0.0.1:0", web="127.0.0.1:0", setter="off",
+                                         users=users)
+        with finger.build_services(options) as services:
+            ask(services.by_name("finger").address, b"moshez\r\n")
+            status, headers, body = http(services.by_name("web").address, "GET", "/metrics")
+        text = body.decode()
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+        self.assertIn('finger_requests_total{service="finger",outcome="ok"} 1', text)
+        self.assertIn("finger_users 2", text)
+        self.assertIn("finger_last_reload_success 1", text)
+        self.assertRegex(text, r'finger_open_connections\{service="web"\} 1')
+
+
+def make_certificate(directory, name="server.pem", days=1):
+    """A self-signed certificate and key for 127.0.0.1 in one PEM file, made by openssl."""
+    path = os.path.join(directory, name)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", path,
+                    "-out", path + ".crt", "-days", str(days), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True,
+                   timeout=60)
+    with open(path, "a") as pem, open(path + ".crt") as crt:
+        pem.write(crt.read())
+    return path
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
+class TestHTTPS(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="finger-test-")
+        cls.pem = make_certificate(cls.directory)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory, True)
+
+    def client_context(self, pem=None):
+        import ssl
+        return ssl.create_default_context(cafile=(pem or self.pem) + ".crt")
+
+    def test_pages_over_tls(self):
+        service = web_service(self, cert=self.pem, name="https")
+        status, _, body = http(service.address, "GET", "/moshez", context=self.client_context())
+        self.assertEqual((status, b"Happy and well" in body), (200, True))
+
+    def test_old_tls_plain_http_and_stalled_handshakes_are_dropped(self):
+        import ssl
+        service = web_service(self, cert=self.pem, name="https", timeout=0.5)
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.minimum_version = ssl.TLSVersion.TLSv1
+        with self.assertLogs("finger", "WARNING"):
+            with self.assertRaises((ssl.SSLError, OSError)):
+                http(service.address, "GET", "/", context=old)
+            self.assertEqual(ask_or_reset(service.address, b"GET / HTTP/1.1\r\n\r\n"), b"")
+            stalled = connect(self, service.address)
+            stalled.sendall(b"\x16\x03\x01")          # half a ClientHello, then nothing
+            self.assertEqual(stalled.recv(10), b"")
+        status, _, _ = http(service.address, "GET", "/", context=self.client_context())
+        self.assertEqual(status, 200)
+
+    def test_reload_picks_up_a_renewed_certificate(self):
+        import ssl
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        pem = os.path.join(directory, "server.pem")
+        shutil.copy(self.pem, pem)
+        service = web_service(self, cert=pem, name="https")
+        renewed = make_certificate(directory, "renewed.pem")
+        shutil.copy(renewed, pem)
+        with self.assertRaises(ssl.SSLError):        # still the old one
+            http(service.address, "GET", "/", context=self.client_context(renewed))
+        service.reload()
+        self.assertEqual(http(service.address, "GET", "/",
+                              context=self.client_context(renewed))[0], 200)
+
+    def test_missing_or_bad_certificate_exits_2_naming_the_file(self):
+        users = write_file(self, USERS)
+        base = ["--serve", "--users", users, "--finger", "off", "--setter", "off", "--web", "off",
+                "--https", "127.0.0.1:0"]
+        result = run_finger(*base)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--https needs --cert", result.stderr)
+        for cert in ["/nonexistent/server.pem", users]:
+            with self.subTest(cert=cert):
+                result = run_finger(*base, "--cert", cert)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(cert, result.stderr)
 
 
 # == inetd mode ================================================================================
