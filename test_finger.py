@@ -1499,6 +1499,91 @@ class TestInterop(unittest.TestCase):
         wait_until(lambda: db.get_user("shawn") == "alive")
 
 
+ARTEFACTS = os.path.join(HERE, "build", "artefacts")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=1024,768"]
+
+
+class TestWebInterop(unittest.TestCase):
+    """The web site against curl, openssl s_client and headless Chromium."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="finger-test-")
+        cls.pem = make_certificate(cls.directory) if shutil.which("openssl") else None
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory, True)
+
+    def curl(self, *args):
+        result = subprocess.run(["curl", "-s", "--max-time", "10", *args], capture_output=True,
+                                text=True, timeout=30)
+        return result.stdout
+
+    @_needs("curl")
+    def test_curl_pages_json_errors(self):
+        base = "http://%s:%d" % web_service(self).address
+        self.assertIn("Happy and well", self.curl(base + "/moshez"))
+        self.assertEqual(self.curl(base + "/api/users/shawn"),
+                         '{"user": "shawn", "status": "alive"}\n')
+        self.assertEqual(self.curl("-o", "/dev/null", "-w", "%{http_code}", base + "/nobody"),
+                         "404")
+        headers = self.curl("-X", "DELETE", "-D", "-", "-o", "/dev/null", base + "/moshez")
+        self.assertIn("HTTP/1.1 405", headers)
+        self.assertIn("Allow: GET, HEAD, POST", headers)
+
+    @_needs("curl", "openssl")
+    def test_curl_over_https_with_cacert(self):
+        base = "https://127.0.0.1:%d" % web_service(self, cert=self.pem, name="https").address[1]
+        self.assertIn("Happy and well", self.curl("--cacert", self.pem + ".crt", base + "/moshez"))
+        self.assertEqual(self.curl(base + "/moshez"), "")         # not trusted without it
+
+    @_needs("openssl")
+    def test_openssl_s_client_refuses_tls_1_0_and_1_1(self):
+        port = web_service(self, cert=self.pem, name="https").address[1]
+
+        def handshake(version):
+            # SECLEVEL=0 lets the client offer old versions: the refusal must be the server's.
+            return subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % port,
+                                   version, "-cipher", "DEFAULT@SECLEVEL=0"],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=30)
+
+        for version in ["-tls1", "-tls1_1"]:
+            with self.subTest(version=version):
+                result = handshake(version)
+                self.assertNotEqual(result.returncode, 0)
+                self.assertRegex(result.stdout + result.stderr,
+                                 r"alert protocol version|unsupported protocol")
+        result = handshake("-tls1_2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("Protocol  : TLSv1.2", result.stdout)
+
+    @_needs("chromium")
+    def test_chromium_renders_the_site_and_runs_no_injected_script(self):
+        base = "http://%s:%d" % web_service(self).address
+        os.makedirs(ARTEFACTS, exist_ok=True)
+        shot = os.path.join(ARTEFACTS, "users.png")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shot)
+        profile = tempfile.mkdtemp(prefix="finger-chromium-")
+        self.addCleanup(shutil.rmtree, profile, True)
+
+        def chromium(*args):
+            return subprocess.run(["chromium", *CHROMIUM_FLAGS, "--user-data-dir=" + profile,
+                                   *args], capture_output=True, text=True, timeout=120)
+
+        chromium("--screenshot=" + shot, base + "/")
+        with open(shot, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        dom = chromium("--dump-dom", base + "/evil").stdout
+        self.assertIn("<title>evil</title>", dom)                 # the title was not changed
+        self.assertNotIn("pwned</title>", dom)
+        self.assertNotIn("<img", dom)
+
+
 class TestPythonVersions(unittest.TestCase):
     """finger.py must run on CPython 3.9: vermin (PyPI) finds the minimum version it needs."""
 

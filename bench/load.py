@@ -417,10 +417,14 @@ def run(args):
         time.sleep(max(measure_at - now(), 0))
         if args.server_pid:
             result["server_cpu_start"] = proc_cpu_seconds(args.server_pid)
-        waiting = [out for _, out in children]
-        while waiting and now() < deadline:     # a worker that ends early starts writing
-            ready, _, _ = select.select(waiting, [], [], max(deadline - now(), 0))
-            waiting = [out for out in waiting if out not in ready]
+        waiting = select.poll()                # a worker that ends early starts writing
+        for _, out in children:
+            waiting.register(out, select.POLLIN)
+        left = len(children)
+        while left and now() < deadline:
+            for out, _ in waiting.poll(max(deadline - now(), 0) * 1000):
+                waiting.unregister(out)
+                left -= 1
         if args.server_pid:
             result["server_cpu_end"] = proc_cpu_seconds(args.server_pid)
             result["server_rss_kb"] = proc_status_kb(args.server_pid, "VmRSS")
