@@ -981,6 +981,12 @@ class TestWebSite(unittest.TestCase):
             with self.subTest(path=path):
                 self.assertEqual(http(self.address, "GET", path)[0], 404)
 
+    def test_access_log_in_common_log_format(self):
+        with self.assertLogs("finger", "INFO") as logs:
+            http(self.address, "GET", "/moshez")
+        self.assertRegex(logs.output[-1], r'web 127\.0\.0\.1 - - \[\d\d/\w+/\d{4} [\d:]+\] '
+                                          r'"GET /moshez HTTP/1\.1" 200 \d+$')
+
     def test_keep_alive(self):
         import http.client
         connection = http.client.HTTPConnection(*self.address, timeout=TIMEOUT)
@@ -1144,6 +1150,21 @@ class TestHTTPS(unittest.TestCase):
         service.reload()
         self.assertEqual(http(service.address, "GET", "/",
                               context=self.client_context(renewed))[0], 200)
+
+    def test_sighup_reloads_the_certificate(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        pem = os.path.join(directory, "server.pem")
+        shutil.copy(self.pem, pem)
+        users = write_file(self, USERS)
+        server = ServerProcess(self, "--users", users, "--finger", "off", "--setter", "off",
+                               "--web", "off", "--https", "127.0.0.1:0", "--cert", pem)
+        address = server.address("https")
+        renewed = make_certificate(directory, "renewed.pem")
+        shutil.copy(renewed, pem)
+        server.process.send_signal(signal.SIGHUP)
+        server.expect("reloaded the certificate")
+        self.assertEqual(http(address, "GET", "/", context=self.client_context(renewed))[0], 200)
 
     def test_missing_or_bad_certificate_exits_2_naming_the_file(self):
         users = write_file(self, USERS)
