@@ -56,6 +56,7 @@ DEFAULT_USERS_FILE = "/etc/users"
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
 RECV_SIZE = 4096
+MAX_SESSION_OUTPUT = 1 << 20      # bytes a session peer may leave unread before it is dropped
 STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when stopping
 BUSY_BACKLOG = 256                # connections over the cap whose query is read before the
                                   # busy answer (so closing does not reset it); beyond: dropped
@@ -713,7 +714,8 @@ def format_peer(peer):
 
 class _Connection:
     """One client connection of a TCPService."""
-    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "busy")
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "busy",
+                 "session")
 
     def __init__(self, sock, peer, deadline, busy):
         self.sock, self.peer, self.deadline = sock, peer, deadline
@@ -722,6 +724,7 @@ class _Connection:
         self.outbuf = b""
         self.started = time.monotonic()
         self.state = "reading"         # reading -> (working) -> writing -> closed
+        self.session = None            # the protocol's session object, for session protocols
 
 
 class TCPService(Service):
@@ -730,8 +733,12 @@ class TCPService(Service):
     `address` is (host, port), or a path for a unix socket (whose peers are known by their
     PeerCredentials); `sock` is a listening socket made elsewhere (systemd, tests).
     `protocol` turns received bytes into a request (`parse(data, eof)`) and a request into
-    a reply (`respond(request, peer)`).  Answers from a protocol whose `blocking` is true
-    are computed in a bounded worker pool; the loop never waits for them.  Limits: `timeout`
+    a reply (`respond(request, peer)`); the connection closes after the reply.  Answers
+    from a protocol whose `blocking` is true are computed in a bounded worker pool; the loop
+    never waits for them.  A protocol whose `session` is true keeps connections open
+    instead: `new_session(peer)` makes an object with `greeting()` -> bytes to send first,
+    `feed(data)` -> bytes to send back (raising drops the connection), and `idle`, true
+    between messages; the `timeout` then runs from the last complete message.  Limits: `timeout`
     seconds to send a request and to take the answer, `max_connections` open at once
     (more get a one-line busy answer), at most `max_pending` answers (default 2 × `workers`)
     waiting for the pool."""
@@ -881,6 +888,10 @@ class TCPService(Service):
             conn = _Connection(sock, peer, time.monotonic() + self.timeout, busy)
             self._conns[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
+            if getattr(self.protocol, "session", False) and not busy:
+                conn.session = self.protocol.new_session(peer)
+                conn.state = "session"
+                self._queue(conn, conn.session.greeting())
 
     def _shed_connection(self):
         """Out of file descriptors: free the spare one to accept and drop a waiting
@@ -912,6 +923,9 @@ class TCPService(Service):
             return
         except OSError:
             self._close(conn)
+            return
+        if conn.session is not None:
+            self._feed(conn, data)
             return
         conn.inbuf += data
         try:
@@ -955,7 +969,48 @@ class TCPService(Service):
         conn.state = "writing"
 
     def _write(self, conn):
-        self._send(conn, conn.outbuf)
+        if conn.session is not None:
+            self._queue(conn, b"")
+        else:
+            self._send(conn, conn.outbuf)
+
+    # -- session connections (they stay open)
+
+    def _feed(self, conn, data):
+        if not data:
+            self._close(conn)
+            return
+        try:
+            reply = conn.session.feed(data)
+        except Exception as error:
+            log.warning("%s %s: dropped: %s", self.name, format_peer(conn.peer), error)
+            self._close(conn)
+            return
+        if conn.session.idle:
+            self._set_deadline(conn)
+        if reply:
+            self._queue(conn, reply)
+
+    def _queue(self, conn, data):
+        """Send what the socket takes now, keep the rest for EVENT_WRITE; a peer that leaves
+        more than MAX_SESSION_OUTPUT unread is dropped."""
+        pending = conn.outbuf + data
+        try:
+            sent = conn.sock.send(pending) if pending else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        was_waiting = bool(conn.outbuf)
+        conn.outbuf = pending[sent:]
+        if len(conn.outbuf) > MAX_SESSION_OUTPUT:
+            log.warning("%s %s: dropped: it does not read its answers", self.name,
+                        format_peer(conn.peer))
+            self._close(conn)
+        elif bool(conn.outbuf) != was_waiting:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+            self._selector.modify(conn.sock, events, conn)
 
     def _set_deadline(self, conn):
         """A new deadline `timeout` from now; moving to the end keeps the dict in order."""

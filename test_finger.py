@@ -540,6 +540,82 @@ class TestFingerServer(unittest.TestCase):
         self.assertIsNone(server.process.poll())
 
 
+class EchoLines:
+    """A session protocol for tests: greets, echoes each line upper-cased, 'boom' raises."""
+    name = "echo"
+    session = True
+
+    def new_session(self, peer):
+        return EchoSession()
+
+
+class EchoSession:
+    def __init__(self):
+        self.buffer = b""
+
+    @property
+    def idle(self):
+        return not self.buffer
+
+    def greeting(self):
+        return b"hello\n"
+
+    def feed(self, data):
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        if b"boom" in lines:
+            raise ValueError("boom")
+        return b"".join(line.upper() + b"\n" for line in lines if line != b"flood") + b"".join(
+            b"x" * 65536 for line in lines if line == b"flood")
+
+
+class TestSessionConnections(unittest.TestCase):
+    def test_greeting_many_messages_and_errors_drop_only_that_connection(self):
+        service = finger.TCPService(EchoLines(), (LOCALHOST, 0))
+        start(self, service)
+        sock = connect(self, service.address)
+        reader = sock.makefile("rb")
+        self.assertEqual(reader.readline(), b"hello\n")
+        sock.sendall(b"one\ntw")
+        self.assertEqual(reader.readline(), b"ONE\n")
+        sock.sendall(b"o\n")
+        self.assertEqual(reader.readline(), b"TWO\n")
+        other = connect(self, service.address)
+        other.sendall(b"boom\n")
+        with self.assertLogs("finger", "WARNING"):
+            self.assertEqual(other.recv(100), b"hello\n")
+            self.assertEqual(other.recv(100), b"")
+        sock.sendall(b"three\n")
+        self.assertEqual(reader.readline(), b"THREE\n")
+
+    def test_half_a_message_is_dropped_at_the_timeout_whole_ones_keep_it_open(self):
+        service = finger.TCPService(EchoLines(), (LOCALHOST, 0), timeout=0.3)
+        start(self, service)
+        sock = connect(self, service.address)
+        reader = sock.makefile("rb")
+        reader.readline()
+        for _ in range(3):                      # active for longer than the timeout
+            time.sleep(0.15)
+            sock.sendall(b"ping\n")
+            self.assertEqual(reader.readline(), b"PING\n")
+        sock.sendall(b"half a mess")
+        self.assertEqual(reader.readline(), b"")
+
+    def test_a_peer_that_never_reads_is_dropped(self):
+        service = finger.TCPService(EchoLines(), (LOCALHOST, 0))
+        start(self, service)
+        hog = socket.socket()
+        self.addCleanup(hog.close)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(service.address)
+        with self.assertLogs("finger", "WARNING") as logs:
+            with contextlib.suppress(OSError):
+                for _ in range(200):
+                    hog.sendall(b"flood\n")
+            wait_until(lambda: not service._conns)
+        self.assertIn("does not read", logs.output[-1])
+
+
 def _limit_files(limit):
     def apply():
         import resource
