@@ -612,7 +612,7 @@ class TestSessionConnections(unittest.TestCase):
             with contextlib.suppress(OSError):
                 for _ in range(200):
                     hog.sendall(b"flood\n")
-            wait_until(lambda: not service._conns)
+            wait_until(lambda: logs.output)
         self.assertIn("does not read", logs.output[-1])
 
 
