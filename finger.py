@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import grp
 import logging
 import os
 import pwd
@@ -82,7 +83,7 @@ LISTENERS = {
     "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
     "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
 }
-IMPLEMENTED_LISTENERS = {"finger", "setter", "web", "https"}
+IMPLEMENTED_LISTENERS = {"finger", "setter", "web", "https", "setter-socket"}
 IMPLEMENTED_BACKENDS = {"file", "memory"}
 
 
@@ -157,6 +158,12 @@ def parse_listen(text):
         text = ":" + text
     host, port = split_host_port(text, None)
     return host, port
+
+
+def format_listen(address):
+    """(host, port) -> the listener syntax: ':79', '127.0.0.1:7979', '[::1]:79'."""
+    host, port = address
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
 def format_address(address):
@@ -340,6 +347,9 @@ class UserDatabase:
         """(time of the last successful load or None, whether the last load worked)."""
         return None, True
 
+    def relocate(self, inside):
+        """After a chroot: `inside(path)` maps a path named outside to the same file inside."""
+
     def start(self):
         pass
 
@@ -467,6 +477,9 @@ class FileDatabase(MemoryDatabase):
 
     def health(self):
         return self.loaded_at, not self._failing
+
+    def relocate(self, inside):
+        self.path = inside(self.path)
 
     def _reload_forever(self):
         while not self._stopping.wait(self.reload_interval):
@@ -637,6 +650,9 @@ class Service:
     def reload(self):
         """SIGHUP: re-read what can be re-read (certificates)."""
 
+    def relocate(self, inside):
+        """After a chroot: `inside(path)` maps a path named outside to the same file inside."""
+
     def open_connections(self):
         return 0
 
@@ -756,6 +772,7 @@ class TCPService(Service):
         self.max_pending = max_pending or 2 * workers
         self.counts = {}                 # outcome -> number of requests, for reports
         self._listener = sock
+        self._owns_path = False          # a unix socket file we made, removed at stop
         self._conns = {}                 # _Connection -> None, in order of deadline
         self._done = []                  # (connection, future) finished by workers
         self._pool = None
@@ -775,6 +792,7 @@ class TCPService(Service):
         if self._listener is None:
             if isinstance(self.requested_address, str):
                 self._listener = bind_unix(self.requested_address, self.name)
+                self._owns_path = True
             else:
                 self._listener = bind_tcp(self.requested_address, self.name)
         self._listener.setblocking(False)
@@ -787,7 +805,7 @@ class TCPService(Service):
 
     def stop(self):
         super().stop()
-        if isinstance(self.address, str):          # our unix socket file goes with us
+        if self._owns_path:                        # our unix socket file goes with us
             with contextlib.suppress(OSError):
                 os.unlink(self.address)
 
@@ -1547,6 +1565,9 @@ class WebService(Service):
             time.sleep(0.01)
         self._server.server_close()
 
+    def relocate(self, inside):
+        self.cert, self.key = inside(self.cert), inside(self.key)
+
     def reload(self):
         """Load the certificate again (renewals); a bad one is logged and the old one kept."""
         if self.cert:
@@ -1723,50 +1744,51 @@ def build_database(options):
                          "name another file with --users FILE)" % error) from None
 
 
-def build_services(options, db=None):
+def build_services(options, db=None, sockets=None):
     """The tutorial's makeService: build (not start) every service `options` asks for.
 
     `options` is what build_parser() parses (see default_options()); `db` overrides the
-    database the options name.  Returns a ServiceGroup; start() binds and runs it."""
+    database the options name; `sockets` maps listener names to listening sockets made
+    elsewhere (systemd socket activation), served whatever the options say.  Returns a
+    ServiceGroup; start() binds and runs it."""
+    sockets = dict(sockets or {})
+    wanted = {name: getattr(options, name) for name in LISTENERS}
+    wanted["setter-socket"] = options.setter_socket
+    unknown = sorted(set(sockets) - set(wanted))
+    if unknown:
+        raise UsageError("passed sockets named %s; the names finger.py knows: %s"
+                         % (", ".join(unknown), ", ".join(wanted)))
+    wanted = {name: address for name, address in wanted.items()
+              if address is not None or name in sockets}
+    for name in wanted:
+        if name not in IMPLEMENTED_LISTENERS:
+            raise UsageError("--%s: not implemented yet" % name)
+    if "https" in wanted and not options.cert:
+        raise UsageError("--https needs --cert FILE (PEM with the certificate and key)")
     db = build_database(options) if db is None else db
     site = None
-    if options.web or options.https:
-        if options.https and not options.cert:
-            raise UsageError("--https needs --cert FILE (PEM with the certificate and key)")
+    if "web" in wanted or "https" in wanted:
         site = WebSite(db, load_templates(options.templates))
-    services = []
-    for name, (default, _) in LISTENERS.items():
-        address = getattr(options, name)
-        if address is None:
-            continue
-        if name not in IMPLEMENTED_LISTENERS:
-            if address != parse_listen(default):
-                raise UsageError("--%s: not implemented yet" % name)
-            log.warning("--%s (default %s): not implemented yet, not started",
-                        name, LISTENERS[name][0])
-            continue
-        services.append(_listener_service(name, address, db, site, options))
-    if options.setter_socket:
-        protocol = SetterProtocol(db, options.max_status, check_identity=True)
-        services.append(TCPService(protocol, options.setter_socket, name="setter-socket",
-                                   **_limits(options, protocol)))
+    services = [_listener_service(name, address, sockets.get(name), db, site, options)
+                for name, address in wanted.items()]
     group = ServiceGroup(services, [db])
     if site is not None:
         site.metrics = functools.partial(render_metrics, group)
     return group
 
 
-def _listener_service(name, address, db, site, options):
-    """The service behind listener option `name`."""
+def _listener_service(name, address, sock, db, site, options):
+    """The service behind listener `name` (an option name, or 'setter-socket')."""
     if name in ("web", "https"):
-        return WebService(site, address, name=name, timeout=options.timeout,
+        return WebService(site, address, sock=sock, name=name, timeout=options.timeout,
                           max_connections=options.web_max_connections,
                           cert=options.cert if name == "https" else None, key=options.key)
-    if name == "setter":
-        protocol = SetterProtocol(db, options.max_status)
+    if name in ("setter", "setter-socket"):
+        protocol = SetterProtocol(db, options.max_status,
+                                  check_identity=name == "setter-socket")
     else:
         protocol = FingerProtocol(db, allow_list=not options.no_list)
-    return TCPService(protocol, address, **_limits(options, protocol))
+    return TCPService(protocol, address, sock=sock, name=name, **_limits(options, protocol))
 
 
 def _limits(options, protocol):
@@ -1818,44 +1840,277 @@ def default_options(**overrides):
     return options
 
 
-# == 8. Process: logging, signals, running the server ===========================================
+# == 8. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
 
-def setup_logging(level, to_stderr=True):
-    """Timestamped log lines on stderr; without `to_stderr` (inetd put the client's socket
-    there) to syslog when /dev/log exists, else nowhere."""
-    if to_stderr:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    elif os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
-        handler = SysLogHandler("/dev/log", SysLogHandler.LOG_DAEMON)
-        handler.setFormatter(logging.Formatter("finger.py[%(process)d]: %(message)s"))
+SD_LISTEN_FDS_START = 3           # systemd passes activated sockets from this descriptor on
+UNPRIVILEGED_USER = "nobody"      # who root becomes without --user (the tutorial used uid 1)
+STOP_DEADLINE = 5.0               # seconds SIGTERM may take, in-flight answers included
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that SIGHUP reopens, so logrotate can move it away."""
+
+    def reopen(self):
+        with self.lock:
+            try:
+                stream = self._open()
+            except OSError as error:
+                log.error("cannot reopen the log file %s: %s; still writing to the old one",
+                          self.baseFilename, error.strerror)
+                return
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = stream
+
+
+def setup_logging(options, to_stderr=True):
+    """Log lines to --logfile, --syslog (with --prefix), else stderr.  Without `to_stderr`
+    (inetd put the client's socket there) syslog is used when /dev/log exists."""
+    level = options.log_level.upper()
+    if options.logfile:
+        handler = ReopenableFileHandler(os.path.abspath(options.logfile), encoding="utf-8")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    elif options.syslog or not to_stderr:
+        if not os.path.exists("/dev/log"):
+            handler = logging.NullHandler()
+        else:
+            from logging.handlers import SysLogHandler
+            handler = SysLogHandler("/dev/log", SysLogHandler.LOG_DAEMON)
+            handler.setFormatter(logging.Formatter(options.prefix + "[%(process)d]: %(message)s"))
     else:
-        handler = logging.NullHandler()
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
 
 
+def reopen_logs():
+    for handler in log.handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            handler.reopen()
+
+
+def resolve_identity(user=None, group=None):
+    """Who to become after binding -> (name, uid, gid), or None to stay as we are.
+
+    Looked up before any chroot.  Root without --user becomes nobody; `--user root` stays
+    root (logged as a warning).  Others may only name themselves."""
+    if os.geteuid() != 0:
+        if user and user != pwd.getpwuid(os.geteuid()).pw_name or group:
+            raise UsageError("--user/--group: only root can change user or group")
+        return None
+    if user == "root" and not group:
+        log.warning("staying root (--user root): a bug in finger.py would be a root bug")
+        return None
+    name = user or UNPRIVILEGED_USER
+    try:
+        entry = pwd.getpwnam(name)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise UsageError("--user %s --group %s: no such user or group" % (name, group)) from None
+    return name, entry.pw_uid, gid
+
+
+def drop_privileges(identity):
+    """Become (name, uid, gid): supplementary groups first, then the group, then the user;
+    then make sure root cannot be regained."""
+    if identity is None:
+        return
+    name, uid, gid = identity
+    os.setgroups([])
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        log.info("running as %s (uid %d, gid %d)", name, uid, gid)
+        return
+    raise FingerError("root could be regained after dropping privileges; refusing to run")
+
+
+def daemonize(rundir):
+    """Detach like twistd: fork, setsid, fork, chdir, umask 022, stdio on /dev/null.
+
+    The first parent waits on a pipe and exits 0 only when the daemon reports that it is
+    serving (`report(None)`), else 1 with the reason.  Returns `report` for the daemon."""
+    reader, writer = os.pipe()
+    if os.fork() > 0:
+        os.close(writer)
+        with os.fdopen(reader, "rb") as pipe:
+            message = pipe.read().decode("utf-8", "replace").strip()
+        if message == "ok":
+            os._exit(0)
+        print("finger.py: error: %s" % (message or "the daemon died before serving"),
+              file=sys.stderr)
+        os._exit(1)
+    os.close(reader)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir(rundir or "/")
+    os.umask(0o022)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+    def report(error):
+        with contextlib.suppress(OSError):
+            os.write(writer, b"ok\n" if error is None else str(error).encode("utf-8") + b"\n")
+            os.close(writer)
+    return report
+
+
+def write_pidfile(path):
+    """Create the pidfile exclusively.  One left by a dead process is replaced; one of a
+    live process means another server runs: FingerError."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pid = _read_pid(path)
+            if pid and _alive(pid):
+                raise FingerError("pidfile %s: process %d is running" % (path, pid)) from None
+            log.warning("pidfile %s: replacing the stale one of process %s", path, pid)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        except OSError as error:
+            raise FingerError("pidfile %s: %s" % (path, error.strerror)) from None
+        with os.fdopen(fd, "w") as f:
+            f.write("%d\n" % os.getpid())
+        return
+    raise FingerError("pidfile %s: cannot create it" % path)
+
+
+def remove_pidfile(path):
+    """Remove the pidfile if it is still ours."""
+    if _read_pid(path) == os.getpid():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def enter_chroot(directory, group):
+    """chroot after binding: the users file and certificates, named by their paths outside,
+    are then read at the same place inside."""
+    directory = os.path.realpath(directory)
+    os.chroot(directory)
+    os.chdir("/")
+    for thing in list(group.databases) + list(group):
+        thing.relocate(lambda path: "/" + os.path.relpath(os.path.realpath(path), directory)
+                       if path else path)
+    log.info("chrooted to %s", directory)
+
+
+def systemd_sockets(environ=None):
+    """Listening sockets passed by systemd socket activation, by name -> socket.
+
+    The name is FileDescriptorName= (by default the unit's name, '.socket' dropped).  The
+    variables are removed, so that programs we might start do not take them for theirs."""
+    environ = os.environ if environ is None else environ
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    sockets = {}
+    for index in range(count):
+        fd = SD_LISTEN_FDS_START + index
+        name = names[index] if index < len(names) and names[index] else "finger"
+        name = name[:-len(".socket")] if name.endswith(".socket") else name
+        os.set_inheritable(fd, False)
+        sockets[name] = socket.socket(fileno=fd)
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(key, None)
+    return sockets
+
+
+def sd_notify(message, environ=None):
+    """Tell systemd (Type=notify) how we are: 'READY=1', 'STOPPING=1', 'STATUS=...'."""
+    environ = os.environ if environ is None else environ
+    path = environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(message.encode("utf-8"))
+    except OSError as error:
+        log.warning("cannot notify systemd at %s: %s", path, error)
+        return False
+    return True
+
+
 def run_server(options):
-    """--serve: build, bind, start, wait for SIGINT/SIGTERM, stop; returns the exit code."""
-    group = build_services(options)
+    """--serve: build, (daemonize), bind, chroot, drop privileges, start, wait for
+    SIGTERM/SIGINT, stop.  Returns the exit code."""
+    group = build_services(options, sockets=systemd_sockets())
     if not group.services:
         raise UsageError("every listener is off: nothing to serve")
-    group.bind()
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stopping.set())
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: _reload_all(group))
-    group.start()
+    identity = resolve_identity(options.user, options.group)
+    report = daemonize(options.rundir) if options.daemon else None
+    if options.rundir and not options.daemon:
+        os.chdir(options.rundir)
+    try:
+        if options.pidfile:
+            write_pidfile(options.pidfile)
+        group.bind()
+        if options.chroot:
+            enter_chroot(options.chroot, group)
+        drop_privileges(identity)
+        stopping = _install_signal_handlers(group)
+        group.start()
+    except (FingerError, OSError) as error:
+        if report:
+            report(error)
+        raise
     for service in group:
-        log.info("serving %s on %s", service.name, format_address(service.address))
+        log.info("serving %s on %s", service.name, format_peer(service.address))
+    if report:
+        report(None)
+    sd_notify("READY=1\nSTATUS=serving %s" % ", ".join(s.name for s in group))
     while not stopping.wait(3600):
         pass
     log.info("stopping")
+    sd_notify("STOPPING=1")
     group.stop()
+    if options.pidfile:
+        remove_pidfile(options.pidfile)
     return 0
+
+
+def _install_signal_handlers(group):
+    """SIGTERM and SIGINT set the returned Event; SIGHUP reloads."""
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGHUP, lambda signum, frame: _reload_all(group))
+    return stopping
 
 
 def _stderr_is_stdout():
@@ -1868,8 +2123,10 @@ def _stderr_is_stdout():
 
 
 def _reload_all(group):
-    """SIGHUP: re-read the users file and the certificates, off the signal handler."""
+    """SIGHUP: reopen the log file, re-read the users file and certificates (in a thread,
+    not in the signal handler)."""
     def reload():
+        reopen_logs()
         for db in group.databases:
             db.reload(force=True)
         for service in group:
@@ -1989,30 +2246,162 @@ def build_parser():
     limits.add_argument("--workers", type=_count, default=DEFAULT_WORKERS, metavar="N",
                         help="threads for back-ends that may block (default: %(default)s)")
 
-    process = parser.add_argument_group("process")
+    process = parser.add_argument_group("process (twistd's options)")
+    process.add_argument("--config", metavar="FILE",
+                         help="read options from an INI file, section [finger], keys the long "
+                              "option names; the command line overrides it")
+    process.add_argument("--print-config", action="store_true",
+                         help="print the effective configuration as such a file, and exit")
+    process.add_argument("--user", metavar="NAME",
+                         help="drop to this user after binding (root's default: %s)"
+                              % UNPRIVILEGED_USER)
+    process.add_argument("--group", metavar="NAME",
+                         help="drop to this group after binding (default: the user's)")
+    process.add_argument("--daemon", action="store_true",
+                         help="detach into the background once the ports are bound")
+    process.add_argument("--pidfile", metavar="FILE", help="write the process id here")
+    process.add_argument("--logfile", metavar="FILE",
+                         help="log to this file (reopened on SIGHUP); default: stderr")
+    process.add_argument("--syslog", action="store_true", help="log to syslog (/dev/log)")
+    process.add_argument("--prefix", default="finger", metavar="NAME",
+                         help="--syslog: the name log lines carry (default: %(default)s)")
+    process.add_argument("--rundir", metavar="DIR", help="change to this directory")
+    process.add_argument("--chroot", metavar="DIR",
+                         help="chroot here after binding (see README: what it needs)")
     process.add_argument("--log-level", default="info",
                          choices=["debug", "info", "warning", "error"],
                          help="least important log lines shown (default: %(default)s)")
     return parser
 
 
+# Options that are not configuration: modes and one-shot actions.
+NOT_CONFIGURABLE = {"help", "version", "serve", "inetd", "set", "config", "print-config"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _configurable_options(parser):
+    """{long option name without '--': argparse action} of the options a config may set."""
+    options = {}
+    for action in parser._actions:       # argparse has no public list of its actions
+        for option in action.option_strings:
+            if option.startswith("--") and option[2:] not in NOT_CONFIGURABLE:
+                options[option[2:]] = action
+    return options
+
+
+def config_arguments(path, parser):
+    """The options of an INI file, as command-line arguments to put before the real ones.
+    An unknown key or a bad value is a UsageError naming the file, the line and the key."""
+    import configparser
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise UsageError("--config %s: %s" % (path, error.strerror)) from None
+    config = configparser.ConfigParser(interpolation=None, delimiters=("=",),
+                                       default_section="\0no default section")
+    config.optionxform = str
+    try:
+        config.read_string(text, source=path)
+    except configparser.Error as error:
+        raise UsageError("--config: %s" % " ".join(str(error).split())) from None
+    extra = [name for name in config.sections() if name != "finger"]
+    if extra:
+        raise UsageError("%s:%d: unknown section [%s]; options go in [finger]"
+                         % (path, _line_of(text, "[" + extra[0]), extra[0]))
+    known = _configurable_options(parser)
+    arguments = []
+    for key, value in config.items("finger") if config.has_section("finger") else ():
+        where = "%s:%d: %s" % (path, _line_of(text, key), key)
+        action = known.get(key)
+        if action is None:
+            raise UsageError("%s: unknown key (keys are long option names, e.g. users)" % where)
+        arguments += _config_value(action, "--" + key, value.strip(), where)
+    return arguments
+
+
+def _config_value(action, option, value, where):
+    """One config entry -> arguments, after checking the value as argparse would."""
+    if action.nargs == 0:
+        if value.lower() not in _TRUE + _FALSE:
+            raise UsageError("%s: expected true or false, got %r" % (where, value))
+        return [option] if value.lower() in _TRUE else []
+    values = value.splitlines() if isinstance(action.default, list) else [value]
+    arguments = []
+    for item in filter(None, (v.strip() for v in values)):
+        try:
+            checked = action.type(item) if action.type else item
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            raise UsageError("%s: %s" % (where, error)) from None
+        if action.choices and checked not in action.choices:
+            raise UsageError("%s: expected one of %s" % (where, ", ".join(action.choices)))
+        arguments += [option, item]
+    return arguments
+
+
+def _line_of(text, key):
+    """The line number where `key` (or a section header) is first written."""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith(key) and (stripped[len(key):].lstrip()[:1] in ("=", "]", "")
+                                         or key.startswith("[")):
+            return number
+    return 0
+
+
+def format_config(options, parser):
+    """The effective configuration as a --config file."""
+    lines = ["# finger.py %s configuration: python3 finger.py --serve --config FILE" % __version__,
+             "[finger]"]
+    for key, action in _configurable_options(parser).items():
+        value = getattr(options, action.dest)
+        if key in LISTENERS:
+            value = "off" if value is None else format_listen(value)
+        elif action.nargs == 0:
+            value = "true" if value else "false"
+        elif isinstance(value, list):
+            value = "".join("\n    %s" % ("=".join(item) if isinstance(item, tuple) else item)
+                            for item in value)
+        elif value is None:
+            lines.append("# %s =" % key)
+            continue
+        lines.append("%s = %s" % (key, value))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     """Run finger.py with `argv` (default sys.argv[1:]); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    options = parser.parse_intermixed_args(argv)
+    config_file = _config_file(argv)
+    try:
+        arguments = config_arguments(config_file, parser) if config_file else []
+    except UsageError as error:
+        print("finger.py: error: %s" % error, file=sys.stderr)
+        return error.exit_code
+    options = parser.parse_intermixed_args(arguments + argv)
+    if options.print_config:
+        sys.stdout.write(format_config(options, parser))
+        return 0
     if options.set is not None:
         return run_set(options.set, options.setter_socket, options.timeout)
     if not (options.serve or options.inetd):
         return run_client(options.queries, options.verbose, options.timeout)
     if options.queries:
         parser.error("queries are for the client; --serve and --inetd take none")
-    setup_logging(options.log_level.upper(),
-                  to_stderr=not (options.inetd and _stderr_is_stdout()))
+    setup_logging(options, to_stderr=not (options.inetd and _stderr_is_stdout()))
     try:
         return run_inetd(options) if options.inetd else run_server(options)
     except FingerError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
         return error.exit_code
+
+
+def _config_file(argv):
+    """The --config FILE in argv, if any (read before the other options)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    return pre.parse_known_args(argv)[0].config
 
 
 if __name__ == "__main__":

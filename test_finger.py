@@ -108,6 +108,8 @@ class ServerProcess:
     """`finger.py --serve ...` in a child process; learns its ports from the log."""
 
     def __init__(self, test, *args, **popen):
+        if os.geteuid() == 0 and "--user" not in args:
+            args += ("--user", "root")      # temp files are root's; privilege tests say --user
         self.process = subprocess.Popen(
             [sys.executable, FINGER_PY, "--serve", *args], stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, **popen)
