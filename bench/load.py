@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Load generator for `make bench`: asynchronous (selectors), loopback only, bounded.
+"""Load generator for `make bench`: asynchronous (epoll), loopback only, bounded.
 
     python3 bench/load.py --port 7979 --names u%07d:1000 --concurrency 50 --duration 3
 
@@ -62,6 +62,14 @@ def proc_status_kb(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return None
+
+
+def machine_cpu_jiffies():
+    """(busy, total) clock ticks of all CPUs together, from /proc/stat; time stolen by
+    the hypervisor counts as busy."""
+    with open("/proc/stat") as stat:
+        values = [int(value) for value in stat.readline().split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)
 
 
 def proc_fd_count(pid):
@@ -236,8 +244,12 @@ def load_loop(mode, args, measure_at, deadline, stop_fd, seed):
         try:                     # on loopback the connection is usually up at once
             sock.send(request(rng))
             poller.register(fd, EPOLLIN)
-        except (BlockingIOError, InterruptedError, ConnectionError):
+        except (BlockingIOError, InterruptedError):
             poller.register(fd, EPOLLOUT)   # not yet: send when writable
+        except OSError as error:
+            sock.close()
+            fail("connect: " + (error.strerror or str(error)))
+            return
         active[fd] = [sock, started, b""]
 
     def drop(fd, kind=None):
@@ -415,6 +427,7 @@ def run(args):
             os.close(out_w)
             children.append((pid, out_r))
         time.sleep(max(measure_at - now(), 0))
+        machine_start = machine_cpu_jiffies()
         if args.server_pid:
             result["server_cpu_start"] = proc_cpu_seconds(args.server_pid)
         waiting = select.poll()                # a worker that ends early starts writing
@@ -425,6 +438,10 @@ def run(args):
             for out, _ in waiting.poll(max(deadline - now(), 0) * 1000):
                 waiting.unregister(out)
                 left -= 1
+        machine_end = machine_cpu_jiffies()
+        result["machine_busy_cpus"] = ((machine_end[0] - machine_start[0])
+                                       / max(machine_end[1] - machine_start[1], 1)
+                                       * os.cpu_count())
         if args.server_pid:
             result["server_cpu_end"] = proc_cpu_seconds(args.server_pid)
             result["server_rss_kb"] = proc_status_kb(args.server_pid, "VmRSS")
@@ -486,6 +503,9 @@ def merge(result, parts, measure_at, args):
         server_cpu = result["server_cpu_end"] - result["server_cpu_start"]
         result["server_cpu_util"] = server_cpu / window
         result["server_us_per_query"] = server_cpu / len(latencies) * 1e6
+        result["other_busy_cpus"] = max(0.0, result["machine_busy_cpus"]
+                                        - result["server_cpu_util"]
+                                        - result["load_cpu_util"] * args.procs)
     return result
 
 
