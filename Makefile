@@ -41,7 +41,7 @@ interop: peers
 	    TestPythonVersions
 
 bench:
-	@echo "make bench comes with the benchmark issue (#9)."
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build __pycache__ .ci/__pycache__

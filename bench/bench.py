@@ -37,7 +37,8 @@ HOST = "127.0.0.1"
 NAMES = "u%07d"                  # user names in the generated users files
 
 sys.path.insert(0, HERE)
-from load import proc_cpu_seconds, proc_fd_count, proc_status_kb, raise_nofile  # noqa: E402
+from load import (machine_cpu_jiffies, proc_fd_count, proc_status_kb,  # noqa: E402
+                  raise_nofile)
 
 
 class Settings:
@@ -96,16 +97,11 @@ def machine_facts(server_cpu, load_cpus):
 
 
 def busy_fraction(seconds):
-    """Share of all CPUs busy over `seconds`, from /proc/stat."""
-    def sample():
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)
-        return sum(values[:8]), idle
-    total0, idle0 = sample()
+    """Share of all CPUs busy (or stolen by the hypervisor) over `seconds`."""
+    busy0, total0 = machine_cpu_jiffies()
     time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+    busy1, total1 = machine_cpu_jiffies()
+    return (busy1 - busy0) / max(total1 - total0, 1)
 
 
 # == users files =============================================================================
@@ -260,6 +256,7 @@ def record_load(m, prefix, result):
     m[prefix + ".server_util"] = result.get("server_cpu_util")
     m[prefix + ".load_util"] = result.get("load_cpu_util")
     m[prefix + ".rss_mb"] = result["server_rss_kb"] / 1024
+    m[prefix + ".other_cpus"] = result.get("other_busy_cpus")
 
 
 def step(m, prefix, function, *args):
@@ -557,19 +554,22 @@ def notes(runs, settings):
     out = []
     for prefix, what in (("bare", "bare server"), ("f50", "finger, 50 concurrent"),
                          ("f1k", "finger, 1,000 idle")):
-        server = [r[prefix + ".server_util"] for r in runs if r.get(prefix + ".server_util")]
-        load = [r[prefix + ".load_util"] for r in runs if r.get(prefix + ".load_util")]
-        if not server or not load:
+        def median(key):
+            got = [r[key] for r in runs if r.get(key) is not None]
+            return statistics.median(got) if got else None
+        server, load = median(prefix + ".server_util"), median(prefix + ".load_util")
+        other = median(prefix + ".other_cpus")
+        if server is None or load is None:
             continue
-        server, load = statistics.median(server), statistics.median(load)
         if server >= 0.9:
             verdict = "the server was the bottleneck"
         elif load >= 0.85:
             verdict = "**the load generator, not the server, was the bottleneck**"
         else:
-            verdict = "neither was saturated (other processes on the machine?)"
-        out.append("%s: server CPU %.0f %%, load generator CPU %.0f %% of its cores: %s."
-                   % (what, server * 100, load * 100, verdict))
+            verdict = "neither was saturated"
+        out.append("%s: server CPU %.0f %%, load generator CPU %.0f %% of its cores, other "
+                   "processes %.2f CPUs: %s." % (what, server * 100, load * 100, other or 0,
+                                                 verdict))
     for prefix in ("f50", "f1k", "f10k", "reload", "web_name", "web_index", "xmlrpc"):
         kinds = {}
         for run in runs:
@@ -651,6 +651,7 @@ def main(argv=None):
     log("bench: %s runs; %s" % (runs_wanted, "; ".join(facts)))
     runs = []
     with tempfile.TemporaryDirectory(prefix="finger-bench-") as tmp:
+        os.chmod(tmp, 0o755)      # finger.py started as root serves as nobody: let it read
         files = make_files(tmp, s)
         web_skip = web_probe(files, tmp)
         sections = [(section_bare, ["bare"]),
