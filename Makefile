@@ -8,7 +8,14 @@ PYTHONS ?= $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.*/bin/python3)
 SERVE_ARGS ?= --users build/users --finger 127.0.0.1:7979 --setter 127.0.0.1:1079 \
               --web 127.0.0.1:8000
 
-.PHONY: serve test interop peers bench clean
+VERSION := $(shell $(PYTHON) finger.py --version | cut -d' ' -f2)
+PREFIX  ?= /usr/local
+BINDIR   = $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DOCDIR   = $(PREFIX)/share/doc/finger-py
+UNITS    = finger.service finger.socket finger-inetd.socket finger-inetd@.service
+
+.PHONY: serve test interop peers bench install uninstall deb clean
 
 # Serves a copy of users.example (build/users), so statuses set through the setter
 # change the copy, not the example.
@@ -38,10 +45,38 @@ peers:
 
 interop: peers
 	FINGER_INTEROP=1 VERMIN=$(VENV)/bin/vermin FINGER_PYTHONS="$(PYTHONS)" $(PYTHON) test_finger.py TestInterop TestWebInterop \
-	    TestPythonVersions
+	    TestPackagingInterop TestPythonVersions
 
 bench:
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+# Installs the script and the unit files (their paths follow PREFIX); DESTDIR for staging.
+install:
+	install -D -m 0755 finger.py $(DESTDIR)$(BINDIR)/finger.py
+	for unit in $(UNITS); do \
+	    sed 's|/usr/local/bin/finger.py|$(BINDIR)/finger.py|' contrib/$$unit \
+	        | install -D -m 0644 /dev/stdin $(DESTDIR)$(UNITDIR)/$$unit; done
+	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -D -m 0644 users.example $(DESTDIR)$(DOCDIR)/users.example
+	for snippet in inetd.conf xinetd.finger; do \
+	    sed 's|/usr/local/bin/finger.py|$(BINDIR)/finger.py|' contrib/$$snippet \
+	        | install -D -m 0644 /dev/stdin $(DESTDIR)$(DOCDIR)/$$snippet; done
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/finger.py $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
+	rm -rf $(DESTDIR)$(DOCDIR)
+
+# A Debian package: the script in /usr/bin, the units in /lib/systemd/system, /etc/users as
+# a conffile, and a system user "finger" made by postinst.
+deb:
+	rm -rf build/deb && mkdir -p build/deb/DEBIAN build/deb/etc
+	$(MAKE) --no-print-directory install DESTDIR=build/deb PREFIX=/usr \
+	    UNITDIR=/lib/systemd/system
+	install -m 0644 users.example build/deb/etc/users
+	sed 's/@VERSION@/$(VERSION)/' contrib/debian/control > build/deb/DEBIAN/control
+	install -m 0644 contrib/debian/conffiles build/deb/DEBIAN/conffiles
+	install -m 0755 contrib/debian/postinst contrib/debian/postrm build/deb/DEBIAN/
+	dpkg-deb --root-owner-group --build build/deb build/finger-py_$(VERSION)_all.deb
 
 clean:
 	rm -rf build __pycache__ .ci/__pycache__

@@ -634,6 +634,7 @@ class Service:
 
     name = "service"
     address = None
+    on_failure = None      # called (in the service's thread) when serve() dies of an error
 
     def __init__(self):
         self._thread = None
@@ -674,6 +675,8 @@ class Service:
             self.serve()
         except Exception:
             log.exception("%s service died", self.name)
+            if self.on_failure is not None:
+                self.on_failure()
 
 
 def bind_tcp(address, option="listener"):
@@ -796,6 +799,8 @@ class TCPService(Service):
             else:
                 self._listener = bind_tcp(self.requested_address, self.name)
         self._listener.setblocking(False)
+        if self._spare_fd is None:     # a descriptor held in reserve for running out
+            self._spare_fd = os.dup(self._listener.fileno())
         address = self._listener.getsockname()
         self.address = address if isinstance(address, str) else address[:2]
 
@@ -816,7 +821,6 @@ class TCPService(Service):
         waker_in.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(waker_in, selectors.EVENT_READ, "wake")
-        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         try:
             self._loop(waker_in)
         finally:
@@ -826,6 +830,7 @@ class TCPService(Service):
             for sock in (self._listener, self._waker, waker_in):
                 sock.close()
             os.close(self._spare_fd)
+            self._spare_fd = None
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
 
@@ -923,7 +928,7 @@ class TCPService(Service):
         except OSError:
             pass
         finally:
-            self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+            self._spare_fd = os.dup(self._listener.fileno())
 
     @staticmethod
     def _refuse(sock, text):
@@ -2084,6 +2089,9 @@ def run_server(options):
             enter_chroot(options.chroot, group)
         drop_privileges(identity)
         stopping = _install_signal_handlers(group)
+        failures = []
+        for service in group:          # a service that dies takes the process down with it
+            service.on_failure = lambda: (failures.append(1), stopping.set())
         group.start()
     except (FingerError, OSError) as error:
         if report:
@@ -2101,7 +2109,7 @@ def run_server(options):
     group.stop()
     if options.pidfile:
         remove_pidfile(options.pidfile)
-    return 0
+    return 1 if failures else 0
 
 
 def _install_signal_handlers(group):

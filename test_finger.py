@@ -8,6 +8,7 @@ with the reason, unless FINGER_INTEROP=1 and the peers are installed.
 """
 
 import contextlib
+import grp
 import io
 import logging
 import os
@@ -1258,6 +1259,294 @@ class TestHTTPS(unittest.TestCase):
                 self.assertIn(cert, result.stderr)
 
 
+# == running as a daemon =======================================================================
+
+def proc_status(pid):
+    """The Uid: and Gid: lines of /proc/PID/status, as lists of ints."""
+    with open("/proc/%d/status" % pid) as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()]
+
+
+def readable_users(test, text=USERS):
+    """A users file that an unprivileged user can read (in a 0755 directory)."""
+    path = write_file(test, text)
+    os.chmod(os.path.dirname(path), 0o755)
+    os.chmod(path, 0o644)
+    return path
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        return probe.getsockname()[1]
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "uses /proc")
+class TestPrivileges(unittest.TestCase):
+    def serve(self, *args):
+        server = ServerProcess(self, "--users", readable_users(self), "--finger", "127.0.0.1:0",
+                               "--web", "off", "--setter", "off", *args)
+        return server, server.address()
+
+    def test_root_without_user_becomes_nobody_after_binding(self):
+        if os.geteuid() != 0:
+            self.skipTest("privilege drop needs root")
+        server, address = self.serve("--user", "nobody")
+        nobody = pwd.getpwnam("nobody")
+        self.assertEqual(proc_status(server.process.pid),
+                         ([nobody.pw_uid] * 4, [nobody.pw_gid] * 4))
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertTrue(any("running as nobody" in line for line in server.log))
+
+    def test_default_is_nobody_and_root_must_be_asked_for(self):
+        if os.geteuid() != 0:
+            self.skipTest("privilege drop needs root")
+        process = subprocess.Popen([sys.executable, FINGER_PY, "--serve", "--users",
+                                    readable_users(self), "--finger", "127.0.0.1:0", "--web",
+                                    "off", "--setter", "off"], stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        for line in process.stderr:
+            if "serving finger" in line:
+                break
+        self.assertEqual(proc_status(process.pid)[0], [65534] * 4)
+        server, _ = self.serve("--user", "root")
+        self.assertEqual(proc_status(server.process.pid)[0], [0] * 4)
+
+    def test_group_option_and_supplementary_groups(self):
+        if os.geteuid() != 0:
+            self.skipTest("privilege drop needs root")
+        server, _ = self.serve("--user", "nobody", "--group", "daemon")
+        self.assertEqual(proc_status(server.process.pid)[1], [grp.getgrnam("daemon").gr_gid] * 4)
+        with open("/proc/%d/status" % server.process.pid) as f:
+            groups = [line for line in f if line.startswith("Groups:")][0].split()[1:]
+        self.assertNotIn("0", groups)
+
+    def test_unknown_user_exits_2(self):
+        result = run_finger("--serve", "--users", readable_users(self), "--finger",
+                            "127.0.0.1:0", "--web", "off", "--setter", "off", "--user",
+                            "no-such-user-here")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no-such-user-here", result.stderr)
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "uses /proc")
+class TestDaemon(unittest.TestCase):
+    def daemon_args(self, *extra):
+        self.directory = tempfile.mkdtemp(prefix="finger-test-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        os.chmod(self.directory, 0o755)
+        self.pidfile = os.path.join(self.directory, "finger.pid")
+        self.logfile = os.path.join(self.directory, "finger.log")
+        self.port = free_port()
+        return ["--serve", "--daemon", "--users", readable_users(self), "--finger",
+                "127.0.0.1:%d" % self.port, "--web", "off", "--setter", "off", "--pidfile",
+                self.pidfile, "--logfile", self.logfile, "--user", "root", *extra]
+
+    def stop_daemon(self):
+        pid = finger._read_pid(self.pidfile)
+        if pid and finger._alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not finger._alive(pid))
+
+    def test_daemon_detaches_once_serving_and_stops_on_sigterm(self):
+        result = run_finger(*self.daemon_args("--rundir", "/tmp"))
+        self.addCleanup(self.stop_daemon)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+        pid = finger._read_pid(self.pidfile)
+        self.assertTrue(pid and finger._alive(pid))
+        self.assertEqual(ask((LOCALHOST, self.port), b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertEqual(os.readlink("/proc/%d/cwd" % pid), "/tmp")
+        with open("/proc/%d/stat" % pid) as f:
+            state, parent, group, session, tty = f.read().rsplit(")", 1)[1].split()[:5]
+        self.assertEqual((group, tty), (session, "0"))   # in a session of its own, no tty,
+        self.assertNotEqual(int(session), pid)           # not its leader: it cannot get one
+        self.assertEqual(os.readlink("/proc/%d/fd/0" % pid), "/dev/null")
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not finger._alive(pid))
+        self.assertFalse(os.path.exists(self.pidfile))
+        with open(self.logfile) as f:
+            log_text = f.read()
+        self.assertIn("serving finger", log_text)
+        self.assertIn("stopping", log_text)
+
+    def test_daemon_that_cannot_bind_fails_in_the_foreground(self):
+        with socket.socket() as taken:
+            taken.bind((LOCALHOST, 0))
+            taken.listen()
+            args = self.daemon_args()
+            args[args.index("127.0.0.1:%d" % self.port)] = "127.0.0.1:%d" % taken.getsockname()[1]
+            result = run_finger(*args)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot listen", result.stderr)
+
+    def test_pidfile_of_a_live_process_refuses_and_a_stale_one_is_replaced(self):
+        args = self.daemon_args()
+        with open(self.pidfile, "w") as f:
+            f.write("%d\n" % os.getpid())              # alive: this test
+        result = run_finger(*args)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("process %d is running" % os.getpid(), result.stderr)
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        with open(self.pidfile, "w") as f:
+            f.write("%d\n" % dead.pid)
+        result = run_finger(*args)
+        self.addCleanup(self.stop_daemon)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotEqual(finger._read_pid(self.pidfile), dead.pid)
+
+    def test_logfile_is_reopened_on_sighup(self):
+        result = run_finger(*self.daemon_args())
+        self.addCleanup(self.stop_daemon)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pid = finger._read_pid(self.pidfile)
+        os.rename(self.logfile, self.logfile + ".1")           # what logrotate does
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: os.path.exists(self.logfile))
+        ask((LOCALHOST, self.port), b"moshez\r\n")
+        wait_until(lambda: "b'moshez' ok" in _read(self.logfile))
+
+    def test_chroot(self):
+        if os.geteuid() != 0:
+            self.skipTest("chroot needs root")
+        jail = tempfile.mkdtemp(prefix="finger-jail-")
+        self.addCleanup(shutil.rmtree, jail, True)
+        os.chmod(jail, 0o755)
+        users = os.path.join(jail, "users")
+        with open(users, "w") as f:
+            f.write(USERS)
+        os.chmod(users, 0o644)
+        server = ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web", "off",
+                               "--setter", "off", "--chroot", jail, "--reload", "0.05",
+                               "--user", "nobody")
+        address = server.address()
+        self.assertEqual(os.readlink("/proc/%d/root" % server.process.pid),
+                         os.path.realpath(jail))
+        replace_file(users, "moshez: Jailed\n")
+        os.chmod(users, 0o644)
+        wait_until(lambda: ask(address, b"moshez\r\n") == b"Jailed\r\n")
+
+
+class TestSystemd(unittest.TestCase):
+    def test_socket_activation_by_name_and_readiness_notification(self):
+        listeners = []
+        for _ in range(2):
+            sock = socket.socket()
+            sock.bind((LOCALHOST, 0))
+            sock.listen()
+            self.addCleanup(sock.close)
+            listeners.append(sock)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(notify.close)
+        notify.bind(os.path.join(directory, "notify"))
+        notify.settimeout(TIMEOUT)
+
+        def pass_sockets():          # in the child: the sockets become fds 3 and 4
+            import fcntl
+            high = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 100) for sock in listeners]
+            for number, fd in enumerate(high, 3):
+                os.dup2(fd, number)
+                os.set_inheritable(number, True)
+
+        env = dict(os.environ, LISTEN_FDS="2", LISTEN_FDNAMES="finger:web",
+                   NOTIFY_SOCKET=os.path.join(directory, "notify"))
+        # LISTEN_PID must be the server's own pid: sh sets it to $$ and execs python there.
+        process = subprocess.Popen(
+            ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"', sys.executable, FINGER_PY,
+             "--serve", "--users", write_file(self, USERS), "--setter", "off", "--user",
+             "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name],
+            env=env, preexec_fn=pass_sockets, close_fds=False, stderr=subprocess.DEVNULL)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        self.assertTrue(notify.recv(1000).startswith(b"READY=1\nSTATUS=serving finger, web"))
+        self.assertEqual(ask(listeners[0].getsockname(), b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertEqual(http(listeners[1].getsockname(), "GET", "/shawn")[0], 200)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(notify.recv(1000), b"STOPPING=1")
+        self.assertEqual(process.wait(TIMEOUT), 0)
+
+    def test_sockets_for_another_process_or_unknown_names(self):
+        env = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
+        self.assertEqual(finger.systemd_sockets(env), {})
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        options = finger.default_options()
+        with self.assertRaises(finger.UsageError):
+            finger.build_services(options, finger.MemoryDatabase(), sockets={"gopher": sock})
+
+
+class TestConfigFile(unittest.TestCase):
+    def config(self, text):
+        return write_file(self, text, name="finger.ini")
+
+    def test_config_file_then_command_line(self):
+        users = write_file(self, USERS)
+        path = self.config("[finger]\nusers = %s\nfinger = 127.0.0.1:7979\nno-list = yes\n"
+                           "status =\n    moshez=Happy\n    shawn=alive\n" % users)
+        result = run_finger("--config", path, "--print-config", "--finger", "127.0.0.1:7980")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("users = %s\n" % users, result.stdout)
+        self.assertIn("finger = 127.0.0.1:7980\n", result.stdout)    # the command line wins
+        self.assertIn("no-list = true\n", result.stdout)
+        self.assertIn("status = \n    moshez=Happy\n    shawn=alive\n", result.stdout)
+
+    def test_printed_config_reads_back_the_same(self):
+        first = run_finger("--print-config", "--web", "[::1]:8080", "--no-list").stdout
+        again = run_finger("--config", self.config(first), "--print-config")
+        self.assertEqual((again.returncode, again.stdout), (0, first), again.stderr)
+
+    def test_config_serves(self):
+        path = self.config("[finger]\nusers = %s\nfinger = 127.0.0.1:0\nweb = off\n"
+                           "setter = off\n" % write_file(self, USERS))
+        server = ServerProcess(self, "--config", path)
+        self.assertEqual(ask(server.address(), b"shawn\r\n"), b"alive\r\n")
+
+    def test_unknown_key_and_bad_values_name_file_line_and_key(self):
+        cases = [("[finger]\n# comment\nuserz = /etc/users\n", ":3: userz: unknown key"),
+                 ("[finger]\nfinger = nowhere\n", ":2: finger: expected [HOST:]PORT"),
+                 ("[finger]\n\nlog-level = loud\n", ":3: log-level: expected one of"),
+                 ("[finger]\nno-list = maybe\n", ":2: no-list: expected true or false"),
+                 ("[finger]\nserve = true\n", ":2: serve: unknown key"),
+                 ("[fingerd]\nusers = x\n", ":1: unknown section [fingerd]"),
+                 ("users = x\n", "File contains no section headers")]
+        for text, message in cases:
+            with self.subTest(text=text):
+                path = self.config(text)
+                result = run_finger("--serve", "--config", path)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(message, result.stderr)
+        result = run_finger("--serve", "--config", "/nonexistent.ini")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("/nonexistent.ini", result.stderr)
+
+
+class TestPackaging(unittest.TestCase):
+    def test_make_install_and_uninstall_with_destdir(self):
+        if not shutil.which("make"):
+            self.skipTest("no make")
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        make = ["make", "-s", "-C", HERE, "DESTDIR=" + root, "PREFIX=/opt/finger"]
+        subprocess.run(make + ["install"], check=True, capture_output=True, timeout=60)
+        script = os.path.join(root, "opt/finger/bin/finger.py")
+        self.assertTrue(os.access(script, os.X_OK))
+        with open(os.path.join(root, "opt/finger/lib/systemd/system/finger.service")) as f:
+            self.assertIn("ExecStart=/usr/bin/python3 /opt/finger/bin/finger.py", f.read())
+        subprocess.run(make + ["uninstall"], check=True, capture_output=True, timeout=60)
+        self.assertFalse(os.path.exists(script))
+        self.assertFalse(os.path.exists(os.path.join(root, "opt/finger/share/doc/finger-py")))
+
+
 # == inetd mode ================================================================================
 
 class TestInetd(unittest.TestCase):
@@ -1596,6 +1885,52 @@ class TestInterop(unittest.TestCase):
         subprocess.run(["nc", "-q", "0", LOCALHOST, str(address[1])],     # closes at once
                        input=b"shawn\nalive\n", capture_output=True, timeout=15)
         wait_until(lambda: db.get_user("shawn") == "alive")
+
+
+class TestPackagingInterop(unittest.TestCase):
+    """The unit files against systemd-analyze, the .deb against dpkg."""
+
+    @_needs("systemd-analyze")
+    def test_unit_files_verify(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        units = [name for name in os.listdir(os.path.join(HERE, "contrib"))
+                 if name.endswith((".service", ".socket"))]
+        for name in units:
+            shutil.copy(os.path.join(HERE, "contrib", name), directory)
+        result = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                                 *[os.path.join(directory, name) for name in units]],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(len(units), 4)
+
+    @_needs("dpkg", "dpkg-deb", "make")
+    def test_deb_installs_and_removes_cleanly(self):
+        if os.geteuid() != 0:
+            self.skipTest("dpkg -i needs root")
+        if subprocess.run(["dpkg", "-s", "finger-py"], capture_output=True).returncode == 0:
+            self.skipTest("finger-py is installed on this machine already")
+        subprocess.run(["make", "-s", "-C", HERE, "deb"], check=True, capture_output=True,
+                       timeout=120)
+        deb = [name for name in os.listdir(os.path.join(HERE, "build"))
+               if name.startswith("finger-py_") and name.endswith(".deb")][0]
+        self.addCleanup(subprocess.run, ["dpkg", "-P", "finger-py"], capture_output=True)
+        result = subprocess.run(["dpkg", "-i", os.path.join(HERE, "build", deb)],
+                                capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(os.access("/usr/bin/finger.py", os.X_OK))
+        self.assertTrue(os.path.exists("/lib/systemd/system/finger.socket"))
+        self.assertEqual(pwd.getpwnam("finger").pw_shell, "/usr/sbin/nologin")
+        version = subprocess.run(["/usr/bin/finger.py", "--version"], capture_output=True,
+                                 text=True, timeout=30).stdout
+        self.assertTrue(version.startswith("finger.py "))
+        result = subprocess.run(["dpkg", "-r", "finger-py"], capture_output=True, text=True,
+                                timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse(os.path.exists("/usr/bin/finger.py"))
+        self.assertTrue(os.path.exists("/etc/users"))            # a conffile, until purge
+        subprocess.run(["dpkg", "-P", "finger-py"], check=True, capture_output=True,
+                       timeout=120)
 
 
 ARTEFACTS = os.path.join(HERE, "build", "artefacts")
