@@ -498,6 +498,20 @@ class TestFingerServer(unittest.TestCase):
         for sock in waiting:
             self.assertEqual(sock.recv(100), b"finally\r\n")
 
+    def test_stop_lets_answers_in_flight_finish(self):
+        db = SlowDatabase()
+        service = finger_service(self, db)
+        slow = connect(self, service.address)
+        slow.sendall(b"slow\r\n")
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
+        stopper = threading.Thread(target=service.stop)
+        stopper.start()
+        wait_until(lambda: service._listener.fileno() == -1)     # no longer accepting
+        db.release.set()
+        self.assertEqual(slow.recv(100), b"finally\r\n")       # but the answer arrives
+        stopper.join(TIMEOUT)
+        self.assertFalse(stopper.is_alive())
+
     @unittest.skipUnless(socket.has_ipv6, "no IPv6")
     def test_ipv6_listener(self):
         service = finger.TCPService(finger.FingerProtocol(finger.MemoryDatabase({"a": "b"})),
@@ -1433,6 +1447,36 @@ class TestDaemon(unittest.TestCase):
         replace_file(users, "moshez: Jailed\n")
         os.chmod(users, 0o644)
         wait_until(lambda: ask(address, b"moshez\r\n") == b"Jailed\r\n")
+
+
+class TestSyslog(unittest.TestCase):
+    def test_syslog_with_prefix(self):
+        if os.path.exists("/dev/log"):
+            self.skipTest("/dev/log belongs to a running syslog daemon")
+        if os.geteuid() != 0:
+            self.skipTest("making a /dev/log for the test needs root")
+        syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(syslog.close)
+        try:
+            syslog.bind("/dev/log")
+        except OSError as error:
+            self.skipTest("cannot make /dev/log: %s" % error)
+        self.addCleanup(os.unlink, "/dev/log")
+        syslog.settimeout(TIMEOUT)
+        process = subprocess.Popen([sys.executable, FINGER_PY, "--serve", "--users",
+                                    write_file(self, USERS), "--finger", "127.0.0.1:0", "--web",
+                                    "off", "--setter", "off", "--syslog", "--prefix",
+                                    "fingertest", "--user", "root"], stderr=subprocess.PIPE)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        self.assertRegex(syslog.recv(1000), rb"^<30>fingertest\[%d\]: loaded 2 users"
+                         % process.pid)
+        while b"serving finger" not in syslog.recv(1000):
+            pass
+        process.terminate()
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertEqual(process.stderr.read(), b"")     # nothing on stderr
+        process.stderr.close()
 
 
 class TestSystemd(unittest.TestCase):
