@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import socket
@@ -300,19 +299,24 @@ def section_finger(m, s, plan, files, tmp):
 
 
 def cold_start(m, s, server):
-    """Wall time of the client answering one query, and of `python3 -c pass`."""
-    client = [PYTHON, FINGER, "%s@%s:%d" % (NAMES % 1, HOST, server.port)]
-    bare = [PYTHON, "-c", "pass"]
-    times = {"client": [], "pass": []}
+    """Wall time of the client answering one query, and of `python3 -c pass`: the best of
+    `s.cold_starts` each, interleaved.  Once as the issue says, once with -S: a site-packages
+    .pth file that imports something slows `python3 -c pass` as much as the client, and
+    flatters the ratio."""
+    query = "%s@%s:%d" % (NAMES % 1, HOST, server.port)
+    commands = {"client": [PYTHON, FINGER, query], "pass": [PYTHON, "-c", "pass"],
+                "client_S": [PYTHON, "-S", FINGER, query], "pass_S": [PYTHON, "-S", "-c", "pass"]}
+    times = {kind: [] for kind in commands}
     for _ in range(s.cold_starts):
-        for kind, argv in (("pass", bare), ("client", client)):
+        for kind, argv in commands.items():
             started = time.perf_counter()
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            check=True, timeout=30)
             times[kind].append(time.perf_counter() - started)
-    m["cold.client_ms"] = statistics.median(times["client"]) * 1e3
-    m["cold.pass_ms"] = statistics.median(times["pass"]) * 1e3
+    for kind, got in times.items():      # the best: other processes only ever add time
+        m["cold.%s_ms" % kind] = min(got) * 1e3
     m["cold.ratio"] = m["cold.client_ms"] / m["cold.pass_ms"]
+    m["cold.ratio_S"] = m["cold.client_S_ms"] / m["cold.pass_S_ms"]
 
 
 def section_reload(m, s, plan, files, tmp):
@@ -501,8 +505,11 @@ ROWS = [
      ["xmlrpc.rps"], COUNT, None, "web"),
     ("client cold start: `finger.py user@127.0.0.1:PORT` ÷ `python3 -c pass`", "≤ 1.5 ×",
      ["cold.ratio"], TIMES, lambda v: v["cold.ratio"] <= 1.5),
-    ("client cold start: finger.py client; python3 -c pass", "report",
-     ["cold.client_ms", "cold.pass_ms"], Fmt(0, " ms"), None),
+    ("the same with `python3 -S` (no site-packages)", "≤ 1.5 ×", ["cold.ratio_S"], TIMES,
+     lambda v: v["cold.ratio_S"] <= 1.5),
+    ("client cold start, each the best of 10 (5 with --quick): client; python3 -c pass; "
+     "the same with -S", "report", ["cold.client_ms", "cold.pass_ms", "cold.client_S_ms",
+                                    "cold.pass_S_ms"], Fmt(0, " ms"), None),
 ]
 
 
@@ -561,7 +568,9 @@ def notes(runs, settings):
         other = median(prefix + ".other_cpus")
         if server is None or load is None:
             continue
-        if server >= 0.9:
+        if server >= 0.85 and load >= 0.85:
+            verdict = "both near saturation"
+        elif server >= 0.85:
             verdict = "the server was the bottleneck"
         elif load >= 0.85:
             verdict = "**the load generator, not the server, was the bottleneck**"

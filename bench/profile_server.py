@@ -15,8 +15,10 @@ Standard library only; Python 3.9 or newer.
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,7 +91,7 @@ def stop_after_load(load, service):
     """When the load generator is done, stop the profiled loop (SIGTERM for the bare one)."""
     out, err = load.communicate(timeout=600)
     try:
-        result = bench.json.loads(out)
+        result = json.loads(out)
         threading.current_thread().summary = "%.0f queries/s, %s errors, server %.0f %% CPU" % (
             result["rps"], sum(result["errors"].values()), result["server_cpu_util"] * 100)
     except ValueError:
@@ -97,7 +99,7 @@ def stop_after_load(load, service):
     if service is not None:
         service.close()
     else:
-        os.kill(os.getpid(), bench.signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
