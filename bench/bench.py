@@ -233,9 +233,11 @@ def finish_load(proc, timeout):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise RuntimeError("load generator overran %.0f s" % timeout)
+        stop_process(proc)
+        raise RuntimeError("load generator overran %.0f s" % timeout) from None
+    except BaseException:          # interrupted: do not leave it running
+        stop_process(proc)
+        raise
     if proc.returncode != 0 or not out.strip():
         lines = err.decode(errors="replace").strip().splitlines()
         raise RuntimeError("load generator failed: %s" % (lines[-1] if lines else
@@ -345,8 +347,7 @@ def section_reload(m, s, plan, files, tmp):
             replaced = time.monotonic()
             os.replace(new, users)
         except BaseException:
-            proc.kill()
-            proc.communicate()
+            stop_process(proc)
             raise
         result = finish_load(proc, s.max_reload_wait + 60)
         time.sleep(0.2)
