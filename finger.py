@@ -62,6 +62,12 @@ STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when
 BUSY_BACKLOG = 256                # connections over the cap whose query is read before the
                                   # busy answer (so closing does not reset it); beyond: dropped
 
+DEFAULT_BACKEND_TIMEOUT = 5.0     # seconds for a command, web lookup or forwarded query
+MAX_PLAN_BYTES = 64 * 1024        # of a ~/.plan or ~/.project
+MAX_COMMAND_OUTPUT = 64 * 1024    # bytes of --backend command output
+MAX_WEB_LOOKUP_BYTES = 256 * 1024  # bytes of a --backend web page
+MAX_FORWARD_REPLY = 64 * 1024     # bytes of a forwarded answer
+MAX_FORWARD_HOPS = 3              # hosts in one forwarding query, user@h1@h2@h3
 MAX_SETTER_BYTES = 8192           # a setter request (user line + status line) at most
 DEFAULT_MAX_STATUS = 1024         # characters in a status sent to the setter
 MAX_USER_NAME = 32
@@ -72,6 +78,7 @@ INTERNAL_ERROR = "Internal error in server"
 FORWARDING_DENIED = "Finger forwarding service denied"      # RFC 1288 section 3.2.1
 LIST_DENIED = "Finger online user list denied"              # RFC 1288 section 3.2.2
 SERVER_BUSY = "Server busy, try again later"
+COULD_NOT_CONNECT = "Could not connect to remote host"
 QUERY_TOO_LONG = "Query too long"
 
 # Listeners of `--serve`: option name -> (default, what it serves).
@@ -83,8 +90,7 @@ LISTENERS = {
     "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
     "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
 }
-IMPLEMENTED_LISTENERS = {"finger", "setter", "web", "https", "setter-socket"}
-IMPLEMENTED_BACKENDS = {"file", "memory"}
+IMPLEMENTED_LISTENERS = {"finger", "setter", "web", "https", "setter-socket", "proxy"}
 
 
 class FingerError(Exception):
@@ -489,22 +495,279 @@ class FileDatabase(MemoryDatabase):
                 log.exception("reloading %s failed", self.path)
 
 
+class PlanDatabase(UserDatabase):
+    """The standard thing (the tutorial's LocalFingerService): users from the password
+    database, answered with their ~/.plan; '/W' adds what fingerd shows (login, real name,
+    home, shell, ~/.project).  A user with ~/.nofinger is unknown.
+
+    The files are opened relative to the home directory without following symlinks, and
+    read only when they are regular files owned by that user, at most MAX_PLAN_BYTES."""
+
+    blocking = True            # home directories may be on a slow or remote disk
+
+    def __init__(self, list_users=False):
+        self.list_users = list_users
+
+    def get_user(self, name):
+        entry = self._entry(name)
+        if entry is None:
+            return None
+        plan = self._read(entry, ".plan")
+        return "No Plan." if plan is None else plan
+
+    def get_user_verbose(self, name):
+        entry = self._entry(name)
+        if entry is None:
+            return None
+        real_name = entry.pw_gecos.split(",")[0]
+        lines = ["Login: %-24s Name: %s" % (entry.pw_name, real_name),
+                 "Directory: %-20s Shell: %s" % (entry.pw_dir, entry.pw_shell)]
+        project = self._read(entry, ".project")
+        if project is not None:
+            lines.append("Project: " + project.strip())
+        plan = self._read(entry, ".plan")
+        lines.append("No Plan." if plan is None else "Plan:\n" + plan)
+        return "\n".join(lines)
+
+    def get_users(self):
+        """Nobody, unless `list_users`: then accounts with a uid of 1000 or more."""
+        if not self.list_users:
+            return []
+        return sorted(entry.pw_name for entry in pwd.getpwall()
+                      if entry.pw_uid >= 1000 and valid_user_name(entry.pw_name)
+                      and self._entry(entry.pw_name) is not None)
+
+    def _entry(self, name):
+        if not valid_user_name(name):
+            return None
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            return None
+        return None if self._home_has(entry, ".nofinger") else entry
+
+    @staticmethod
+    def _open_home(entry):
+        return os.open(entry.pw_dir, os.O_RDONLY | os.O_DIRECTORY)
+
+    def _home_has(self, entry, filename):
+        try:
+            home = self._open_home(entry)
+        except OSError:
+            return False
+        try:
+            os.stat(filename, dir_fd=home, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(home)
+
+    def _read(self, entry, filename):
+        """The file's text, or None when it is missing, a symlink, not a regular file or not
+        the user's own."""
+        try:
+            home = self._open_home(entry)
+        except OSError:
+            return None
+        try:
+            fd = os.open(filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                         dir_fd=home)
+        except OSError:
+            return None
+        finally:
+            os.close(home)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != entry.pw_uid:
+                log.warning("~%s/%s is not a regular file of its own: not shown",
+                            entry.pw_name, filename)
+                return None
+            data = b""
+            while len(data) < MAX_PLAN_BYTES:
+                chunk = os.read(fd, MAX_PLAN_BYTES - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
+        return data.decode("utf-8", "replace")
+
+
+class CommandDatabase(UserDatabase):
+    """The tutorial's getProcessOutput("finger", [user]): run a local program, no shell,
+    with the name (checked against a strict pattern) after '--', a timeout and an output cap."""
+
+    blocking = True
+
+    def __init__(self, program="finger", timeout=DEFAULT_BACKEND_TIMEOUT,
+                 max_output=MAX_COMMAND_OUTPUT):
+        import shutil
+        self.program = shutil.which(program)
+        if self.program is None:
+            raise UsageError("--command %s: no such program (is it installed, and on PATH?)"
+                             % program)
+        self.timeout = timeout
+        self.max_output = max_output
+
+    def get_user(self, name):
+        if not valid_user_name(name):
+            return None
+        output = run_bounded([self.program, "--", name], self.timeout, self.max_output)
+        text = output.decode("utf-8", "replace").strip("\n")
+        return text or None
+
+
+def run_bounded(argv, timeout, max_output):
+    """Run a program (no shell, stdin and stderr closed) and return at most `max_output`
+    bytes of its output; FingerError when it takes longer than `timeout` seconds."""
+    import subprocess
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    output = b""
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while len(output) < max_output:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise FingerError("%s took longer than %g s" % (argv[0], timeout))
+                chunk = os.read(process.stdout.fileno(), max_output - len(output))
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+        process.wait()
+    return output
+
+
+class WebDatabase(UserDatabase):
+    """The tutorial's "Read Status from the Web": GET prefix + quoted name; the page, with
+    HTML reduced to text, is the status; 404 is an unknown user; anything else fails."""
+
+    blocking = True
+
+    def __init__(self, prefix, timeout=DEFAULT_BACKEND_TIMEOUT, max_bytes=MAX_WEB_LOOKUP_BYTES):
+        if not prefix or not prefix.startswith(("http://", "https://")):
+            raise UsageError("--backend web needs --web-prefix http://... or https://...")
+        self.prefix, self.timeout, self.max_bytes = prefix, timeout, max_bytes
+
+    def get_user(self, name):
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+        request = urllib.request.Request(self.prefix + urllib.parse.quote(name, safe=""),
+                                         headers={"User-Agent": "finger.py/" + __version__})
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as error:
+            error.close()
+            if error.code == 404:
+                return None
+            raise
+        with response:
+            data = response.read(self.max_bytes)
+            charset = response.headers.get_content_charset() or "utf-8"
+            html = response.headers.get_content_type() in ("text/html", "application/xhtml+xml")
+        try:
+            text = data.decode(charset, "replace")
+        except LookupError:
+            text = data.decode("utf-8", "replace")
+        return (html_to_text(text) if html else text).strip()
+
+
+def html_to_text(html):
+    """The text of an HTML page: scripts and styles dropped, one line per block."""
+    from html.parser import HTMLParser
+
+    class TextOnly(HTMLParser):
+        blocks = {"p", "br", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "title",
+                  "pre", "blockquote", "section", "article", "header", "footer"}
+
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts, self.skipping = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ("script", "style", "head"):
+                self.skipping += 1
+            elif tag in self.blocks:
+                self.parts.append("\n")
+
+        def handle_endtag(self, tag):
+            if tag in ("script", "style", "head"):
+                self.skipping = max(self.skipping - 1, 0)
+            elif tag in self.blocks:
+                self.parts.append("\n")
+
+        def handle_data(self, data):
+            if not self.skipping:
+                self.parts.append(re.sub(r"\s+", " ", data))   # source line breaks are spaces
+
+    parser = TextOnly()
+    parser.feed(html)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+class ProxyDatabase(UserDatabase):
+    """--backend proxy: every name is asked of another finger server (`target`)."""
+
+    blocking = True
+
+    def __init__(self, forwarder, target):
+        self.forwarder, self.target = forwarder, target
+
+    def get_user(self, name):
+        return self.forwarder.forward(Query(False, [name]), self.target)[0]
+
+    def get_user_verbose(self, name):
+        return self.forwarder.forward(Query(True, [name]), self.target)[0]
+
+
+def load_plugin(spec, options):
+    """--backend MODULE:CLASS: the class, imported from any importable module, is called with
+    the parsed options and must give a UserDatabase (get_user, get_users)."""
+    import importlib
+    module_name, _, class_name = spec.partition(":")
+    try:
+        database = getattr(importlib.import_module(module_name), class_name)(options)
+    except Exception as error:
+        raise UsageError("--backend %s: %s: %s" % (spec, type(error).__name__,
+                                                   " ".join(str(error).split()))) from None
+    if not callable(getattr(database, "get_user", None)):
+        raise UsageError("--backend %s: %r has no get_user(name)" % (spec, database))
+    return database
+
+
 # == 4. The event loop and the finger front-end ===============================================
 
 class FingerProtocol:
     """RFC 1288 on top of a UserDatabase: turns a query line into a reply.
 
     Used by the event loop (TCPService) and by inetd mode alike; knows nothing about sockets.
-    `allow_list` False refuses the empty query {C}; forwarding {Q2} is refused unless
-    a forwarder is given (the back-ends issue brings one)."""
+    `allow_list` False refuses the empty query {C}; forwarding {Q2} is refused unless a
+    `forwarder` is given.  With `forward_all_to` (the proxy) every query is forwarded, those
+    without @host to that host."""
 
     name = "finger"
     max_request = MAX_QUERY_BYTES
 
-    def __init__(self, db, allow_list=True):
+    def __init__(self, db, allow_list=True, forwarder=None, forward_all_to=None):
         self.db = db
         self.allow_list = allow_list
-        self.blocking = db.blocking
+        self.forwarder = forwarder
+        self.forward_all_to = forward_all_to
+
+    def needs_worker(self, line):
+        """Whether answering `line` may block (a slow back-end, or a forwarded query)."""
+        return self.db.blocking or self.forwarder is not None and (
+            self.forward_all_to is not None or b"@" in line)
 
     def parse(self, data, eof):
         """Bytes received so far -> the query line (bytes, without its CRLF or LF), or None
@@ -532,8 +795,10 @@ class FingerProtocol:
 
     def answer(self, query):
         """A Query -> (reply text, outcome)."""
-        if query.hosts:
-            return FORWARDING_DENIED, "denied"
+        if query.hosts or self.forward_all_to:
+            if self.forwarder is None:
+                return FORWARDING_DENIED, "denied"
+            return self.forwarder.forward(query, self.forward_all_to)
         if not query.names:
             if not self.allow_list:
                 return LIST_DENIED, "denied"
@@ -575,7 +840,6 @@ class SetterProtocol:
 
     name = "setter"
     max_request = MAX_SETTER_BYTES
-    blocking = True            # setting may write the users file (fsync): off the loop
 
     def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False):
         self.db = db
@@ -611,6 +875,10 @@ class SetterProtocol:
             log.exception("setting the status of %r failed", name)
             return format_reply(INTERNAL_ERROR), "error"
         return b"OK\r\n", "set %s" % name
+
+    @staticmethod
+    def needs_worker(data):
+        return True            # setting may write the users file (fsync): off the loop
 
     @staticmethod
     def _may_set(peer, name):
@@ -752,9 +1020,9 @@ class TCPService(Service):
     `address` is (host, port), or a path for a unix socket (whose peers are known by their
     PeerCredentials); `sock` is a listening socket made elsewhere (systemd, tests).
     `protocol` turns received bytes into a request (`parse(data, eof)`) and a request into
-    a reply (`respond(request, peer)`); the connection closes after the reply.  Answers
-    from a protocol whose `blocking` is true are computed in a bounded worker pool; the loop
-    never waits for them.  A protocol whose `session` is true keeps connections open
+    a reply (`respond(request, peer)`); the connection closes after the reply.  Requests
+    for which `needs_worker(request)` is true are answered in a bounded worker pool; the
+    loop never waits for them.  A protocol whose `session` is true keeps connections open
     instead: `new_session(peer)` makes an object with `greeting()` -> bytes to send first,
     `feed(data)` -> bytes to send back (raising drops the connection), and `idle`, true
     between messages; the `timeout` then runs from the last complete message.  Limits: `timeout`
@@ -964,7 +1232,7 @@ class TCPService(Service):
         if conn.busy:
             self._log(conn, request, "busy")
             self._send(conn, format_reply(SERVER_BUSY))
-        elif self.protocol.blocking:
+        elif self.protocol.needs_worker(request):
             self._submit(conn, request)
         else:
             reply, outcome = self.protocol.respond(request, conn.peer)
@@ -1253,7 +1521,15 @@ class WebSite:
     # -- routing
 
     def handle(self, method, target, body=b""):
-        """One request -> WebResponse.  `target` is the request target, query included."""
+        """One request -> WebResponse.  `target` is the request target, query included.
+        A failing back-end is a 500 page (and one log line with the traceback)."""
+        try:
+            return self._route(method, target, body)
+        except Exception:
+            log.exception("web: answering %s %r failed", method, target[:200])
+            return self.error(500, INTERNAL_ERROR, "The user database failed; it is logged.")
+
+    def _route(self, method, target, body):
         from urllib.parse import unquote
         path = target.split("?", 1)[0].split("#", 1)[0]
         if path == "/RPC2":
@@ -1626,6 +1902,39 @@ def finger(line, host, port=FINGER_PORT, timeout=DEFAULT_TIMEOUT, max_bytes=MAX_
     return b"".join(chunks)
 
 
+class Forwarder:
+    """Answers a forwarding query {Q2} by fingering its rightmost host with our client
+    (RFC 1288 section 2.4), for --forward and the --proxy listener.  Outbound rules: only
+    the `ports` allowed (79), at most `max_hops` hosts in a query, `timeout` seconds for the
+    whole exchange, `max_reply` bytes of answer."""
+
+    def __init__(self, ports=(FINGER_PORT,), timeout=DEFAULT_BACKEND_TIMEOUT,
+                 max_reply=MAX_FORWARD_REPLY, max_hops=MAX_FORWARD_HOPS):
+        self.ports = frozenset(ports)
+        self.timeout, self.max_reply, self.max_hops = timeout, max_reply, max_hops
+
+    def forward(self, query, default_host=None):
+        """(reply text, outcome).  A query with no @host goes to `default_host`."""
+        hosts = list(query.hosts)
+        if len(hosts) > self.max_hops:
+            return "Too many hops: at most %d" % self.max_hops, "denied"
+        target = hosts.pop() if hosts else default_host
+        try:
+            host, port = split_host_port(target, FINGER_PORT)
+        except (ValueError, TypeError):
+            return "Bad host name: %s" % target, "denied"
+        if port not in self.ports:
+            return "Forwarding to port %d is not allowed" % port, "denied"
+        line = " ".join(query.names) + "".join("@" + rest for rest in hosts)
+        try:
+            reply = finger(("/W " if query.verbose else "") + line, host, port, self.timeout,
+                           self.max_reply)
+        except OSError as error:
+            log.warning("forwarding %r to %s failed: %s", line, target, error)
+            return COULD_NOT_CONNECT, "forward failed"
+        return reply.decode("utf-8", "replace"), "forwarded"
+
+
 def run_client(args, verbose, timeout, out=None, err=None):
     """The finger(1) command: ask each query, print '[host]' and the defanged reply.
     Returns 0, 1 when any query failed on the network, 2 for a malformed query."""
@@ -1738,15 +2047,31 @@ class ServiceGroup(Service):
 
 def build_database(options):
     """The user database named by `options.backend` (UsageError when it cannot be built)."""
-    if options.backend not in IMPLEMENTED_BACKENDS:
-        raise UsageError("--backend %s: not implemented yet" % options.backend)
-    if options.backend == "memory":
+    backend = options.backend
+    if backend == "memory":
         return MemoryDatabase(options.status)
+    if backend == "plan":
+        return PlanDatabase(options.list_plan_users)
+    if backend == "command":
+        return CommandDatabase(options.command, options.backend_timeout)
+    if backend == "web":
+        return WebDatabase(options.web_prefix, options.backend_timeout)
+    if backend == "proxy":
+        return ProxyDatabase(build_forwarder(options), options.proxy_target)
+    if ":" in backend:
+        return load_plugin(backend, options)
+    if backend != "file":
+        raise UsageError("--backend %s: unknown; use file, memory, plan, command, web, proxy "
+                         "or MODULE:CLASS" % backend)
     try:
         return FileDatabase(options.users, options.reload)
     except UsersFileError as error:
         raise UsageError("%s (copy users.example from finger.py's source to start one, or "
                          "name another file with --users FILE)" % error) from None
+
+
+def build_forwarder(options):
+    return Forwarder(options.forward_ports, options.backend_timeout)
 
 
 def build_services(options, db=None, sockets=None):
@@ -1791,8 +2116,12 @@ def _listener_service(name, address, sock, db, site, options):
     if name in ("setter", "setter-socket"):
         protocol = SetterProtocol(db, options.max_status,
                                   check_identity=name == "setter-socket")
+    elif name == "proxy":
+        protocol = FingerProtocol(db, forwarder=build_forwarder(options),
+                                  forward_all_to=options.proxy_target)
     else:
-        protocol = FingerProtocol(db, allow_list=not options.no_list)
+        protocol = FingerProtocol(db, allow_list=not options.no_list,
+                                  forwarder=build_forwarder(options) if options.forward else None)
     return TCPService(protocol, address, sock=sock, name=name, **_limits(options, protocol))
 
 
@@ -2145,7 +2474,9 @@ def _reload_all(group):
 def run_inetd(options):
     """--inetd: one query on stdin, its answer on stdout."""
     db = build_database(options)
-    serve_inetd(FingerProtocol(db, allow_list=not options.no_list), options.timeout)
+    forwarder = build_forwarder(options) if options.forward else None
+    serve_inetd(FingerProtocol(db, allow_list=not options.no_list, forwarder=forwarder),
+                options.timeout)
     return 0
 
 
@@ -2173,6 +2504,16 @@ def _count(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("expected a whole number above 0, got %r" % text)
     return int(text)
+
+
+def _port_list(text):
+    try:
+        ports = tuple(int(port) for port in text.split(",") if port.strip())
+    except ValueError:
+        ports = ()
+    if not ports or not all(0 < port < 65536 for port in ports):
+        raise argparse.ArgumentTypeError("expected ports like 79,7979, got %r" % text)
+    return ports
 
 
 def _status_pair(text):
@@ -2232,6 +2573,27 @@ def build_parser():
     data.add_argument("--backend", default="file", metavar="NAME",
                       help="file, memory, plan, command, web, proxy or MODULE:CLASS "
                            "(default: %(default)s)")
+    data.add_argument("--web-prefix", metavar="URL",
+                      help="--backend web: the status of NAME is the page at URL+NAME")
+    data.add_argument("--command", default="finger", metavar="PROGRAM",
+                      help="--backend command: the program run as PROGRAM -- NAME "
+                           "(default: %(default)s)")
+    data.add_argument("--backend-timeout", type=_positive_number,
+                      default=DEFAULT_BACKEND_TIMEOUT, metavar="SECONDS",
+                      help="limit for a command, web lookup or forwarded query (default: "
+                           "%(default)s)")
+    data.add_argument("--list-plan-users", action="store_true",
+                      help="--backend plan: answer the empty query with the users who have "
+                           "a uid of 1000 or more")
+    data.add_argument("--forward", action="store_true",
+                      help="answer user@host queries on --finger by asking host (RFC 1288 "
+                           "forwarding; off by default)")
+    data.add_argument("--forward-ports", type=_port_list, default=(FINGER_PORT,),
+                      metavar="PORTS", help="ports forwarding may connect to, comma-separated "
+                      "(default: 79)")
+    data.add_argument("--proxy-target", default="127.0.0.1:%d" % FINGER_PORT,
+                      metavar="HOST[:PORT]", help="--proxy and --backend proxy: where names "
+                      "without @host are asked (default: %(default)s)")
     data.add_argument("--templates", metavar="DIR",
                       help="users.html and user.html replacing the built-in pages")
     data.add_argument("--no-list", action="store_true",
@@ -2367,6 +2729,8 @@ def format_config(options, parser):
             value = "off" if value is None else format_listen(value)
         elif action.nargs == 0:
             value = "true" if value else "false"
+        elif isinstance(value, tuple):
+            value = ",".join(map(str, value))
         elif isinstance(value, list):
             value = "".join("\n    %s" % ("=".join(item) if isinstance(item, tuple) else item)
                             for item in value)

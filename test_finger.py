@@ -1273,6 +1273,280 @@ class TestHTTPS(unittest.TestCase):
                 self.assertIn(cert, result.stderr)
 
 
+# == back-ends: ~/.plan, command, web, forwarding, proxy, plugins =============================
+
+def make_user(test, gecos="Plan Tester,,,"):
+    """A real account with a home directory (root only), removed after the test."""
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        test.skipTest("creating a real user needs root and useradd")
+    name = "fingert%d" % (os.getpid() % 100000)
+    subprocess.run(["userdel", "-r", name], capture_output=True)
+    subprocess.run(["useradd", "-m", "-c", gecos, "-s", "/bin/sh", name], check=True,
+                   capture_output=True)
+    test.addCleanup(subprocess.run, ["userdel", "-r", name], capture_output=True)
+    return pwd.getpwnam(name)
+
+
+def write_home_file(entry, name, data, mode=0o644):
+    path = os.path.join(entry.pw_dir, name)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    os.chmod(path, mode)
+    return path
+
+
+class TestPlanDatabase(unittest.TestCase):
+    def test_plan_project_and_verbose(self):
+        entry = make_user(self)
+        db = finger.PlanDatabase()
+        self.assertEqual(db.get_user(entry.pw_name), "No Plan.")
+        write_home_file(entry, ".plan", "Testing plans\n\x1b[2J")
+        write_home_file(entry, ".project", "finger.py\n")
+        self.assertEqual(db.get_user(entry.pw_name), "Testing plans\n\x1b[2J")
+        verbose = db.get_user_verbose(entry.pw_name)
+        self.assertRegex(verbose, r"^Login: %s +Name: Plan Tester\n" % entry.pw_name)
+        self.assertIn("Directory: %s" % entry.pw_dir, verbose)
+        self.assertIn("Shell: /bin/sh", verbose)
+        self.assertIn("Project: finger.py\nPlan:\nTesting plans", verbose)
+        address = finger_service(self, db).address          # defanged on the wire
+        self.assertEqual(ask(address, entry.pw_name.encode() + b"\r\n"),
+                         b"Testing plans\r\n^[[2J\r\n")
+
+    def test_unknown_hidden_and_odd_names(self):
+        entry = make_user(self)
+        db = finger.PlanDatabase()
+        for name in ["no-such-user-at-all", "../etc", "root\n", ""]:
+            self.assertIsNone(db.get_user(name), name)
+        write_home_file(entry, ".nofinger", "")
+        self.assertIsNone(db.get_user(entry.pw_name))
+        self.assertIsNone(db.get_user_verbose(entry.pw_name))
+
+    def test_links_to_files_of_others_reveal_nothing(self):
+        entry = make_user(self)
+        secret = write_file(self, "root's secret\n")
+        os.chmod(secret, 0o600)
+        db = finger.PlanDatabase()
+        os.symlink(secret, os.path.join(entry.pw_dir, ".plan"))
+        os.symlink(secret, os.path.join(entry.pw_dir, ".project"))
+        self.assertEqual(db.get_user(entry.pw_name), "No Plan.")
+        self.assertNotIn("secret", db.get_user_verbose(entry.pw_name))
+        os.unlink(os.path.join(entry.pw_dir, ".plan"))
+        os.link(secret, os.path.join(entry.pw_dir, ".plan"))      # a hard link: root's file
+        with self.assertLogs("finger", "WARNING"):
+            self.assertEqual(db.get_user(entry.pw_name), "No Plan.")
+        os.unlink(os.path.join(entry.pw_dir, ".plan"))
+        os.mkfifo(os.path.join(entry.pw_dir, ".plan"))            # must not hang
+        os.chown(os.path.join(entry.pw_dir, ".plan"), entry.pw_uid, entry.pw_gid)
+        with self.assertLogs("finger", "WARNING"):
+            self.assertEqual(db.get_user(entry.pw_name), "No Plan.")
+
+    def test_plan_size_cap_and_listing(self):
+        entry = make_user(self)
+        write_home_file(entry, ".plan", "p" * (finger.MAX_PLAN_BYTES + 100))
+        self.assertEqual(len(finger.PlanDatabase().get_user(entry.pw_name)),
+                         finger.MAX_PLAN_BYTES)
+        self.assertEqual(finger.PlanDatabase().get_users(), [])
+        self.assertIn(entry.pw_name, finger.PlanDatabase(list_users=True).get_users())
+
+
+def write_script(test, body):
+    """An executable shell script in a temp directory."""
+    path = write_file(test, "#!/bin/sh\n" + body, name="fake-finger")
+    os.chmod(path, 0o755)
+    return path
+
+
+class TestCommandDatabase(unittest.TestCase):
+    def test_runs_the_program_with_the_name_after_double_dash(self):
+        log_file = write_file(self, "")
+        script = write_script(self, 'echo "$@" >> %s\nprintf "Login: %%s\\nPlan: runs\\n" "$2"\n'
+                              % log_file)
+        db = finger.CommandDatabase(script)
+        self.assertEqual(db.get_user("moshez"), "Login: moshez\nPlan: runs")
+        self.assertIsNone(db.get_user("-l; rm -rf /"))       # never reaches the program
+        self.assertIsNone(db.get_user("$(reboot)"))
+        self.assertEqual(_read(log_file), "-- moshez\n")
+
+    def test_timeout_output_cap_and_missing_program(self):
+        slow = finger.CommandDatabase(write_script(self, "sleep 10\n"), timeout=0.3)
+        started = time.monotonic()
+        with self.assertRaises(finger.FingerError):
+            slow.get_user("moshez")
+        self.assertLess(time.monotonic() - started, 3)
+        chatty = finger.CommandDatabase(write_script(self, "head -c 1000000 /dev/zero | tr '\\\\0' x\n"),
+                                        max_output=1000)
+        self.assertEqual(len(chatty.get_user("moshez")), 1000)
+        with self.assertRaises(finger.UsageError):
+            finger.CommandDatabase("/nonexistent/finger")
+        result = run_finger("--serve", "--backend", "command", "--command", "no-such-finger")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no-such-finger", result.stderr)
+
+    def test_a_slow_command_answers_internal_error_on_the_wire(self):
+        db = finger.CommandDatabase(write_script(self, "sleep 10\n"), timeout=0.2)
+        address = finger_service(self, db).address
+        with self.assertLogs("finger", "ERROR") as logs:
+            self.assertEqual(ask(address, b"moshez\r\n"), b"Internal error in server\r\n")
+        self.assertIn("took longer", logs.output[0])
+
+
+class StatusPages:
+    """A local web server standing for the tutorial's LiveJournal."""
+
+    def __init__(self, test):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                pages = {
+                    "/moshez": (200, "text/html; charset=iso-8859-1",
+                                "<html><head><title>t</title><script>alert(1)</script></head>"
+                                "<body><p>Caf\u00e9   and\n well</p><p>second</p></body>"
+                                "</html>".encode("latin-1")),
+                    "/plain%20name": (200, "text/plain", b"spaces are quoted"),
+                    "/big": (200, "text/plain", b"b" * (finger.MAX_WEB_LOOKUP_BYTES * 2)),
+                    "/broken": (500, "text/plain", b"oops"),
+                }
+                if self.path == "/slow":
+                    time.sleep(1)
+                code, kind, body = pages.get(self.path, (404, "text/plain", b"no"))
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((LOCALHOST, 0), Handler)
+        self.server.handle_error = lambda request, address: None   # clients that gave up
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        test.addCleanup(self.server.server_close)
+        test.addCleanup(self.server.shutdown)
+        self.prefix = "http://127.0.0.1:%d/" % self.server.server_address[1]
+
+
+class TestWebDatabase(unittest.TestCase):
+    def test_pages_become_statuses(self):
+        db = finger.WebDatabase(StatusPages(self).prefix)
+        self.assertEqual(db.get_user("moshez"), "Caf\u00e9 and well\nsecond")
+        self.assertEqual(db.get_user("plain name"), "spaces are quoted")
+        self.assertIsNone(db.get_user("nobody"))
+        self.assertEqual(len(db.get_user("big")), finger.MAX_WEB_LOOKUP_BYTES)
+
+    def test_failures_answer_internal_error_and_are_logged(self):
+        db = finger.WebDatabase(StatusPages(self).prefix, timeout=0.3)
+        address = finger_service(self, db).address
+        for name in [b"broken", b"slow"]:
+            with self.subTest(name=name), self.assertLogs("finger", "ERROR"):
+                self.assertEqual(ask(address, name + b"\r\n"), b"Internal error in server\r\n")
+        self.assertEqual(ask(address, b"moshez\r\n"), "Caf\u00e9 and well\r\nsecond\r\n".encode())
+
+    def test_prefix_must_be_http(self):
+        for prefix in [None, "", "file:///etc/", "ftp://x/"]:
+            with self.assertRaises(finger.UsageError):
+                finger.WebDatabase(prefix)
+
+
+class TestForwarding(unittest.TestCase):
+    def setUp(self):
+        self.target = finger_service(self, finger.MemoryDatabase(
+            {"moshez": "Happy and well", "evil": "\x1b[2Jgone"})).address
+
+    def forwarding_service(self, ports=None, **options):
+        forwarder = finger.Forwarder(ports or (79, self.target[1]), timeout=2)
+        protocol = finger.FingerProtocol(finger.MemoryDatabase({"local": "here"}),
+                                         forwarder=forwarder, **options)
+        service = finger.TCPService(protocol, (LOCALHOST, 0))
+        start(self, service)
+        return service.address
+
+    def test_forward_user_at_host(self):
+        address = self.forwarding_service()
+        target = b"127.0.0.1:%d" % self.target[1]
+        self.assertEqual(ask(address, b"moshez@" + target + b"\r\n"), b"Happy and well\r\n")
+        self.assertEqual(ask(address, b"evil@" + target + b"\r\n"), b"^[[2Jgone\r\n")
+        self.assertEqual(ask(address, b"@" + target + b"\r\n"),
+                         b"evil  ^[[2Jgone\r\nmoshez  Happy and well\r\n")
+        self.assertEqual(ask(address, b"local\r\n"), b"here\r\n")   # local names stay local
+
+    def test_outbound_rules(self):
+        address = self.forwarding_service(ports=(79,))
+        target = b"127.0.0.1:%d" % self.target[1]
+        self.assertEqual(ask(address, b"moshez@" + target + b"\r\n"),
+                         b"Forwarding to port %d is not allowed\r\n" % self.target[1])
+        self.assertEqual(ask(address, b"a@h1@h2@h3@h4\r\n"), b"Too many hops: at most 3\r\n")
+        with socket.socket() as closed:
+            closed.bind((LOCALHOST, 0))
+            dead = closed.getsockname()[1]
+        address = self.forwarding_service(ports=(dead,))
+        with self.assertLogs("finger", "WARNING"):
+            self.assertEqual(ask(address, b"moshez@127.0.0.1:%d\r\n" % dead),
+                             b"Could not connect to remote host\r\n")
+
+    def test_two_hops_through_two_servers(self):
+        middle = self.forwarding_service()
+        first = self.forwarding_service(ports=(79, middle[1]))
+        query = b"moshez@127.0.0.1:%d@127.0.0.1:%d\r\n" % (self.target[1], middle[1])
+        self.assertEqual(ask(first, query), b"Happy and well\r\n")
+
+    def test_forward_option_on_the_command_line(self):
+        server = ServerProcess(self, "--users", write_file(self, USERS), "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "off", "--forward",
+                               "--forward-ports", "79,%d" % self.target[1])
+        address = server.address()
+        self.assertEqual(ask(address, b"moshez@127.0.0.1:%d\r\n" % self.target[1]),
+                         b"Happy and well\r\n")
+
+    def test_proxy_listener_and_proxy_backend(self):
+        target = "127.0.0.1:%d" % self.target[1]
+        options = finger.default_options(finger="off", web="off", setter="off",
+                                         proxy="127.0.0.1:0", proxy_target=target,
+                                         forward_ports=(79, self.target[1]),
+                                         backend="proxy")
+        with finger.build_services(options) as services:
+            proxy = services.by_name("proxy").address
+            self.assertEqual(ask(proxy, b"moshez\r\n"), b"Happy and well\r\n")
+            self.assertEqual(ask(proxy, b"moshez@%s\r\n" % target.encode()),
+                             b"Happy and well\r\n")
+            self.assertEqual(services.databases[0].get_user("moshez"), "Happy and well\r\n")
+
+
+PLUGIN = """
+import finger
+
+class Shouting(finger.UserDatabase):
+    def __init__(self, options):
+        self.greeting = options.web_prefix or "HELLO"
+
+    def get_user(self, name):
+        return "%s, %s!" % (self.greeting, name.upper())
+"""
+
+
+class TestPlugins(unittest.TestCase):
+    def test_module_colon_class(self):
+        directory = os.path.dirname(write_file(self, PLUGIN, name="shouting.py"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([directory, HERE]))
+        server = ServerProcess(self, "--backend", "shouting:Shouting", "--finger", "127.0.0.1:0",
+                               "--web", "off", "--setter", "off", env=env)
+        self.assertEqual(ask(server.address(), b"moshez\r\n"), b"HELLO, MOSHEZ!\r\n")
+
+    def test_bad_specs_exit_2_with_the_error_in_one_line(self):
+        directory = os.path.dirname(write_file(self, PLUGIN, name="shouting.py"))
+        env = dict(os.environ, PYTHONPATH=directory)
+        for spec, error in [("no_such_module:X", "ModuleNotFoundError"),
+                            ("shouting:NoClass", "AttributeError"),
+                            ("shouting:", "AttributeError")]:
+            with self.subTest(spec=spec):
+                result = run_finger("--serve", "--backend", spec, env=env)
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(error, result.stderr)
+
+
 # == running as a daemon =======================================================================
 
 def proc_status(pid):
