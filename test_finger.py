@@ -2161,35 +2161,56 @@ class TestInterop(unittest.TestCase):
                                 text=True, timeout=15)
         self.assertNotIn("\x1b", result.stdout)
 
-    @_needs("socat", "useradd")
-    def test_our_client_against_bsd_in_fingerd(self):
+    def fingerd(self):
+        """bsd in.fingerd behind socat (as inetd would run it) and a user with a ~/.plan
+        -> (user entry, port)."""
         fingerd = shutil.which("in.fingerd") or "/usr/sbin/in.fingerd"
         if not os.path.exists(fingerd):
             self.skipTest("in.fingerd not installed (Debian package fingerd)")
-        if os.geteuid() != 0:
-            self.skipTest("creating a user with a ~/.plan needs root")
-        user = "fingertest%d" % os.getpid()
-        subprocess.run(["useradd", "-m", "-c", "Plan Tester", user], check=True)
-        self.addCleanup(subprocess.run, ["userdel", "-r", user], capture_output=True)
-        home = pwd.getpwnam(user).pw_dir
-        with open(os.path.join(home, ".plan"), "w") as plan:
-            plan.write("Testing plans\n")
-        with socket.socket() as probe:
-            probe.bind((LOCALHOST, 0))
-            port = probe.getsockname()[1]
+        entry = make_user(self)
+        write_home_file(entry, ".plan", "Testing plans\n")
+        port = free_port()
         socat = subprocess.Popen(["socat", "TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork" % port,
                                   "EXEC:%s,nofork,stderr" % fingerd],
                                  stderr=subprocess.DEVNULL)
         self.addCleanup(socat.wait)
         self.addCleanup(socat.terminate)
         wait_until(lambda: _port_open(port))
-        code, out, err = client("%s@127.0.0.1:%d" % (user, port))
+        return entry, port
+
+    @_needs("socat", "useradd")
+    def test_our_client_against_bsd_in_fingerd(self):
+        entry, port = self.fingerd()
+        code, out, err = client("%s@127.0.0.1:%d" % (entry.pw_name, port))
         self.assertEqual(code, 0, err)
         self.assertTrue(out.startswith("[127.0.0.1]\n"))
         self.assertIn("Plan Tester", out)
         self.assertIn("Testing plans", out)
         self.assertNotIn("\r", out)
 
+    @_needs("socat", "useradd")
+    def test_our_proxy_in_front_of_bsd_in_fingerd(self):
+        entry, port = self.fingerd()
+        target = "127.0.0.1:%d" % port
+        options = finger.default_options(finger="off", web="off", setter="off",
+                                         proxy="127.0.0.1:0", proxy_target=target,
+                                         forward_ports=(port,))
+        with finger.build_services(options, finger.MemoryDatabase()) as services:
+            proxy = services.by_name("proxy").address
+            for query in [entry.pw_name, "%s@%s" % (entry.pw_name, target)]:
+                with self.subTest(query=query):
+                    reply = ask(proxy, query.encode() + b"\r\n").decode()
+                    self.assertIn("Testing plans", reply)
+                    self.assertIn("Name: Plan Tester", reply)
+
+    @_needs("finger", "useradd")
+    def test_command_backend_runs_debians_finger(self):
+        entry = make_user(self)
+        write_home_file(entry, ".plan", "Testing plans\n")
+        db = finger.CommandDatabase("finger")
+        reply = ask(finger_service(self, db).address, entry.pw_name.encode() + b"\r\n")
+        self.assertIn(b"Plan:\r\nTesting plans", reply)
+        self.assertIn(b"Name: Plan Tester", reply)
 
     @_needs("nc")
     def test_the_tutorials_nc_session_with_the_setter(self):
