@@ -53,12 +53,16 @@ def ask(address, data, timeout=TIMEOUT):
     """Send raw bytes to a server, read until it closes, return what it sent."""
     with socket.create_connection(address[:2], timeout=timeout) as sock:
         sock.sendall(data)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        return read_to_end(sock)
+
+
+def read_to_end(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def connect(test, address):
@@ -658,12 +662,7 @@ def set_over(address, data, half_close=True, family=socket.AF_INET):
         if not half_close:
             return None
         sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = sock.recv(1000)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        return read_to_end(sock)
 
 
 def setter_service(test, db, **options):
@@ -1139,7 +1138,8 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
             with open(os.path.join(directory, name), "w") as f:
                 f.write(text)
         address = web_service(self, templates=directory).address
-        self.assertEqual(http(address, "GET", "/moshez")[2], b"<b>moshez</b> says <i>Happy and well</i>")
+        self.assertEqual(http(address, "GET", "/moshez")[2],
+                         b"<b>moshez</b> says <i>Happy and well</i>")
         body = http(address, "GET", "/evil")[2].decode()
         self.assertEqual(body, "<b>evil</b> says <i>&lt;img src=x onerror=&quot;document.title="
                                "&#x27;pwned&#x27;&quot;&gt;</i>")
@@ -1374,8 +1374,8 @@ class TestCommandDatabase(unittest.TestCase):
         with self.assertRaises(finger.FingerError):
             slow.get_user("moshez")
         self.assertLess(time.monotonic() - started, 3)
-        chatty = finger.CommandDatabase(write_script(self, "head -c 1000000 /dev/zero | tr '\\\\0' x\n"),
-                                        max_output=1000)
+        chatty = finger.CommandDatabase(
+            write_script(self, "head -c 1000000 /dev/zero | tr '\\\\0' x\n"), max_output=1000)
         self.assertEqual(len(chatty.get_user("moshez")), 1000)
         with self.assertRaises(finger.UsageError):
             finger.CommandDatabase("/nonexistent/finger")
