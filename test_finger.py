@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import queue
+import random
 import re
 import shutil
 import signal
@@ -1545,6 +1546,126 @@ class TestPlugins(unittest.TestCase):
                 self.assertEqual(result.returncode, 2)
                 self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
                 self.assertIn(error, result.stderr)
+
+
+# == hostile input: fuzzing with a fixed seed ==================================================
+
+FUZZ_SEED = 1288
+FUZZ_PIECES = [b"moshez", b"/W", b"/w ", b"@", b"@@", b"\r\n", b"\n", b"\r", b"\x00", b"\xff\xfe",
+               b"\xc3\x28", b"\xed\xa0\x80", b"\x1b[2J", b"\x1b]0;x\x07", b"%s%n", b"../../",
+               b"<script>", b" " * 50, b"\t", b"A" * 1100, "\u202e".encode()]
+
+
+def fuzz_inputs(count, seed=FUZZ_SEED):
+    """`count` hostile byte strings: random bytes, and random mixes of nasty pieces."""
+    rng = random.Random(seed)
+    for number in range(count):
+        if number % 3 == 0:
+            yield bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))
+        else:
+            yield b"".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randrange(1, 8)))
+
+
+def send_and_read(address, data, timeout=TIMEOUT):
+    """Send, half-close, read to the end; a reset counts as the end."""
+    with socket.create_connection(address[:2], timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            return read_to_end(sock)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+
+def raw_controls(data):
+    """Control bytes other than tab, CR and LF: what must never reach a terminal."""
+    return [byte for byte in data if byte < 32 and byte not in (9, 10, 13) or byte == 127]
+
+
+class TestFuzz(unittest.TestCase):
+    def assert_threads_alive(self, *services):
+        for service in services:
+            self.assertTrue(service._thread.is_alive(), service.name)
+
+    def test_finger_port(self):
+        db = finger.MemoryDatabase({"moshez": "Happy and well", "evil": "\x1b[2J\x9b\u202e"})
+        service = finger_service(self, db, timeout=0.5)
+        for data in fuzz_inputs(2000):
+            reply = send_and_read(service.address, data)
+            self.assertTrue(reply.endswith(b"\r\n") or not data, (data, reply))
+            self.assertEqual(raw_controls(reply), [], (data, reply))
+            reply.decode("utf-8")                                   # always valid UTF-8
+        self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
+        self.assert_threads_alive(service)
+        self.assertFalse(service._conns)
+
+    def test_setter(self):
+        db = finger.MemoryDatabase({"moshez": "Happy and well"})
+        service = setter_service(self, db, timeout=0.5)
+        for data in fuzz_inputs(2000, FUZZ_SEED + 1):
+            reply = send_and_read(service.address, data)
+            self.assertTrue(reply.endswith(b"\r\n"), (data, reply))
+        for name in db.get_users():
+            self.assertTrue(finger.valid_user_name(name), name)
+            self.assertEqual(raw_controls(db.get_user(name).encode()), [])
+            self.assertNotIn("\t", db.get_user(name))
+        self.assertEqual(set_over(service.address, b"moshez\nfine\n"), b"OK\r\n")
+        self.assert_threads_alive(service)
+
+    def test_web_requests(self):
+        service = web_service(self, timeout=0.5)
+        rng = random.Random(FUZZ_SEED + 2)
+        for number, garbage in enumerate(fuzz_inputs(400, FUZZ_SEED + 2)):
+            method = rng.choice([b"GET", b"POST", b"HEAD", b"G\x00T", garbage[:8]])
+            request = method + b" /" + garbage[:200] + b" HTTP/1.1\r\n" + (
+                b"Content-Length: %d\r\n" % len(garbage) if number % 2 else b"") + (
+                b"X-Junk: " + garbage[:300] + b"\r\n\r\n" + garbage)
+            reply = send_and_read(service.address, request)
+            self.assertTrue(reply == b"" or reply.startswith(b"HTTP/1."), (request, reply[:100]))
+        self.assertEqual(http(service.address, "GET", "/moshez")[0], 200)
+        self.assert_threads_alive(service)
+        wait_until(lambda: service.open_connections() == 0)
+
+    def test_xmlrpc_bodies(self):
+        import xmlrpc.client
+        service = web_service(self)
+        valid = xmlrpc.client.dumps(("moshez",), "getUser").encode()
+        rng = random.Random(FUZZ_SEED + 3)
+        for _ in range(300):
+            body = bytearray(valid)
+            for _ in range(rng.randrange(1, 6)):              # flip, cut or insert
+                spot = rng.randrange(len(body))
+                choice = rng.randrange(3)
+                if choice == 0:
+                    body[spot] = rng.randrange(256)
+                elif choice == 1:
+                    del body[spot:spot + rng.randrange(1, 20)]
+                else:
+                    body[spot:spot] = rng.choice(FUZZ_PIECES)
+            status, _, reply = http(service.address, "POST", "/RPC2", body=bytes(body))
+            self.assertIn(status, (200, 400), reply[:100])
+        with xmlrpc.client.ServerProxy("http://%s:%d/RPC2" % service.address) as proxy:
+            self.assertEqual(proxy.getUser("moshez"), "Happy and well")
+        self.assert_threads_alive(service)
+
+    def test_users_file_faults(self):
+        path = write_file(self, USERS)
+        db = finger.FileDatabase(path, 0)
+        address = finger_service(self, db).address
+        faults = [lambda: os.unlink(path),
+                  lambda: replace_file(path, ""),                       # truncated to nothing
+                  lambda: replace_file(path, "moshez: Happy and well\nshawn"),  # cut mid-line
+                  lambda: (os.unlink(path), os.mkdir(path)),
+                  lambda: (os.rmdir(path), replace_file(path, "x" * 10_000_000)),
+                  lambda: replace_file(path, b"\x00\x01\x02" * 1000),
+                  lambda: replace_file(path, b"\xff\xfe" * 1000 + b"\nmoshez: Happy and well\n")]
+        with self.assertLogs("finger", "WARNING"):
+            for fault in faults:
+                fault()
+                db.reload()
+                self.assertIn(ask(address, b"moshez\r\n"),
+                              (b"Happy and well\r\n", b"No such user\r\n"))
+        self.assertEqual(db.get_user("moshez"), "Happy and well")
 
 
 # == running as a daemon =======================================================================
