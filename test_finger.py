@@ -1668,6 +1668,81 @@ class TestFuzz(unittest.TestCase):
         self.assertEqual(db.get_user("moshez"), "Happy and well")
 
 
+class TestAbuse(unittest.TestCase):
+    """Floods and slow peers: the normal clients are still answered (figures: make soak)."""
+
+    def test_a_thousand_idle_connections_and_slow_senders(self):
+        service = finger_service(self, timeout=3)
+        idle = []
+        for _ in range(1000):
+            idle.append(socket.create_connection(service.address, timeout=TIMEOUT))
+        self.addCleanup(lambda: [sock.close() for sock in idle])
+        slow = idle[:100]
+        for round_ in range(3):                  # 100 of them dribble a byte at a time
+            for sock in slow:
+                sock.send(b"m")
+            for _ in range(20):
+                self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
+        wait_until(lambda: len(service._conns) == 1000)
+        self.assertTrue(service._thread.is_alive())
+
+    def test_connection_flood_past_the_cap(self):
+        service = finger_service(self, max_connections=50)
+        flood = [socket.create_connection(service.address, timeout=TIMEOUT) for _ in range(400)]
+        self.addCleanup(lambda: [sock.close() for sock in flood])
+        answers = set()
+        for sock in flood[-100:]:                # beyond the cap and the busy backlog
+            sock.sendall(b"moshez\r\n")
+            try:
+                answers.add(read_to_end(sock))
+            except ConnectionResetError:
+                answers.add(b"reset")
+        self.assertLessEqual(answers, {b"Server busy, try again later\r\n", b"", b"reset"})
+        for sock in flood:
+            sock.close()
+        wait_until(lambda: _try_ask(service.address) == b"Happy and well\r\n")
+
+
+class TestSignals(unittest.TestCase):
+    def serve(self):
+        server = ServerProcess(self, "--users", write_file(self, USERS), "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "off")
+        return server, server.address()
+
+    def test_sighup_storm(self):
+        server, address = self.serve()
+        for _ in range(100):
+            server.process.send_signal(signal.SIGHUP)
+        for _ in range(20):
+            self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertIsNone(server.process.poll())
+
+    def test_sigterm_under_load_finishes_answers_and_exits_cleanly(self):
+        server, address = self.serve()
+        replies, stop = [], threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    replies.append(ask(address, b"moshez\r\n", timeout=2))
+                except OSError:
+                    replies.append(None)          # refused once the listener is closed
+
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(replies) > 200)
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(finger.STOP_DEADLINE), 0)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        answered = [reply for reply in replies if reply is not None]
+        self.assertGreater(len(answered), 200)
+        self.assertLessEqual(set(answered), {b"Happy and well\r\n", b"",
+                                              b"Server busy, try again later\r\n"})
+
+
 # == running as a daemon =======================================================================
 
 def proc_status(pid):
