@@ -29,9 +29,9 @@ import socket
 import stat
 import struct
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Mapping
 
 __version__ = "0.1.0"
 __all__ = [
@@ -54,6 +54,8 @@ DEFAULT_MAX_CONNECTIONS = 4096    # open connections per listener; more get a bu
 DEFAULT_RELOAD = 30.0             # seconds between checks of the users file
 DEFAULT_WORKERS = 8               # threads answering queries for back-ends that may block
 DEFAULT_USERS_FILE = "/etc/users"
+TABLE_SHARDS = 256                # dicts a users table is split over (see UserTable)
+MAX_REPLY_CACHE = 10000           # finger replies remembered per version of the users table
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
 RECV_SIZE = 4096
@@ -184,14 +186,54 @@ class UsersFileError(FingerError):
     """The users file cannot be used at all (missing, unreadable, not text)."""
 
 
+class UserTable(Mapping):
+    """name -> status, split over TABLE_SHARDS dicts by hash.
+
+    With a million users, growing or freeing one dict holds the GIL for tens of
+    milliseconds, stalling every other thread; a shard is small, so each step is short, and
+    `retire()` frees an old table shard by shard, letting other threads run in between."""
+    __slots__ = ("shards",)
+
+    def __init__(self, items=()):
+        self.shards = tuple({} for _ in range(TABLE_SHARDS))
+        for name, status in dict(items).items():
+            self.shards[hash(name) % TABLE_SHARDS][name] = status
+
+    def __getitem__(self, name):
+        return self.shards[hash(name) % TABLE_SHARDS][name]
+
+    def get(self, name, default=None):
+        return self.shards[hash(name) % TABLE_SHARDS].get(name, default)
+
+    def set(self, name, status):
+        self.shards[hash(name) % TABLE_SHARDS][name] = status
+
+    def __contains__(self, name):
+        return name in self.shards[hash(name) % TABLE_SHARDS]
+
+    def __len__(self):
+        return sum(map(len, self.shards))
+
+    def __iter__(self):
+        for shard in self.shards:
+            yield from shard
+
+    def retire(self):
+        """Empty the table one shard at a time, yielding the GIL in between."""
+        for shard in self.shards:
+            shard.clear()
+            time.sleep(0)
+
+
 def parse_users(lines, source="<users>"):
-    """Parse `user: status` lines -> (dict, problems).
+    """Parse `user: status` lines -> (UserTable, problems).
 
     The line is split at the first colon and both sides stripped; blank lines and lines whose
     first visible character is '#' are comments.  A malformed line is skipped and described in
     `problems` as 'FILE:LINE: reason'; for a duplicate user the last line wins.  A NUL byte
     means the file is not text at all: UsersFileError."""
-    users = {}
+    users = UserTable()
+    shards = users.shards
     problems = []
     for number, line in enumerate(lines, 1):
         name, colon, status = line.partition(":")
@@ -213,9 +255,10 @@ def parse_users(lines, source="<users>"):
         if " " in name or "\t" in name:
             problems.append("%s:%d: user name %r contains white space" % (source, number, name))
             continue
-        if name in users:
+        shard = shards[hash(name) % TABLE_SHARDS]
+        if name in shard:
             problems.append("%s:%d: duplicate user %r, this line wins" % (source, number, name))
-        users[name] = status.strip()
+        shard[name] = status.strip()
     return users, problems
 
 
@@ -294,6 +337,7 @@ def write_file_atomically(path, data):
     """Replace `path` by `data` so that a reader sees the old file or the new one, never a
     mix, and the new one survives a crash: temp file in the same directory, fsync, rename,
     fsync the directory.  Keeps the file's mode (and owner, where allowed)."""
+    import tempfile
     path = os.path.realpath(path)
     directory = os.path.dirname(path)
     info = os.stat(path)
@@ -367,30 +411,51 @@ class UserDatabase:
 
 
 class MemoryDatabase(UserDatabase):
-    """Statuses kept in a dict: the tutorial's MemoryFingerService."""
+    """Statuses kept in memory: the tutorial's MemoryFingerService.
+
+    `version` changes whenever a status may have changed, so callers can cache answers."""
 
     def __init__(self, users=None):
-        self._users = dict(users or {})
-        self._names = None            # sorted names, computed on first use per table
+        self._users = users if isinstance(users, UserTable) else UserTable(users or {})
+        self._names = None            # sorted names, computed on first use per version
         self._lock = threading.Lock()  # serialises writers; readers never take it
+        self.version = 0
 
     def get_user(self, name):
-        return self._users.get(name)
+        table = self._users
+        status = table.get(name)
+        if status is None and table is not self._users:   # swapped and retired meanwhile
+            status = self._users.get(name)
+        return status
 
     def get_users(self):
         names = self._names
-        if names is None:
-            names = self._names = sorted(self._users)
+        while names is None:
+            table, version = self._users, self.version
+            try:
+                names = sorted(table)
+            except RuntimeError:          # changed while we read it: read it again
+                continue
+            if version != self.version:
+                names = None
+        self._names = names
         return names
 
     def set_user(self, name, status):
         with self._lock:
-            self._users[name] = status
-            self._names = None
+            self._users.set(name, status)
+            self._changed()
 
     def _swap(self, users):
-        """Install a new table in one step: a lookup sees the old one or the new one."""
-        self._users, self._names = users, None
+        """Install a new table in one step (a lookup sees the old one or the new one);
+        returns the old one, for the caller to retire."""
+        old, self._users = self._users, users
+        self._changed()
+        return old
+
+    def _changed(self):
+        self._names = None
+        self.version += 1
 
 
 class FileDatabase(MemoryDatabase):
@@ -416,7 +481,8 @@ class FileDatabase(MemoryDatabase):
     def load(self):
         """Read the file now; UsersFileError if it cannot be used."""
         with self._lock:
-            self._load()
+            old = self._load()
+        old.retire()
 
     def _load(self):
         try:
@@ -428,10 +494,11 @@ class FileDatabase(MemoryDatabase):
                                  % (self.path, error.strerror or error)) from None
         for problem in problems:
             log.warning("%s", problem)
-        self._swap(users)
+        old = self._swap(users)
         self._signature = self._signature_of(info)
         self.loaded_at = time.time()
         log.info("loaded %d users from %s", len(users), self.path)
+        return old
 
     @staticmethod
     def _signature_of(info):
@@ -443,7 +510,8 @@ class FileDatabase(MemoryDatabase):
             with self._lock:
                 if not force and self._signature_of(os.stat(self.path)) == self._signature:
                     return False
-                self._load()
+                old = self._load()
+            old.retire()
         except (OSError, UsersFileError) as error:
             if not self._failing:
                 reason = error.strerror if isinstance(error, OSError) else error
@@ -465,8 +533,8 @@ class FileDatabase(MemoryDatabase):
             write_file_atomically(self.path, rewrite_users(data, name, status))
             # Edits nobody has loaded yet are in the new file too: leave them to the reload.
             self._signature = self._signature_of(os.stat(self.path)) if seen else None
-            self._users[name] = status
-            self._names = None
+            self._users.set(name, status)
+            self._changed()
 
     def start(self):
         if self._thread is None and self.reload_interval > 0:
@@ -763,6 +831,8 @@ class FingerProtocol:
         self.allow_list = allow_list
         self.forwarder = forwarder
         self.forward_all_to = forward_all_to
+        self._replies = {}             # query line -> (reply, outcome), for db.version
+        self._replies_version = None
 
     def needs_worker(self, line):
         """Whether answering `line` may block (a slow back-end, or a forwarded query)."""
@@ -784,14 +854,28 @@ class FingerProtocol:
         return line
 
     def respond(self, line, peer=None):
-        """A query line (bytes) -> (reply bytes, outcome word for the log)."""
+        """A query line (bytes) -> (reply bytes, outcome word for the log).
+
+        Answers from a database with a `version` (memory, file) are remembered until the
+        version changes: most queries are the same few names."""
+        version = getattr(self.db, "version", None)
+        if version is not None:
+            if version != self._replies_version:
+                self._replies, self._replies_version = {}, version
+            known = self._replies.get(line)
+            if known is not None:
+                return known
         query = parse_query(line.decode("utf-8", "replace"))
         try:
             text, outcome = self.answer(query)
         except Exception:
             log.exception("back-end failed answering %r", line)
             text, outcome = INTERNAL_ERROR, "error"
-        return format_reply(text), outcome
+        answer = format_reply(text), outcome
+        if (version is not None and outcome in ("ok", "unknown")
+                and len(self._replies) < MAX_REPLY_CACHE and version == self.db.version):
+            self._replies[line] = answer
+        return answer
 
     def answer(self, query):
         """A Query -> (reply text, outcome)."""
@@ -1317,10 +1401,11 @@ class TCPService(Service):
         conn.state = "closed"
         self._busy -= conn.busy
         del self._conns[conn]
-        try:   # read what the client sent beyond its query, so close() does not send a RST
-            conn.sock.recv(RECV_SIZE)
-        except OSError:
-            pass
+        if not conn.inbuf.endswith(b"\n"):
+            # The peer may have sent more than we read: read it, so close() sends no RST
+            # that could destroy the answer before the peer reads it.
+            with contextlib.suppress(OSError):
+                conn.sock.recv(RECV_SIZE)
         conn.sock.close()
 
     # -- the worker pool, for back-ends that may block
@@ -1498,6 +1583,7 @@ class WebSite:
         self.metrics = metrics
         self.title = title
         self.rpc = self._make_rpc_dispatcher()
+        self._users_page = None        # (db version, WebResponse)
 
     def _make_rpc_dispatcher(self):
         from xmlrpc.server import SimpleXMLRPCDispatcher
@@ -1565,6 +1651,17 @@ class WebSite:
     # -- responses
 
     def users_page(self):
+        """The list of users; rendered once per version of a database that has one."""
+        version = getattr(self.db, "version", None)
+        cached = self._users_page
+        if version is not None and cached is not None and cached[0] == version:
+            return cached[1]
+        response = self._render_users_page()
+        if version is not None and version == self.db.version:
+            self._users_page = version, response
+        return response
+
+    def _render_users_page(self):
         from html import escape
         from urllib.parse import quote
         items = []

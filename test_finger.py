@@ -367,7 +367,12 @@ class TestFileDatabase(unittest.TestCase):
                 if db.get_user("user4999") is None:
                     misses.append(1)
 
-        readers = [threading.Thread(target=look) for _ in range(2)]
+        def list_all():
+            while not stop.is_set():
+                if len(db.get_users()) != 5000:
+                    misses.append(2)
+
+        readers = [threading.Thread(target=look), threading.Thread(target=list_all)]
         for reader in readers:
             reader.start()
         for round_ in range(8):
@@ -393,6 +398,19 @@ class TestFingerServer(unittest.TestCase):
         self.assertEqual(ask(address, b"moshez\n"), b"Happy and well\r\n")
         self.assertEqual(ask(address, b"/W moshez\r\n"), b"Happy and well\r\n")
         self.assertEqual(ask(address, b"/w shawn\r\n"), b"alive\r\n")
+
+    def test_remembered_answers_follow_every_change(self):
+        path = write_file(self, USERS)
+        db = finger.FileDatabase(path, 0)
+        address = finger_service(self, db).address
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")   # remembered
+        db.set_user("moshez", "Changed")
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Changed\r\n")
+        replace_file(path, "moshez: Reloaded\n")
+        db.reload()
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Reloaded\r\n")
+        self.assertEqual(ask(address, b"shawn\r\n"), b"No such user\r\n")
 
     def test_several_names_and_the_user_list(self):
         address = finger_service(self).address
@@ -1079,6 +1097,15 @@ class TestWebSite(unittest.TestCase):
             http(self.address, "GET", "/moshez")
         self.assertRegex(logs.output[-1], r'web 127\.0\.0\.1 - - \[\d\d/\w+/\d{4} [\d:]+\] '
                                           r'"GET /moshez HTTP/1\.1" 200 \d+$')
+
+    def test_users_page_follows_changes(self):
+        db = finger.MemoryDatabase({"moshez": "Happy and well"})
+        address = web_service(self, db).address
+        self.assertIn(b"Happy and well", http(address, "GET", "/")[2])
+        db.set_user("shawn", "alive")
+        page = http(address, "GET", "/")[2]
+        self.assertIn(b"alive", page)
+        self.assertIn(b"2 users", page)
 
     def test_keep_alive(self):
         import http.client
