@@ -3,6 +3,11 @@
 
 PYTHON ?= python3
 VENV   := build/venv
+# Stock Twisted PB clients for the interop tests: the current release and the oldest one
+# the README claims.
+TWISTED_VENV     := build/twisted-venv
+TWISTED_OLD      ?= 22.10.0
+TWISTED_OLD_VENV := build/twisted-$(TWISTED_OLD)-venv
 # Other interpreters the interop tests run the core tests with (pyenv's, when present).
 PYTHONS ?= $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.*/bin/python3)
 SERVE_ARGS ?= --users build/users --finger 127.0.0.1:7979 --setter 127.0.0.1:1079 \
@@ -42,10 +47,19 @@ peers:
 	else echo "peers: not root or no apt-get: Debian packages not installed"; fi
 	@[ -x $(VENV)/bin/vermin ] || { $(PYTHON) -m venv $(VENV) && \
 	    $(VENV)/bin/pip install --quiet --disable-pip-version-check vermin; }
+	@$(TWISTED_VENV)/bin/python -c "import twisted.spread.pb" 2>/dev/null || { \
+	    $(PYTHON) -m venv $(TWISTED_VENV) && $(TWISTED_VENV)/bin/pip install --quiet \
+	    --disable-pip-version-check --upgrade twisted; }
+	@$(TWISTED_OLD_VENV)/bin/python -c "import twisted.spread.pb" 2>/dev/null || { \
+	    $(PYTHON) -m venv $(TWISTED_OLD_VENV) && $(TWISTED_OLD_VENV)/bin/pip install \
+	    --quiet --disable-pip-version-check "twisted==$(TWISTED_OLD)"; }
 
 interop: peers
-	FINGER_INTEROP=1 VERMIN=$(VENV)/bin/vermin FINGER_PYTHONS="$(PYTHONS)" $(PYTHON) test_finger.py TestInterop TestWebInterop \
-	    TestPackagingInterop TestPythonVersions
+	FINGER_INTEROP=1 VERMIN=$(VENV)/bin/vermin FINGER_PYTHONS="$(PYTHONS)" \
+	    TWISTED_PYTHON=$(abspath $(TWISTED_VENV))/bin/python \
+	    TWISTED_OLD_PYTHON=$(abspath $(TWISTED_OLD_VENV))/bin/python \
+	    $(PYTHON) test_finger.py TestInterop TestWebInterop TestPackagingInterop \
+	    TestPBInterop TestPythonVersions
 
 bench:
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)

@@ -39,6 +39,7 @@ __all__ = [
     "Query", "format_reply", "UserDatabase", "MemoryDatabase", "FileDatabase",
     "FingerProtocol", "Service", "TCPService", "ServiceGroup", "finger", "parse_target",
     "build_database", "build_services", "build_parser", "serve_inetd", "main",
+    "PBError", "PBProtocol", "banana_encode", "BananaDecoder", "jelly", "unjelly",
 ]
 
 log = logging.getLogger("finger")
@@ -92,7 +93,6 @@ LISTENERS = {
     "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
     "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
 }
-IMPLEMENTED_LISTENERS = {"finger", "setter", "web", "https", "setter-socket", "proxy"}
 
 
 class FingerError(Exception):
@@ -1957,7 +1957,472 @@ class WebService(Service):
                 log.error("%s; keeping the certificate loaded before", error)
 
 
-# == 6. The finger client ======================================================================
+# == 6. Perspective Broker for Twisted clients (Banana and a Jelly subset) ====================
+#
+# A stock Twisted `pb.PBClientFactory` client calls `getUser(name)` and `getUsers()` on our
+# root object.  Written from ../shared/specs/pb-wire.md; layers, bottom up:
+#   Banana   framing: [base-128 prefix digits][type byte][payload] (banana_encode, BananaDecoder)
+#   Jelly    Python values <-> Banana s-expressions, basic types only (jelly, unjelly)
+#   PB       ["message", id, b"root", method, answerRequired, args, kwargs] -> ["answer", id,
+#            value] or ["error", id, CopyableFailure] (PBProtocol, PBSession, FingerRoot)
+
+PB_VERSION = 6                    # the only protocol version Twisted speaks; it checks ours
+PB_DIALECTS = (b"pb", b"none")    # offered in this order; Twisted clients pick b"pb"
+BANANA_MAX_PREFIX = 64            # digits in a number prefix (Twisted's limit): < 2**448
+BANANA_SIZE_LIMIT = 640 * 1024    # longest LIST (elements) or STRING (bytes), as Twisted's
+BANANA_MAX_DEPTH = 64             # lists open at once.  A getUser call nests 4 deep and
+                                  # Twisted's own error answer 5; 64 leaves room for any sane
+                                  # argument and keeps the recursive unjelly (one frame per
+                                  # level) far below Python's recursion limit.  Twisted has
+                                  # no cap: it relies on that limit.
+PB_MAX_MESSAGE = 1 << 20          # bytes one top-level expression may take (Twisted: no
+                                  # limit); a BANANA_SIZE_LIMIT string fits with room to spare
+PB_MAX_VALUES = 1 << 20           # values in one call's arguments, a shared value counted at
+                                  # each use, so "dereference" cannot blow up hash() or repr()
+PB_MAX_NAME_SHOWN = 100           # characters of a method name echoed in an error or the log
+
+BANANA_LIST, BANANA_INT, BANANA_STRING, BANANA_NEG = 0x80, 0x81, 0x82, 0x83
+BANANA_FLOAT, BANANA_LONGINT, BANANA_LONGNEG, BANANA_VOCAB = 0x84, 0x85, 0x86, 0x87
+BANANA_INT_LIMIT = 1 << 31        # Twisted sends INT/NEG below this magnitude, LONG* above
+
+# The PB dialect's vocabulary: index -> word.  Twisted sends these byte strings as VOCAB
+# wherever they occur, user data included; we accept VOCAB in either dialect (a client's
+# first message can share a read with its dialect pick) and send it only in dialect b"pb".
+PB_VOCAB = (None, b"None", b"class", b"dereference", b"reference", b"dictionary", b"function",
+            b"instance", b"list", b"module", b"persistent", b"tuple", b"unpersistable",
+            b"copy", b"cache", b"cached", b"remote", b"local", b"lcache", b"version", b"login",
+            b"password", b"challenge", b"logged_in", b"not_logged_in", b"cachemessage",
+            b"message", b"answer", b"error", b"decref", b"decache", b"uncache")
+_VOCAB_INDEX = {word: index for index, word in enumerate(PB_VOCAB) if word is not None}
+
+# Failure types the client sees, with the class chain its `check()` walks: `parents` is
+# required, without it the client's call hangs (spec section 5, traps).
+_NO_SUCH_METHOD = ("twisted.spread.flavors.NoSuchMethod", "builtins.AttributeError")
+_PB_ERROR = ("twisted.spread.pb.Error",)
+_INSECURE_JELLY = ("twisted.spread.jelly.InsecureJelly",)
+_INTERNAL = ("finger.InternalError",)
+_BASE_CLASSES = ("builtins.Exception", "builtins.BaseException", "builtins.object")
+
+
+class PBError(FingerError):
+    """The peer broke the Banana/PB protocol (or a value cannot be sent): drop the connection."""
+
+
+class PBRemoteError(Exception):
+    """A call fails: sent to the caller as a CopyableFailure; `types` is the class chain."""
+
+    def __init__(self, types, message):
+        super().__init__(message)
+        self.types = tuple(types) + _BASE_CLASSES
+
+    @classmethod
+    def from_exception(cls, error):
+        """The same failure under the exception's own class names (builtins.TypeError...)."""
+        chain = [kind.__module__ + "." + kind.__qualname__ for kind in type(error).__mro__]
+        return cls([name for name in chain if name not in _BASE_CLASSES], str(error))
+
+
+class JellyError(PBRemoteError):
+    """Arguments we do not unjelly (Twisted's InsecureJelly): the call fails, the link stays."""
+
+    def __init__(self, message):
+        super().__init__(_INSECURE_JELLY, message)
+
+
+# -- Banana ------------------------------------------------------------------------------------
+
+def _banana_prefix(number):
+    """A non-negative int -> its base-128 digits, least significant first."""
+    if number >> (7 * BANANA_MAX_PREFIX):
+        raise PBError("number too large for Banana: %d bits" % number.bit_length())
+    digits = bytearray()
+    while True:
+        digits.append(number & 0x7F)
+        number >>= 7
+        if not number:
+            return bytes(digits)
+
+
+def banana_encode(value, vocab=False):
+    """An s-expression -> Banana bytes.  Takes int, float, bytes and lists (or tuples) of
+    them: jelly() first for anything else (str included).  With `vocab` (dialect b"pb"),
+    byte strings of the vocabulary go as VOCAB, as Twisted sends them."""
+    out = bytearray()
+    _banana_append(out, value, vocab)
+    return bytes(out)
+
+
+def _banana_append(out, value, vocab):
+    if isinstance(value, bytes):
+        index = _VOCAB_INDEX.get(value) if vocab else None
+        if index is not None:
+            out += _banana_prefix(index)
+            out.append(BANANA_VOCAB)
+            return
+        if len(value) > BANANA_SIZE_LIMIT:
+            raise PBError("string of %d bytes: over Banana's limit" % len(value))
+        out += _banana_prefix(len(value))
+        out.append(BANANA_STRING)
+        out += value
+    elif isinstance(value, bool):
+        raise PBError("bool is not a Banana type: jelly() it")
+    elif isinstance(value, int):
+        if value >= 0:
+            kind = BANANA_INT if value < BANANA_INT_LIMIT else BANANA_LONGINT
+        else:
+            kind = BANANA_NEG if -value <= BANANA_INT_LIMIT else BANANA_LONGNEG
+        out += _banana_prefix(abs(value))
+        out.append(kind)
+    elif isinstance(value, float):
+        out.append(BANANA_FLOAT)
+        out += struct.pack("!d", value)
+    elif isinstance(value, (list, tuple)):
+        if len(value) > BANANA_SIZE_LIMIT:
+            raise PBError("list of %d elements: over Banana's limit" % len(value))
+        out += _banana_prefix(len(value))
+        out.append(BANANA_LIST)
+        for item in value:
+            _banana_append(out, item, vocab)
+    else:
+        raise PBError("%s is not a Banana type: jelly() it" % type(value).__name__)
+
+
+class BananaDecoder:
+    """Banana bytes, in pieces of any size -> complete top-level s-expressions.
+
+    feed(data) returns the expressions completed by `data` (lists come out as lists, STRING
+    and VOCAB as bytes); any split of a stream gives the same expressions.  Lists still
+    open are kept on a stack, so nesting costs no recursion.  Raises PBError on anything
+    Twisted refuses (prefix over 64 digits, LIST/STRING over BANANA_SIZE_LIMIT, unknown type
+    byte or vocabulary index) and on what we add: nesting over BANANA_MAX_DEPTH, one
+    expression over `max_message` bytes."""
+
+    def __init__(self, max_message=PB_MAX_MESSAGE):
+        self.max_message = max_message
+        self._buffer = bytearray()      # bytes not parsed yet (an incomplete element)
+        self._stack = []                # open lists: [elements expected, elements so far]
+        self._taken = 0                 # bytes parsed into the expression being built
+
+    @property
+    def idle(self):
+        """True between expressions: nothing half received."""
+        return not self._buffer and not self._stack
+
+    def feed(self, data):
+        buffer = self._buffer
+        buffer += data
+        done = []
+        position, size = 0, len(buffer)
+        while position < size:
+            end, limit = position, min(size, position + BANANA_MAX_PREFIX + 1)
+            while end < limit and buffer[end] < 0x80:
+                end += 1
+            if end - position > BANANA_MAX_PREFIX:
+                raise PBError("Banana number prefix longer than %d digits" % BANANA_MAX_PREFIX)
+            if end == size:
+                break                   # the type byte has not arrived
+            number = 0
+            for digit in reversed(buffer[position:end]):
+                number = (number << 7) | digit
+            kind = buffer[end]
+            start = end + 1
+            if kind == BANANA_STRING:
+                if number > BANANA_SIZE_LIMIT:
+                    raise PBError("Banana string of %d bytes: over the limit" % number)
+                if size - start < number:
+                    break
+                item, start = bytes(buffer[start:start + number]), start + number
+            elif kind == BANANA_LIST:
+                if number > BANANA_SIZE_LIMIT:
+                    raise PBError("Banana list of %d elements: over the limit" % number)
+                if number:
+                    if len(self._stack) >= BANANA_MAX_DEPTH:
+                        raise PBError("Banana lists nested over %d deep" % BANANA_MAX_DEPTH)
+                    self._stack.append([number, []])
+                    self._taken += start - position
+                    position = start
+                    continue
+                item = []
+            elif kind in (BANANA_INT, BANANA_LONGINT):
+                item = number
+            elif kind in (BANANA_NEG, BANANA_LONGNEG):
+                item = -number
+            elif kind == BANANA_FLOAT:
+                if end != position:
+                    raise PBError("Banana float with a number prefix")
+                if size - start < 8:
+                    break
+                item, start = struct.unpack("!d", buffer[start:start + 8])[0], start + 8
+            elif kind == BANANA_VOCAB:
+                if not 0 < number < len(PB_VOCAB):
+                    raise PBError("unknown Banana vocabulary index %d" % number)
+                item = PB_VOCAB[number]
+            else:
+                raise PBError("unknown Banana type byte 0x%02x" % kind)
+            self._taken += start - position
+            position = start
+            if self._taken > self.max_message:
+                raise PBError("Banana expression over %d bytes" % self.max_message)
+            item = self._place(item)
+            if item is not None:
+                done.append(item)
+                self._taken = 0
+        del buffer[:position]
+        if self._taken + len(buffer) > self.max_message:
+            raise PBError("Banana expression over %d bytes" % self.max_message)
+        return done
+
+    def _place(self, item):
+        """Add a finished element to the list it belongs to, closing every list it
+        completes; returns the top-level expression this finishes, else None (Banana has
+        no None, so it cannot be an expression)."""
+        stack = self._stack
+        while stack:
+            top = stack[-1]
+            top[1].append(item)
+            if len(top[1]) < top[0]:
+                return None
+            item = stack.pop()[1]
+        return item
+
+
+# -- Jelly (the basic types only) --------------------------------------------------------------
+
+def jelly(value):
+    """A Python value -> its jelly s-expression: str as ["unicode", UTF-8], None, bool, int,
+    float, bytes, list, tuple, dict, set.  Shared values are written out again each time
+    (no "reference"), which every receiver accepts."""
+    if isinstance(value, str):
+        return [b"unicode", value.encode("utf-8")]
+    if value is None:
+        return [b"None"]
+    if isinstance(value, bool):                         # before int: bool is an int
+        return [b"boolean", b"true" if value else b"false"]
+    if isinstance(value, (bytes, int, float)):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        tag = {list: b"list", tuple: b"tuple", set: b"set", frozenset: b"frozenset"}[
+            type(value)]
+        return [tag] + [jelly(item) for item in value]
+    if isinstance(value, dict):
+        return [b"dictionary"] + [[jelly(key), jelly(item)] for key, item in value.items()]
+    raise PBError("cannot jelly a %s" % type(value).__name__)
+
+
+def unjelly(sexp):
+    """A jelly s-expression (as BananaDecoder gives it) -> a Python value.  Basic types and
+    non-circular "reference"/"dereference" only; anything else raises JellyError."""
+    state = [PB_MAX_VALUES, {}]          # values still allowed, references by number
+    return _unjelly(sexp, state)
+
+
+def _unjelly(sexp, state):
+    state[0] -= 1
+    if state[0] < 0:
+        raise JellyError("too many values")
+    if not isinstance(sexp, list):
+        return sexp                                  # bytes, int, float
+    if not sexp or not isinstance(sexp[0], bytes):
+        raise JellyError("a jelly list must start with a type name")
+    tag, items = sexp[0], sexp[1:]
+    try:
+        if tag == b"unicode" and len(items) == 1 and isinstance(items[0], bytes):
+            return items[0].decode("utf-8")
+        if tag == b"None" and not items:
+            return None
+        if tag == b"boolean" and items in ([b"true"], [b"false"]):
+            return items == [b"true"]
+        if tag in (b"list", b"tuple", b"set", b"frozenset"):
+            values = [_unjelly(item, state) for item in items]
+            return {b"list": list, b"tuple": tuple, b"set": set, b"frozenset": frozenset}[
+                tag](values)
+        if tag == b"dictionary":
+            result = {}
+            for pair in items:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise JellyError("a dictionary item must be a [key, value] pair")
+                result[_unjelly(pair[0], state)] = _unjelly(pair[1], state)
+            return result
+        if tag == b"reference" and len(items) == 2 and isinstance(items[0], int):
+            before = state[0]
+            value = _unjelly(items[1], state)
+            state[1][items[0]] = (value, before - state[0])
+            return value
+        if tag == b"dereference" and len(items) == 1 and items[0] in state[1]:
+            value, cost = state[1][items[0]]
+            state[0] -= cost
+            if state[0] < 0:
+                raise JellyError("too many values")
+            return value
+    except (TypeError, UnicodeDecodeError) as error:     # unhashable key, bad UTF-8
+        raise JellyError("bad %s: %s" % (tag.decode("ascii", "replace"), error)) from None
+    raise JellyError("cannot unjelly %r" % tag[:PB_MAX_NAME_SHOWN])
+
+
+# -- Perspective Broker ------------------------------------------------------------------------
+
+def _text_argument(value, what):
+    """A str argument, or bytes taken as UTF-8 (Twisted clients may send either)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        raise TypeError("%s must be str or bytes, not %s" % (what, type(value).__name__))
+    return value
+
+
+class FingerRoot:
+    """The root object of the tutorial's PB service: its remote methods, adapting the
+    database.  Only the names in `methods` can be called from the network."""
+
+    methods = {"getUser": "remote_getUser", "getUsers": "remote_getUsers"}
+
+    def __init__(self, db):
+        self.db = db
+
+    def remote_getUser(self, username):
+        status = self._ask(self.db.get_user, _text_argument(username, "username"))
+        return defang(NO_SUCH_USER if status is None else status)
+
+    def remote_getUsers(self):
+        return [defang(name) for name in self._ask(self.db.get_users)]
+
+    @staticmethod
+    def _ask(lookup, *args):
+        """Call the database; its failures are logged here, the caller is told only
+        INTERNAL_ERROR (as on the finger port)."""
+        try:
+            return lookup(*args)
+        except Exception:
+            log.exception("pb: back-end failed in %s%.100r", lookup.__name__, args)
+            raise PBRemoteError(_INTERNAL, INTERNAL_ERROR) from None
+
+
+class PBProtocol:
+    """Perspective Broker on top of a UserDatabase, for TCPService: a session protocol (the
+    connection stays open for many calls).  Each connection gets a PBSession."""
+
+    name = "pb"
+    session = True
+
+    def __init__(self, db):
+        self.db = db
+        self.root = FingerRoot(db)
+
+    def new_session(self, peer):
+        return PBSession(self.root, peer)
+
+
+class PBSession:
+    """One PB connection: the server offers its dialects, the client picks one, both send
+    ["version", 6], then the client sends calls.  feed(data) -> the bytes to send back;
+    PBError means drop the connection (Twisted does the same on a protocol error)."""
+
+    def __init__(self, root, peer=None):
+        self.root = root
+        self.peer = peer
+        self.dialect = None
+        self.failures = 0              # CopyableFailure "count": errors sent so far
+        self._decoder = BananaDecoder()
+
+    @property
+    def idle(self):
+        return self._decoder.idle
+
+    def greeting(self):
+        return banana_encode(list(PB_DIALECTS))
+
+    def feed(self, data):
+        replies = []
+        for sexp in self._decoder.feed(data):
+            reply = self._received(sexp)
+            if reply is not None:
+                replies.append(reply if isinstance(reply, bytes) else self._encode(reply))
+        return b"".join(replies)
+
+    def _encode(self, sexp):
+        return banana_encode(sexp, vocab=self.dialect == b"pb")
+
+    def _received(self, sexp):
+        """One top-level expression -> the reply (an s-expression, or bytes) or None."""
+        if self.dialect is None:
+            if sexp not in PB_DIALECTS:
+                raise PBError("unknown dialect %r" % (sexp if isinstance(sexp, bytes) else
+                                                      type(sexp).__name__,))
+            self.dialect = sexp
+            return [b"version", PB_VERSION]
+        if not isinstance(sexp, list) or not sexp:
+            raise PBError("a PB message must be a non-empty list")
+        command, fields = sexp[0], sexp[1:]
+        if command in (b"message", b"cachemessage"):
+            if len(fields) != 6 or not isinstance(fields[0], int):
+                raise PBError("a %s must have 6 fields, the first an int"
+                              % command.decode())
+            return self._call(command, *fields)
+        if command == b"version":
+            if fields != [PB_VERSION]:
+                raise PBError("PB version %r, not %d" % (fields, PB_VERSION))
+            return None
+        if command in (b"decref", b"decache", b"uncache", b"didNotUnderstand"):
+            log.debug("pb %s: %r ignored", format_peer(self.peer), command)
+            return None
+        return [b"didNotUnderstand", command]
+
+    def _call(self, command, request_id, object_id, method, answer_required, args, kwargs):
+        """A "message": call a method of the root object -> the answer or the error
+        (encoded: an answer over Banana's limits becomes an error), or None."""
+        name = (method.decode("utf-8", "replace") if isinstance(method, bytes)
+                else "<%s>" % type(method).__name__)
+        shown = name[:PB_MAX_NAME_SHOWN]
+        failure = None
+        try:
+            if command == b"cachemessage":
+                raise PBRemoteError(_PB_ERROR, "No cached objects here")
+            if object_id != b"root":
+                raise PBRemoteError(_PB_ERROR, "Invalid Object ID")
+            attribute = self.root.methods.get(name)
+            if attribute is None:
+                raise PBRemoteError(_NO_SUCH_METHOD, "No such method: remote_" + shown)
+            args, kwargs = unjelly(args), unjelly(kwargs)
+            if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+                raise JellyError("arguments must be a tuple and a dictionary")
+            kwargs = {_text_argument(key, "a keyword"): value
+                      for key, value in kwargs.items()}
+            result = getattr(self.root, attribute)(*args, **kwargs)
+            reply = self._encode([b"answer", request_id, jelly(result)])
+        except TypeError as error:                  # wrong arguments, as Python words it
+            failure = PBRemoteError.from_exception(error)
+        except PBRemoteError as error:
+            failure = error
+        except PBError as error:                    # an answer over Banana's limits
+            log.error("pb %s: cannot answer %r: %s", format_peer(self.peer), shown, error)
+            failure = PBRemoteError(_INTERNAL, INTERNAL_ERROR)
+        except Exception:
+            log.exception("pb %s: %r failed", format_peer(self.peer), shown)
+            failure = PBRemoteError(_INTERNAL, INTERNAL_ERROR)
+        if failure is not None:
+            reply = self._encode(self._error(request_id, failure))
+        log.info("pb %s %r %s", format_peer(self.peer), shown,
+                 "ok" if failure is None else "error")
+        return reply if answer_required else None
+
+    def _error(self, request_id, failure):
+        """["error", id, CopyableFailure] for a PBRemoteError: the client makes a
+        CopiedFailure of it, which `await` raises as pb.RemoteError (remoteType: the first
+        class name, as bytes; str(): the message).  Twisted's 11 keys; `parents` is the one
+        that must be there."""
+        self.failures += 1
+        state = [("count", self.failures),
+                 ("type", failure.types[0].encode("utf-8")),   # bytes, as Twisted sends it
+                 ("value", defang(str(failure))),
+                 ("captureVars", False), ("tb", None), ("unsafeTracebacks", False),
+                 ("parents", list(failure.types)), ("frames", []), ("stack", []),
+                 ("traceback", "Traceback unavailable\n")]
+        return [b"error", request_id,
+                [b"twisted.spread.pb.CopyableFailure",
+                 [b"dictionary"] + [[jelly(key), jelly(value)] for key, value in state]]]
+
+
+# == 7. The finger client ======================================================================
 
 def parse_target(arg, verbose=False):
     """One client argument -> (query line, host, port).
@@ -2096,7 +2561,7 @@ def run_set(status, path, timeout):
     return 0
 
 
-# == 7. Services and assembly ==================================================================
+# == 8. Services and assembly ==================================================================
 
 class ServiceGroup(Service):
     """Services started in order and stopped in reverse; itself a Service."""
@@ -2187,9 +2652,6 @@ def build_services(options, db=None, sockets=None):
                          % (", ".join(unknown), ", ".join(wanted)))
     wanted = {name: address for name, address in wanted.items()
               if address is not None or name in sockets}
-    for name in wanted:
-        if name not in IMPLEMENTED_LISTENERS:
-            raise UsageError("--%s: not implemented yet" % name)
     if "https" in wanted and not options.cert:
         raise UsageError("--https needs --cert FILE (PEM with the certificate and key)")
     db = build_database(options) if db is None else db
@@ -2216,6 +2678,8 @@ def _listener_service(name, address, sock, db, site, options):
     elif name == "proxy":
         protocol = FingerProtocol(db, forwarder=build_forwarder(options),
                                   forward_all_to=options.proxy_target)
+    elif name == "pb":
+        protocol = PBProtocol(db)
     else:
         protocol = FingerProtocol(db, allow_list=not options.no_list,
                                   forwarder=build_forwarder(options) if options.forward else None)
@@ -2271,7 +2735,7 @@ def default_options(**overrides):
     return options
 
 
-# == 8. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
+# == 9. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
 
 SD_LISTEN_FDS_START = 3           # systemd passes activated sockets from this descriptor on
 UNPRIVILEGED_USER = "nobody"      # who root becomes without --user (the tutorial used uid 1)
@@ -2577,7 +3041,7 @@ def run_inetd(options):
     return 0
 
 
-# == 9. Command line ===========================================================================
+# == 10. Command line ===========================================================================
 
 def _listen_option(text):
     try:
