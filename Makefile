@@ -36,14 +36,15 @@ test:
 
 # Test-only peers: Debian's finger client and bsd fingerd, socat to run fingerd like inetd,
 # OpenBSD netcat for the tutorial's setter session, curl, openssl and headless Chromium for
-# the web site (a screenshot lands in build/artefacts/),
+# the web site (a screenshot lands in build/artefacts/), ngircd (and gnutls-bin's certtool)
+# for the IRC bot, Twisted in two venvs for Perspective Broker,
 # and vermin (PyPI, in a venv under build/) to check that finger.py needs no Python above 3.9.
 peers:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    apt-get update -qq >/dev/null && \
 	    apt-get install -y -qq --no-install-recommends finger fingerd socat \
-	        netcat-openbsd curl openssl chromium >/dev/null; \
+	        netcat-openbsd curl openssl chromium ngircd gnutls-bin >/dev/null; \
 	else echo "peers: not root or no apt-get: Debian packages not installed"; fi
 	@[ -x $(VENV)/bin/vermin ] || { $(PYTHON) -m venv $(VENV) && \
 	    $(VENV)/bin/pip install --quiet --disable-pip-version-check vermin; }
@@ -59,7 +60,7 @@ interop: peers
 	    TWISTED_PYTHON=$(abspath $(TWISTED_VENV))/bin/python \
 	    TWISTED_OLD_PYTHON=$(abspath $(TWISTED_OLD_VENV))/bin/python \
 	    $(PYTHON) test_finger.py TestInterop TestWebInterop TestPackagingInterop \
-	    TestPBInterop TestPythonVersions
+	    TestPBInterop TestIRCInterop TestPythonVersions
 
 bench:
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)

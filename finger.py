@@ -39,7 +39,7 @@ __all__ = [
     "Query", "format_reply", "UserDatabase", "MemoryDatabase", "FileDatabase",
     "FingerProtocol", "Service", "TCPService", "ServiceGroup", "finger", "parse_target",
     "build_database", "build_services", "build_parser", "serve_inetd", "main",
-    "PBError", "PBProtocol", "banana_encode", "BananaDecoder", "jelly", "unjelly",
+    "PBError", "PBProtocol", "banana_encode", "BananaDecoder", "jelly", "unjelly", "IRCBot",
 ]
 
 log = logging.getLogger("finger")
@@ -2561,7 +2561,963 @@ def run_set(status, path, timeout):
     return 0
 
 
-# == 8. Services and assembly ==================================================================
+# == 8. IRC: the tutorial's IRCReplyBot, a good citizen on real networks =======================
+#
+# ssl, random and base64 are imported inside the functions that use them, so the finger
+# client never loads them.
+
+IRC_PORT = 6667                   # plain IRC
+IRC_TLS_PORT = 6697               # IRC over TLS from the first byte (RFC 7194)
+IRC_DEFAULT_NICK = "fingerbot"
+IRC_USER = "finger"               # the user name sent in USER (shown as ~finger without ident)
+IRC_PASSWORD_ENV = "FINGER_IRC_PASSWORD"   # the SASL password, never on the command line
+IRC_MAX_LINE = 512                # bytes in a line we send, CRLF included (RFC 1459 2.3)
+IRC_SPLIT_BYTES = 400             # text bytes per PRIVMSG when a long reply is split
+IRC_RELAY_ROOM = 100              # bytes kept free for the ":nick!user@host " a server puts
+                                  # in front when it relays (it cuts the line at 512)
+IRC_MAX_INPUT_LINE = 8191         # longest line taken from the server (IRCv3 tags allow 8191
+                                  # bytes); longer lines are logged and skipped
+IRC_MAX_REPLY_LINES = 5           # lines of one reply at most (one burst); the rest is cut
+IRC_MAX_QUEUE = 100               # lines waiting for the flood limiter; replies beyond: dropped
+IRC_MAX_OUTPUT = 64 * 1024        # bytes the server may leave unread before we hang up
+IRC_READ_BATCH = 64               # reads from the socket per wake-up of the loop
+IRC_DEFAULT_NICKLEN = 9           # RFC 1459's limit, assumed after a 432 until 005 tells
+IRC_NICK_TRIES = 10               # other nicks tried on one connection before giving up
+IRC_FIRST_DELAY = 1.0             # seconds before the first reconnect; doubles each attempt
+IRC_BANNED_ATTEMPTS = 64          # where a ban puts the attempt count: the back-off's cap
+IRC_LOOKUP_AT_BIND = 2.0          # seconds bind() waits for the server's address (chroot)
+IRC_QUIT_GRACE = 0.5              # seconds the QUIT gets to leave and be answered on close()
+IRC_QUIT_MESSAGE = "finger.py stopping"
+IRC_CTCP_ECHO = 64                # characters of a CTCP PING argument echoed back
+# ERROR reasons that mean "do not come back soon": back off to the cap.
+IRC_BANNED = re.compile(r"ban|[kgzd]-?line|throttl|too many|flood", re.IGNORECASE)
+
+_IRC_COMMAND = re.compile(r"[A-Za-z]+\Z|[0-9]{3}\Z")
+_IRC_UNSAFE = re.compile("[\r\n\0]")
+_IRC_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ[]\\~", "abcdefghijklmnopqrstuvwxyz{}|^")
+_IRC_NICK = re.compile(r"[A-Za-z\[\]\\`^{}|_][A-Za-z0-9\[\]\\`^{}|_-]{0,63}\Z")   # RFC 2812
+_IRC_NOT_NICK_CHARS = re.compile(r"[^A-Za-z0-9\[\]\\`^{}|_-]")
+_IRC_CHANNEL = re.compile(r"[#&+!][^\0\a\r\n ,]{1,199}\Z")                        # RFC 2812
+_IRC_MENTION = re.compile(r"([^\s:,]+)\s*[:,]\s*(\S+)\Z")   # "nick: name", "nick, name"
+
+
+class IRCMessage:
+    """One line from the server: `prefix` ('' when there is none), `command` (upper case) and
+    `params` (a list; the trailing parameter, spaces and all, is the last one)."""
+
+    __slots__ = ("prefix", "command", "params")
+
+    def __init__(self, prefix, command, params):
+        self.prefix, self.command, self.params = prefix, command, params
+
+    @property
+    def nick(self):
+        """The sender's nick: the prefix up to '!' or '@'."""
+        return self.prefix.split("!", 1)[0].split("@", 1)[0]
+
+    def __repr__(self):
+        return "IRCMessage(%r, %r, %r)" % (self.prefix, self.command, self.params)
+
+
+def parse_irc_line(line):
+    """A line from the server (str) -> IRCMessage, or None when it is malformed.
+
+    Tolerant: IRCv3 message tags are skipped, a line end left on is ignored, runs of spaces
+    count as one."""
+    line = line.rstrip("\r\n")
+    if line.startswith("@"):
+        line = line.partition(" ")[2]
+    line = line.lstrip(" ")
+    prefix = ""
+    if line.startswith(":"):
+        prefix, _, line = line[1:].partition(" ")
+        if not prefix:
+            return None
+    head, colon, trailing = (" " + line).partition(" :")
+    words = [word for word in head.split(" ") if word]
+    if not words or not _IRC_COMMAND.match(words[0]):
+        return None
+    return IRCMessage(prefix, words[0].upper(), words[1:] + ([trailing] if colon else []))
+
+
+def irc_lower(text):
+    """rfc1459 case mapping, the IRC default: A-Z and []\\~ equal a-z and {}|^."""
+    return text.translate(_IRC_LOWER)
+
+
+def _utf8_prefix(data, limit):
+    """The longest start of the UTF-8 bytes `data` that is at most `limit` bytes and does not
+    end inside a character."""
+    if len(data) <= limit:
+        return data
+    cut = limit
+    while cut > 0 and data[cut] & 0xC0 == 0x80:    # data[cut] continues a character
+        cut -= 1
+    return data[:cut]
+
+
+def format_irc_line(command, *params, trailing=False):
+    """A line to send -> bytes ending in CRLF, at most 512 of them.
+
+    CR, LF and NUL are removed from every parameter, so no text can start a command of its
+    own.  The last parameter goes as the trailing one (after ':') when it must or when
+    `trailing` is true, and is cut on a UTF-8 boundary if the line would be too long.  The
+    other parameters must be single non-empty words: ValueError otherwise."""
+    params = [_IRC_UNSAFE.sub("", param) for param in params]
+    for param in params[:-1]:
+        if not param or " " in param or param.startswith(":"):
+            raise ValueError("IRC parameter %r is not a single word" % param)
+    head = " ".join([_IRC_UNSAFE.sub("", command)] + params[:-1]).encode("utf-8")
+    if not params:
+        return _utf8_prefix(head, IRC_MAX_LINE - 2) + b"\r\n"
+    last = params[-1]
+    marker = b" :" if trailing or not last or " " in last or last.startswith(":") else b" "
+    room = IRC_MAX_LINE - 2 - len(head) - len(marker)
+    if room < 0:
+        raise ValueError("IRC line %r is too long" % head[:40])
+    return head + marker + _utf8_prefix(last.encode("utf-8"), room) + b"\r\n"
+
+
+def split_irc_text(text, limit=IRC_SPLIT_BYTES):
+    """Text -> the lines of one or more PRIVMSGs: split at line ends (CR, LF and NUL never
+    get through), then into pieces of at most `limit` UTF-8 bytes, at a space when there is
+    one in the second half of a piece, and never inside a character.  Blank lines are left
+    out."""
+    limit = max(limit, 4)            # room for any character
+    pieces = []
+    for line in re.split("[\r\n]+", text.replace("\0", "")):
+        data = line.encode("utf-8")
+        while len(data) > limit:
+            piece = _utf8_prefix(data, limit)
+            space = piece.rfind(b" ", limit // 2)
+            if space > 0:
+                piece = piece[:space]
+            pieces.append(piece.decode("utf-8"))
+            data = data[len(piece) + (1 if space > 0 else 0):]
+        pieces.append(data.decode("utf-8"))
+    return [piece.rstrip(" ") for piece in pieces if piece.strip()]
+
+
+class TokenBucket:
+    """Flood control: `burst` lines at once, then one line every `interval` seconds.
+
+    RFC 1459 section 8.10's penalty model (2 s a message, up to 10 s ahead) allows about 5
+    lines and then one per 2 s: the defaults.  `clock` is for tests."""
+
+    def __init__(self, burst=5, interval=2.0, clock=time.monotonic):
+        self.burst, self.interval, self.clock = max(1, burst), max(0.0, interval), clock
+        self.tokens = float(self.burst)
+        self.stamp = clock()
+
+    def _refill(self, now):
+        if self.interval:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) / self.interval)
+        else:
+            self.tokens = float(self.burst)
+        self.stamp = now
+
+    def delay(self, now=None):
+        """Seconds until the next line may go; 0 when it may go now."""
+        self._refill(self.clock() if now is None else now)
+        return 0.0 if self.tokens >= 1 - 1e-9 else (1 - self.tokens) * self.interval
+
+    def take(self, now=None):
+        """Use up one line's token: True, or False when the line has to wait."""
+        if self.delay(now):
+            return False
+        self.tokens -= 1
+        return True
+
+
+def irc_backoff(attempt, cap=60.0, first=IRC_FIRST_DELAY, rand=None):
+    """Seconds to wait before reconnect `attempt` (1 for the first retry): `first`, doubled
+    each attempt, at most `cap`, less up to 20 % jitter so that bots cut off together do not
+    come back together (and the cap is never passed).  Depends on the attempt number only:
+    ClientService's model, not ReconnectingClientFactory's."""
+    if rand is None:
+        import random
+        rand = random.random
+    base = min(cap, first * 2.0 ** min(max(attempt - 1, 0), 32))
+    return base * (1 - 0.2 * rand())
+
+
+def alternate_nick(nick, attempt, nicklen=None):
+    """The nick to try after `attempt` refusals (433 taken, 436, 437): nick_, nick2, nick3...,
+    `nick` cut so that the whole fits in `nicklen` characters (when known)."""
+    suffix = "_" if attempt <= 1 else str(attempt)
+    if nicklen:
+        nick = nick[:max(1, nicklen - len(suffix))]
+    return nick + suffix
+
+
+def reshape_nick(nick, nicklen=None):
+    """A nick of another shape after 432 (erroneous nickname): RFC 2812's characters only,
+    not starting with a digit or '-', within `nicklen` (RFC 1459's 9 when unknown)."""
+    nick = _IRC_NOT_NICK_CHARS.sub("", nick)
+    if not _IRC_NICK.match(nick[:1] or "0"):
+        nick = "f" + nick
+    return nick[:nicklen or IRC_DEFAULT_NICKLEN]
+
+
+def irc_tls_context(cafile=None):
+    """The bot's TLS context: the server's certificate and host name are checked against the
+    system's CAs, or only against those in `cafile` (PEM); TLS 1.2 at least.  There is no
+    way to turn the checks off."""
+    import ssl
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as error:
+        raise UsageError("--irc-cafile %s: cannot load the certificates: %s"
+                         % (cafile, getattr(error, "strerror", None) or error)) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class _SessionEnd(Exception):
+    """Ends the connection to the server; the bot reconnects after the back-off (to the cap
+    when `banned`)."""
+
+    def __init__(self, reason, banned=False):
+        super().__init__(reason)
+        self.banned = banned
+
+
+class _Closing(Exception):
+    """close() was called: leave at once."""
+
+
+class IRCBot(Service):
+    """The tutorial's IRCReplyBot on plain sockets: it answers a private message NAME (or
+    "NICK: NAME" / "NICK, NAME" in a joined channel) with "Status of NAME: STATUS".
+
+    Unlike Twisted's IRCClient it sends its own PING after `keepalive` seconds of silence and
+    reconnects when nothing comes back within `keepalive_timeout`; it gives up on a
+    connection that is not welcomed (001) within `register_timeout`; it reconnects with
+    attempt-based exponential back-off (`backoff_cap`), reset by 001; it limits its output
+    to `burst` lines, then one per `line_interval` seconds; over TLS it checks the
+    certificate and host name.  SASL PLAIN is used when `account` and `password` are given,
+    PASS when `server_password` is.
+
+    Methods for the caller: those of Service (start, stop, ...).  `address` is the server's
+    (host, port); `nick` the nick in use; `registered` whether the server welcomed the bot;
+    `counts` the answers by outcome (for the metrics).  One thread runs a selectors loop over
+    the server's socket and a wake-up socket, so close() ends it within a second in any
+    state: looking up, connecting, registered, or waiting to reconnect."""
+
+    name = "irc"
+
+    def __init__(self, db, host, port=None, *, nick=IRC_DEFAULT_NICK, channels=(), tls=False,
+                 cafile=None, account=None, password=None, server_password=None,
+                 realname="finger.py bot", keepalive=120.0, keepalive_timeout=60.0,
+                 register_timeout=60.0, burst=5, line_interval=2.0, backoff_cap=60.0):
+        super().__init__()
+        if not _IRC_NICK.match(nick or ""):
+            raise UsageError("--irc-nick %r: a nick is a letter or one of []\\`^{}|_ followed "
+                             "by at most 63 letters, digits or those" % nick)
+        for channel in channels:
+            if not _IRC_CHANNEL.match(channel):
+                raise UsageError("--irc-channel %r: a channel starts with #, &, + or ! and has "
+                                 "no space, comma or control character" % channel)
+        if bool(account) != bool(password):
+            raise UsageError("SASL needs both --irc-account and a password (from $%s or "
+                             "--irc-password-file)" % IRC_PASSWORD_ENV)
+        if any("\0" in (text or "") for text in (account, password)):
+            raise UsageError("the IRC account and password cannot contain NUL")
+        if cafile and not tls:
+            raise UsageError("--irc-cafile needs --irc-tls")
+        if account and not tls:
+            log.warning("irc: SASL PLAIN without --irc-tls sends the password in clear text")
+        self.db = db
+        self.host = host
+        self.address = (host, port or (IRC_TLS_PORT if tls else IRC_PORT))
+        self.wanted_nick, self.channels = nick, list(channels)
+        self.tls, self.cafile = tls, cafile
+        self.ssl_context = irc_tls_context(cafile) if tls else None
+        self.account, self._password = account, password
+        self._server_password, self.realname = server_password, realname
+        self.keepalive, self.keepalive_timeout = keepalive, keepalive_timeout
+        self.register_timeout, self.backoff_cap = register_timeout, backoff_cap
+        self.burst, self.line_interval = burst, line_interval
+        # Fixed keys: render_metrics may iterate while the bot thread counts.
+        self.counts = dict.fromkeys(("ok", "unknown", "error", "dropped", "ctcp"), 0)
+        self.nick = nick
+        self.nicklen = None           # NICKLEN from 005, kept across connections
+        self.registered = False
+        self._addresses = None        # the server's addresses as last looked up
+        self._failures = 0            # connections that ended since the last 001
+        self._closing = threading.Event()
+        self._wake_lock = threading.Lock()
+        self._wake = None             # socketpair: close() writes a byte to wake the loop
+        self._sock = None
+        self._reset_session()
+
+    def __repr__(self):
+        return "<IRCBot %s on %s>" % (self.nick, format_address(self.address))
+
+    # -- Service ---------------------------------------------------------------------------
+
+    def bind(self):
+        """Look the server up now, while the resolver is in reach (before a chroot); later
+        lookups that fail fall back to this answer."""
+        if self._addresses is None:
+            try:
+                self._lookup(time.monotonic() + IRC_LOOKUP_AT_BIND)
+            except (OSError, _Closing) as error:
+                log.warning("irc: cannot look up %s yet: %s", self.host, error)
+
+    def start(self):
+        if self._thread is None:
+            self._closing.clear()
+        super().start()
+
+    def close(self):
+        self._closing.set()
+        with self._wake_lock:
+            if self._wake is not None:
+                with contextlib.suppress(OSError):
+                    self._wake[1].send(b"x")
+
+    def open_connections(self):
+        return 1 if self._sock is not None else 0
+
+    @property
+    def joined(self):
+        """The channels the bot is in now, sorted."""
+        return sorted(self._joined.values())
+
+    def reload(self):
+        """SIGHUP: load --irc-cafile again (used from the next connection on)."""
+        if self.tls and self.cafile:
+            try:
+                self.ssl_context = irc_tls_context(self.cafile)
+                log.info("irc: reloaded the CA file %s", self.cafile)
+            except UsageError as error:
+                log.error("%s; keeping the CAs loaded before", error)
+
+    def relocate(self, inside):
+        self.cafile = inside(self.cafile)
+
+    def serve(self):
+        with self._wake_lock:
+            self._wake = socket.socketpair()
+            for end in self._wake:
+                end.setblocking(False)
+        try:
+            while not self._closing.is_set():
+                self._session()
+                self._failures += 1
+                delay = irc_backoff(IRC_BANNED_ATTEMPTS if self._banned else self._failures,
+                                    self.backoff_cap)
+                log.info("irc: reconnecting to %s in %.1f s (attempt %d)",
+                         format_address(self.address), delay, self._failures + 1)
+                self._sleep(delay)
+        except _Closing:
+            pass
+        finally:
+            with self._wake_lock:
+                for end in self._wake:
+                    end.close()
+                self._wake = None
+
+    # -- one connection --------------------------------------------------------------------
+
+    def _reset_session(self):
+        self.nick = self.wanted_nick
+        self.registered = False
+        self._nick_base, self._nicks_tried = self.wanted_nick, [self.wanted_nick]
+        self._nick_limit = None       # RFC 1459's 9 once a 432 says the nick is too long
+        self._inbuf, self._skipping = b"", False
+        self._outbuf, self._queue = b"", []
+        self._bucket = TokenBucket(self.burst, self.line_interval)
+        self._caps, self._cap_pending, self._sasl_started = {}, False, False
+        self._banned = False
+        self._joined = {}             # irc_lower(channel) -> channel
+        self._last_received, self._ping_sent = time.monotonic(), None
+        self._want = (BlockingIOError, InterruptedError)   # "try again later" errors
+
+    def _session(self):
+        """Connect, register, answer until the link fails; raises _Closing on close()."""
+        self._reset_session()
+        where = format_address(self.address)
+        log.info("irc: connecting to %s%s (attempt %d)", where, " (TLS)" if self.tls else "",
+                 self._failures + 1)
+        deadline = time.monotonic() + self.register_timeout
+        try:
+            self._sock = self._connect(deadline)
+            try:
+                self._converse(deadline)
+            finally:
+                self._sock.close()
+                self._sock = None
+                self.registered = False
+        except _SessionEnd as end:
+            log.warning("irc: %s: %s", where, end)
+            self._banned = end.banned
+        except OSError as error:      # ssl.SSLError and socket.timeout included
+            log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
+        except Exception:             # a bug: log it, and reconnect rather than die
+            log.exception("irc: %s: the connection failed", where)
+
+    def _lookup(self, deadline):
+        """The server's addresses.  getaddrinfo runs in a helper thread so that close() need
+        not wait for a slow resolver; when a lookup fails, the last good answer is used."""
+        host, port = self.address
+        with contextlib.suppress(socket.gaierror):      # numeric addresses need no resolver
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                      flags=socket.AI_NUMERICHOST)
+        answers, done = [], threading.Event()
+
+        def look_up():
+            try:
+                answers.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except OSError as error:
+                answers.append(error)
+            done.set()
+
+        threading.Thread(target=look_up, name="finger-irc-lookup", daemon=True).start()
+        while not done.wait(0.05):
+            if self._closing.is_set():
+                raise _Closing()
+            if time.monotonic() > deadline:
+                answers.append(socket.timeout("looking up %s timed out" % host))
+                break
+        if isinstance(answers[0], OSError):
+            if not self._addresses:
+                raise answers[0]
+            log.warning("irc: cannot look up %s (%s); using the address found before",
+                        host, answers[0])
+        else:
+            self._addresses = answers[0]
+        return self._addresses
+
+    def _connect(self, deadline):
+        """A connected (and TLS-wrapped) non-blocking socket to the server."""
+        error = OSError("no address for %s" % self.host)
+        for family, kind, proto, _, sockaddr in self._lookup(deadline):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                code = sock.connect_ex(sockaddr)
+                if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                    raise OSError(code, os.strerror(code))
+                self._wait_for(sock, selectors.EVENT_WRITE, deadline)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, "connecting to %s: %s" % (
+                        format_address(sockaddr), os.strerror(code)))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                return self._handshake(sock, deadline) if self.ssl_context else sock
+            except OSError as failure:
+                sock.close()
+                error = failure
+            except BaseException:
+                sock.close()
+                raise
+        raise error
+
+    def _handshake(self, sock, deadline):
+        import ssl
+        tls = self.ssl_context.wrap_socket(sock, server_hostname=self.host,
+                                           do_handshake_on_connect=False)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._wait_for(tls, selectors.EVENT_READ, deadline)
+                except ssl.SSLWantWriteError:
+                    self._wait_for(tls, selectors.EVENT_WRITE, deadline)
+        except BaseException:
+            tls.close()
+            raise
+        self._want = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                      ssl.SSLWantWriteError)
+        return tls
+
+    def _wait_for(self, sock, events, deadline):
+        """Wait until `sock` is ready; _Closing on close(), socket.timeout at `deadline`."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake[0], selectors.EVENT_READ)
+            selector.register(sock, events)
+            while True:
+                if self._closing.is_set():
+                    raise _Closing()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out connecting (limit %g s)"
+                                         % self.register_timeout)
+                if any(key.fileobj is sock for key, _ in selector.select(remaining)):
+                    return
+
+    def _sleep(self, seconds):
+        """Wait `seconds`; _Closing at once on close()."""
+        deadline = time.monotonic() + seconds
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake[0], selectors.EVENT_READ)
+            while not self._closing.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                selector.select(remaining)
+        raise _Closing()
+
+    def _converse(self, deadline):
+        """Register, then read, answer and keep the link alive until it ends."""
+        self._register()
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake[0], selectors.EVENT_READ)
+            selector.register(self._sock, selectors.EVENT_READ)
+            mask = selectors.EVENT_READ
+            more = False               # TLS may hold decrypted bytes select() cannot see
+            while True:
+                if self._closing.is_set():
+                    self._quit()
+                    raise _Closing()
+                now = time.monotonic()
+                timeout = 0 if more else self._timer(now, deadline)
+                while self._queue and self._bucket.take(now):
+                    self._outbuf += self._queue.pop(0)
+                if self._queue:
+                    timeout = min(timeout, self._bucket.delay(now))
+                self._flush()
+                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbuf else 0)
+                if wanted != mask:
+                    mask = selector.modify(self._sock, wanted).events
+                more = False
+                for key, events in selector.select(timeout):
+                    if key.fileobj is self._sock and events & selectors.EVENT_READ:
+                        more = self._receive()
+
+    def _timer(self, now, deadline):
+        """Seconds until something is due; ends the session when a deadline has passed."""
+        if not self.registered:
+            if now >= deadline:
+                raise _SessionEnd("no welcome (001) within %g s" % self.register_timeout)
+            due = deadline - now
+        elif self._ping_sent is not None:
+            waited = now - self._ping_sent
+            if waited >= self.keepalive_timeout:
+                raise _SessionEnd("no answer to our PING within %g s (silent for %.1f s); "
+                                  "the server or the link is down"
+                                  % (self.keepalive_timeout, now - self._last_received))
+            due = self.keepalive_timeout - waited
+        elif now - self._last_received >= self.keepalive:
+            self._send("PING", "finger.py")
+            self._ping_sent = now
+            due = self.keepalive_timeout
+        else:
+            due = self.keepalive - (now - self._last_received)
+        return max(due, 0.001)
+
+    def _receive(self):
+        """Read what the server sent and handle its lines; True when TLS still holds data."""
+        for _ in range(IRC_READ_BATCH):
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except self._want:
+                return False
+            if not data:
+                raise _SessionEnd("the server closed the connection")
+            self._last_received, self._ping_sent = time.monotonic(), None
+            self._feed(data)
+        return True
+
+    def _feed(self, data):
+        """Split received bytes into lines (CRLF or LF); skip lines that are too long."""
+        self._inbuf += data
+        while True:
+            end = self._inbuf.find(b"\n")
+            if end < 0:
+                if len(self._inbuf) > IRC_MAX_INPUT_LINE:
+                    if not self._skipping:
+                        log.warning("irc: skipped a line of more than %d bytes from the server",
+                                    IRC_MAX_INPUT_LINE)
+                    self._inbuf, self._skipping = b"", True
+                return
+            line, self._inbuf = self._inbuf[:end], self._inbuf[end + 1:]
+            if self._skipping:          # the end of a line already skipped
+                self._skipping = False
+                continue
+            if len(line) > IRC_MAX_INPUT_LINE:
+                log.warning("irc: skipped a line of %d bytes from the server", len(line))
+                continue
+            text = line.rstrip(b"\r").decode("utf-8", "replace")
+            if text.strip():
+                self._handle(text)
+
+    def _handle(self, text):
+        message = parse_irc_line(text)
+        if message is None:
+            log.warning("irc: skipped a malformed line from the server: %r", text[:200])
+            return
+        log.debug("irc <- %s", text)
+        handler = self._HANDLERS.get(message.command)
+        if handler is None:
+            return
+        try:
+            handler(self, message)
+        except (_SessionEnd, _Closing):
+            raise
+        except Exception:
+            log.exception("irc: handling %r failed", text[:200])
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _send(self, command, *params):
+        """Send a line now (protocol lines: registration, PONG, PING)."""
+        line = format_irc_line(command, *params)
+        if log.isEnabledFor(logging.DEBUG):
+            shown = line if command not in ("PASS", "AUTHENTICATE") else command.encode()
+            log.debug("irc -> %s", shown.rstrip().decode("utf-8", "replace"))
+        self._outbuf += line
+
+    def _enqueue(self, command, target, texts):
+        """Queue lines for the flood limiter; False (and nothing queued) when it is full."""
+        if len(self._queue) + len(texts) > IRC_MAX_QUEUE:
+            log.warning("irc: %d lines already wait to be sent; dropped the answer to %s",
+                        len(self._queue), target)
+            return False
+        self._queue += [format_irc_line(command, target, text, trailing=True)
+                        for text in texts]
+        return True
+
+    def _flush(self):
+        while self._outbuf:
+            try:
+                sent = self._sock.send(self._outbuf)
+            except self._want:
+                break
+            self._outbuf = self._outbuf[sent:]
+        if len(self._outbuf) > IRC_MAX_OUTPUT:
+            raise _SessionEnd("the server reads nothing of what we send")
+
+    def _quit(self):
+        """Say QUIT and give the server IRC_QUIT_GRACE seconds to take it and hang up."""
+        self._queue = []
+        self._outbuf += format_irc_line("QUIT", IRC_QUIT_MESSAGE, trailing=True)
+        deadline = time.monotonic() + IRC_QUIT_GRACE
+        with contextlib.suppress(OSError, _SessionEnd), selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            while time.monotonic() < deadline:
+                self._flush()
+                if not self._outbuf:
+                    break
+                selector.select(deadline - time.monotonic())
+            selector.modify(self._sock, selectors.EVENT_READ)
+            while time.monotonic() < deadline:     # until the server's ERROR and EOF
+                selector.select(deadline - time.monotonic())
+                for _ in range(IRC_READ_BATCH):
+                    try:
+                        if not self._sock.recv(RECV_SIZE):
+                            return
+                    except self._want:
+                        break
+
+    # -- registration ----------------------------------------------------------------------
+
+    def _register(self):
+        if self.account:
+            self._send("CAP", "LS", "302")
+            self._cap_pending = True
+        if self._server_password:
+            self._send("PASS", self._server_password)
+        self._send("NICK", self.nick)
+        self._send("USER", IRC_USER, "0", "*", self.realname)
+
+    def _cap_end(self):
+        if self._cap_pending:
+            self._cap_pending = False
+            self._send("CAP", "END")
+
+    def _on_ping(self, message):
+        self._send("PONG", message.params[-1] if message.params else "")
+
+    def _on_welcome(self, message):
+        self.registered = True
+        self._failures = 0
+        self._cap_pending = False
+        if message.params:
+            self.nick = message.params[0]
+        log.info("irc: registered on %s as %s", format_address(self.address), self.nick)
+        channels = list(self.channels)
+        while channels:                 # as few JOIN lines as fit, through the limiter
+            batch = [channels.pop(0)]
+            while channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES:
+                batch.append(channels.pop(0))
+            self._queue.append(format_irc_line("JOIN", ",".join(batch)))
+
+    def _on_isupport(self, message):
+        for token in message.params[1:-1]:
+            key, _, value = token.partition("=")
+            if key.upper() == "NICKLEN" and value.isdigit() and int(value) > 0:
+                self.nicklen = int(value)
+
+    def _on_nick_refused(self, message):
+        """433 (in use), 436 (collision), 437 (unavailable) and 432 (erroneous)."""
+        if self.registered:
+            log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
+            return
+        if len(self._nicks_tried) > IRC_NICK_TRIES:
+            raise _SessionEnd("no nick accepted after %d tries (%s)"
+                              % (len(self._nicks_tried), ", ".join(self._nicks_tried)))
+        refused = self.nick
+        if message.command == "432":       # bad shape or too long: change the shape
+            self._nick_limit = self.nicklen or IRC_DEFAULT_NICKLEN
+            self._nick_base = reshape_nick(self._nick_base, self._nick_limit)
+        limit = self.nicklen or self._nick_limit
+        nick, attempt = self._nick_base, 0
+        while nick in self._nicks_tried:
+            attempt += 1
+            nick = alternate_nick(self._nick_base, attempt, limit)
+        self._nicks_tried.append(nick)
+        self.nick = nick
+        log.info("irc: nick %s refused (%s %s); trying %s", refused, message.command,
+                 message.params[-1] if message.params else "", nick)
+        self._send("NICK", nick)
+
+    def _on_error(self, message):
+        reason = message.params[-1] if message.params else ""
+        raise _SessionEnd("the server closed the link: ERROR %s" % reason,
+                          banned=bool(IRC_BANNED.search(reason)))
+
+    def _on_refused(self, message):
+        """464 (bad server password), 465 (banned): no point in coming back soon."""
+        reason = message.params[-1] if message.params else ""
+        what = "refused the server password" if message.command == "464" else "banned us"
+        log.error("irc: %s %s: %s", format_address(self.address), what, reason)
+        raise _SessionEnd("%s %s" % (message.command, reason), banned=True)
+
+    def _on_not_registered(self, message):
+        log.warning("irc: sent a command before 001 (a bug): %s", " ".join(message.params))
+
+    # -- CAP and SASL ----------------------------------------------------------------------
+
+    def _on_cap(self, message):
+        params = message.params
+        if len(params) < 3:
+            return
+        sub = params[1].upper()
+        if sub == "LS":
+            for cap in params[-1].split():
+                name, _, value = cap.partition("=")
+                self._caps[name.lower()] = value
+            if len(params) >= 4 and params[2] == "*":
+                return                    # more CAP LS lines follow (302)
+            mechanisms = self._caps.get("sasl")
+            if mechanisms is None or (mechanisms and "PLAIN" not in mechanisms.upper().split(",")):
+                log.warning("irc: %s offers no SASL PLAIN; going on without logging in as %s",
+                            format_address(self.address), self.account)
+                self._cap_end()
+            else:
+                self._send("CAP", "REQ", "sasl")
+        elif sub == "ACK" and "sasl" in params[-1].lower().split() and self._cap_pending:
+            self._sasl_started = True
+            self._send("AUTHENTICATE", "PLAIN")
+        elif sub == "NAK":
+            log.warning("irc: the server refused the capability %s", params[-1])
+            self._cap_end()
+
+    def _on_authenticate(self, message):
+        if message.params[:1] != ["+"] or not self._sasl_started:
+            return
+        self._sasl_started = False          # the password goes once, and only when asked
+        import base64
+        payload = base64.b64encode(("\0%s\0%s" % (self.account, self._password))
+                                   .encode("utf-8")).decode("ascii")
+        chunks = [payload[start:start + 400] for start in range(0, len(payload), 400)]
+        for chunk in chunks:
+            self._send("AUTHENTICATE", chunk)
+        if len(chunks[-1]) == 400:
+            self._send("AUTHENTICATE", "+")
+
+    def _on_sasl_done(self, message):
+        """903 success, 907 already logged in, 902/904/905/906 failure: CAP END in any case."""
+        reason = message.params[-1] if message.params else ""
+        if message.command in ("903", "907"):
+            log.info("irc: SASL login as %s: %s", self.account, reason)
+        else:
+            log.error("irc: SASL login as %s failed (%s): %s", self.account, message.command,
+                      reason)
+        self._cap_end()
+
+    # -- channels and messages -------------------------------------------------------------
+
+    def _is_me(self, nick):
+        return irc_lower(nick) == irc_lower(self.nick)
+
+    def _on_nick(self, message):
+        if message.params and self._is_me(message.nick):
+            self.nick = message.params[0]
+
+    def _on_join(self, message):
+        if message.params and self._is_me(message.nick):
+            for channel in message.params[0].split(","):
+                self._joined[irc_lower(channel)] = channel
+                log.info("irc: joined %s", channel)
+
+    def _on_part(self, message):
+        if message.params and self._is_me(message.nick):
+            for channel in message.params[0].split(","):
+                self._joined.pop(irc_lower(channel), None)
+
+    def _on_kick(self, message):
+        if len(message.params) >= 2 and self._is_me(message.params[1]):
+            self._joined.pop(irc_lower(message.params[0]), None)
+            log.warning("irc: %s kicked us from %s: %s", message.nick, message.params[0],
+                        message.params[-1])
+
+    def _on_cannot_join(self, message):
+        log.warning("irc: cannot join %s: %s", " ".join(message.params[1:-1]),
+                    message.params[-1] if message.params else "")
+
+    def _on_privmsg(self, message):
+        """PRIVMSG to us: the text is a user name (or a CTCP); in a joined channel we answer
+        "NICK: NAME" and "NICK, NAME".  Our own messages are never answered, nor NOTICEs
+        (RFC 1459 4.4.2: no automatic replies to NOTICE), which have no handler at all.
+        Text of more than one word is no user name and gets no answer: as every answer has
+        several words, two bots (or a bot and a service) can never answer each other forever."""
+        if len(message.params) < 2 or not self.registered:
+            return
+        target, text, sender = message.params[0], message.params[-1], message.nick
+        if not sender or self._is_me(sender):
+            return
+        if self._is_me(target):
+            if text.startswith("\x01"):
+                self._ctcp(sender, text)
+            elif len(text.split()) == 1:
+                self._answer(sender, sender, text.strip())
+        elif irc_lower(target) in self._joined and not text.startswith("\x01"):
+            mention = _IRC_MENTION.match(text.strip())
+            if mention and self._is_me(mention.group(1)):
+                self._answer(sender, target, mention.group(2), prefix=sender + ": ")
+
+    def _answer(self, sender, target, name, prefix=""):
+        try:
+            status = self.db.get_user(name)
+            outcome = "unknown" if status is None else "ok"
+        except Exception:
+            log.exception("irc: back-end failed answering %r", name)
+            status, outcome = INTERNAL_ERROR, "error"
+        text = defang("%sStatus of %s: %s" % (prefix, name, NO_SUCH_USER if status is None
+                                               else status))
+        room = (IRC_MAX_LINE - IRC_RELAY_ROOM
+                - len(("PRIVMSG %s :\r\n" % target).encode("utf-8")))
+        lines = split_irc_text(text, min(IRC_SPLIT_BYTES, room))
+        if len(lines) > IRC_MAX_REPLY_LINES:
+            lines = lines[:IRC_MAX_REPLY_LINES]
+            lines[-1] += " [...]"
+        if not self._enqueue("PRIVMSG", target, lines):
+            outcome = "dropped"
+        self.counts[outcome] += 1
+        log.info("irc %s%s %r %s", sender, "" if target == sender else " in " + target,
+                 name, outcome)
+
+    def _ctcp(self, sender, text):
+        """CTCP VERSION and PING are answered by NOTICE; other CTCPs are ignored."""
+        command, _, argument = text.strip("\x01").partition(" ")
+        command = command.upper()
+        if command == "VERSION":
+            reply = "VERSION finger.py %s (the Twisted finger tutorial's bot, Python %d.%d)" % (
+                __version__, sys.version_info[0], sys.version_info[1])
+        elif command == "PING":
+            reply = ("PING " + argument.replace("\x01", "")[:IRC_CTCP_ECHO]).rstrip()
+        else:
+            return
+        if self._enqueue("NOTICE", sender, ["\x01%s\x01" % defang(reply)]):
+            self.counts["ctcp"] += 1
+
+    _HANDLERS = {
+        "PING": _on_ping, "001": _on_welcome, "005": _on_isupport,
+        "432": _on_nick_refused, "433": _on_nick_refused, "436": _on_nick_refused,
+        "437": _on_nick_refused, "ERROR": _on_error, "464": _on_refused, "465": _on_refused,
+        "451": _on_not_registered, "CAP": _on_cap, "AUTHENTICATE": _on_authenticate,
+        "902": _on_sasl_done, "903": _on_sasl_done, "904": _on_sasl_done,
+        "905": _on_sasl_done, "906": _on_sasl_done, "907": _on_sasl_done,
+        "NICK": _on_nick, "JOIN": _on_join, "PART": _on_part, "KICK": _on_kick,
+        "403": _on_cannot_join, "405": _on_cannot_join, "471": _on_cannot_join,
+        "473": _on_cannot_join, "474": _on_cannot_join, "475": _on_cannot_join,
+        "PRIVMSG": _on_privmsg,
+    }
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def _irc_server(text):
+    """--irc HOST[:PORT]: checked here, the port filled in by irc_bot_from_options (it
+    depends on --irc-tls)."""
+    try:
+        host, _ = split_host_port(text, IRC_PORT)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError("expected HOST[:PORT] (%s)" % error) from None
+    if not host:
+        raise argparse.ArgumentTypeError("expected HOST[:PORT], got %r" % text)
+    return text
+
+
+def add_irc_options(parser):
+    """The IRC bot's options, in their own group of build_parser's parser."""
+    irc = parser.add_argument_group(
+        "IRC bot", "the tutorial's IRCReplyBot: answers a private message NAME with "
+        "'Status of NAME: STATUS'; the SASL password comes from $%s or --irc-password-file"
+        % IRC_PASSWORD_ENV)
+    irc.add_argument("--irc", type=_irc_server, metavar="HOST[:PORT]",
+                     help="run the bot on this IRC server (port %d, or %d with --irc-tls)"
+                     % (IRC_PORT, IRC_TLS_PORT))
+    irc.add_argument("--irc-nick", default=IRC_DEFAULT_NICK, metavar="NICK",
+                     help="the bot's nick; another is tried when it is taken "
+                          "(default: %(default)s)")
+    irc.add_argument("--irc-channel", action="append", default=[], metavar="CHANNEL",
+                     help="join CHANNEL and answer 'NICK: NAME' there (repeatable)")
+    irc.add_argument("--irc-tls", action="store_true",
+                     help="connect with TLS; the certificate and host name are checked")
+    irc.add_argument("--irc-cafile", metavar="FILE",
+                     help="--irc-tls: trust only the CA certificates in this PEM file")
+    irc.add_argument("--irc-account", metavar="NAME",
+                     help="log in by SASL PLAIN as NAME (password: $%s or "
+                          "--irc-password-file)" % IRC_PASSWORD_ENV)
+    irc.add_argument("--irc-password-file", metavar="FILE",
+                     help="file whose first line is the SASL password (never the command "
+                          "line: every user can read that)")
+
+
+def irc_bot_from_options(options, db, environ=None):
+    """The IRCBot that `options` ask for (None without --irc); UsageError when it cannot be
+    made.  The password is read here, before privileges are dropped."""
+    if not options.irc:
+        return None
+    environ = os.environ if environ is None else environ
+    try:
+        host, port = split_host_port(options.irc, IRC_TLS_PORT if options.irc_tls else IRC_PORT)
+    except ValueError as error:
+        raise UsageError("--irc %s: expected HOST[:PORT] (%s)" % (options.irc, error)) from None
+    password = None
+    if options.irc_password_file:
+        path = options.irc_password_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+                mode = os.fstat(f.fileno()).st_mode
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError("--irc-password-file %s: %s" % (
+                path, getattr(error, "strerror", None) or error)) from None
+        if not password:
+            raise UsageError("--irc-password-file %s: the first line is empty" % path)
+        if mode & 0o077:
+            log.warning("--irc-password-file %s: others may read it (chmod 600 it)", path)
+    elif options.irc_account:
+        password = environ.get(IRC_PASSWORD_ENV) or None
+    if password and not options.irc_account:
+        raise UsageError("--irc-password-file needs --irc-account")
+    if options.irc_account and not password:
+        raise UsageError("--irc-account %s needs a password: set $%s or use "
+                         "--irc-password-file" % (options.irc_account, IRC_PASSWORD_ENV))
+    return IRCBot(db, host, port, nick=options.irc_nick, channels=options.irc_channel,
+                  tls=options.irc_tls, cafile=options.irc_cafile,
+                  account=options.irc_account, password=password)
+
+
+# == 9. Services and assembly ==================================================================
 
 class ServiceGroup(Service):
     """Services started in order and stopped in reverse; itself a Service."""
@@ -2660,6 +3616,9 @@ def build_services(options, db=None, sockets=None):
         site = WebSite(db, load_templates(options.templates))
     services = [_listener_service(name, address, sockets.get(name), db, site, options)
                 for name, address in wanted.items()]
+    bot = irc_bot_from_options(options, db)
+    if bot is not None:
+        services.append(bot)
     group = ServiceGroup(services, [db])
     if site is not None:
         site.metrics = functools.partial(render_metrics, group)
@@ -2735,7 +3694,7 @@ def default_options(**overrides):
     return options
 
 
-# == 9. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
+# == 10. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
 
 SD_LISTEN_FDS_START = 3           # systemd passes activated sockets from this descriptor on
 UNPRIVILEGED_USER = "nobody"      # who root becomes without --user (the tutorial used uid 1)
@@ -3041,7 +4000,7 @@ def run_inetd(options):
     return 0
 
 
-# == 10. Command line ===========================================================================
+# == 11. Command line ===========================================================================
 
 def _listen_option(text):
     try:
@@ -3088,7 +4047,7 @@ def _status_pair(text):
 def build_parser():
     """The one parser of finger.py, client and server."""
     parser = argparse.ArgumentParser(
-        prog="finger.py",
+        prog="finger.py", allow_abbrev=False,
         description="RFC 1288 finger client and server (the Twisted finger tutorial's "
                     "services, stdlib only).",
         epilog="client: finger.py moshez@127.0.0.1:7979   "
@@ -3176,6 +4135,8 @@ def build_parser():
                              "(default: %(default)s)")
     limits.add_argument("--workers", type=_count, default=DEFAULT_WORKERS, metavar="N",
                         help="threads for back-ends that may block (default: %(default)s)")
+
+    add_irc_options(parser)
 
     process = parser.add_argument_group("process (twistd's options)")
     process.add_argument("--config", metavar="FILE",
@@ -3332,7 +4293,7 @@ def main(argv=None):
 
 def _config_file(argv):
     """The --config FILE in argv, if any (read before the other options)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     return pre.parse_known_args(argv)[0].config
 

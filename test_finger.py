@@ -42,6 +42,16 @@ logging.getLogger("finger").addHandler(logging.NullHandler())   # tests read log
 
 # == helpers ===================================================================================
 
+def _needs(*programs):
+    missing = [p for p in programs if not shutil.which(p)]
+    if not INTEROP:
+        return unittest.skip("interop test: run with FINGER_INTEROP=1 (make interop)")
+    if missing:
+        return unittest.skip("not installed: %s" % ", ".join(missing))
+    return lambda test: test
+
+
+
 def wait_until(predicate, timeout=TIMEOUT, interval=0.01):
     """Poll `predicate` until it is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -2565,6 +2575,868 @@ class TestPBInterop(unittest.TestCase):
                 self.assertEqual(result["arity"][0], "builtins.TypeError")
 
 
+# == IRC bot ===================================================================================
+# Needs, besides what test_finger.py imports: argparse (imported where used).
+
+IRC_STATUSES = {"moshez": "Happy and well", "shawn": "alive",
+                "evil": "ok\r\nQUIT :pwned\r\nPRIVMSG #victims :spam\0\x01",
+                "long": ("word " * 150 + "\u00e9" * 150 + "\U0001F600" * 100).strip(),
+                "huge": "x" * 10000}
+
+
+class BrokenIRCDatabase(finger.UserDatabase):
+    def get_user(self, name):
+        raise RuntimeError("the back-end is down")
+
+
+class ScriptedIRCServer:
+    """An IRC server scripted by the test: a real socket on 127.0.0.1:0, a thread per
+    connection.  expect() reads what the bot sent, send() answers; QUIT is answered as real
+    servers do (ERROR, then hang up).  `context` makes it a TLS server."""
+
+    def __init__(self, test, context=None):
+        self.listener = socket.create_server((LOCALHOST, 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.lines = queue.Queue()    # (connection number, line or None at EOF, time)
+        self.raw = []                 # every line the bot sent, bytes with the line end
+        self.seen = []
+        self.connections = []
+        self.when = None              # arrival time of the line expect() returned last
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+        test.addCleanup(self.close)
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            if self.context is not None:
+                sock.settimeout(TIMEOUT)
+                try:
+                    sock = self.context.wrap_socket(sock, server_side=True)
+                except (OSError, ValueError):
+                    sock.close()
+                    continue
+            sock.settimeout(0.05)
+            self.connections.append(sock)
+            thread = threading.Thread(target=self._read, args=(sock, len(self.connections)),
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _read(self, sock, number):
+        data = b""
+        while not self._stop.is_set():
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            data += chunk
+            while b"\n" in data:
+                line, data = data.split(b"\n", 1)
+                self.raw.append(line + b"\n")
+                text = line.rstrip(b"\r").decode("utf-8", "replace")
+                self.lines.put((number, text, time.monotonic()))
+                if text.startswith("QUIT"):
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"ERROR :Closing link (Quit: bye)\r\n")
+                    self._hang_up(sock)
+        self.lines.put((number, None, time.monotonic()))
+
+    def expect(self, pattern, timeout=TIMEOUT, connection=None):
+        """The next line the bot sent that matches `pattern` (on `connection`, if given)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                number, line, when = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("the bot sent no line matching %r; the last lines: %r"
+                                     % (pattern, self.seen[-8:])) from None
+            self.seen.append(line)
+            if line is not None and re.search(pattern, line) and connection in (None, number):
+                self.when = when
+                return line
+
+    def expect_nothing(self, pattern, seconds):
+        """No line matching `pattern` comes within `seconds`."""
+        with contextlib.suppress(AssertionError):
+            line = self.expect(pattern, timeout=seconds)
+            raise ValueError("unexpected line from the bot: %r" % line)
+
+    def send(self, *lines):
+        """Lines (str or bytes, without line ends) to the bot's newest connection."""
+        data = b"".join((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n"
+                        for line in lines)
+        self.connections[-1].sendall(data)
+
+    def welcome(self, nick="fingerbot"):
+        self.send(":irc.test 001 %s :Welcome to the test network" % nick,
+                  ":irc.test 005 %s NICKLEN=30 CHANTYPES=# :are supported by this server" % nick)
+
+    def hang_up(self):
+        self._hang_up(self.connections[-1])
+
+    @staticmethod
+    def _hang_up(sock):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def close(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self.listener.close()
+        for sock in self.connections:
+            self._hang_up(sock)
+
+
+def irc_bot(test, server, db=None, **options):
+    """A started IRCBot on `server`, with small intervals so that the tests are fast."""
+    db = db if db is not None else finger.MemoryDatabase(IRC_STATUSES)
+    options.setdefault("line_interval", 0.001)
+    options.setdefault("backoff_cap", 0.05)
+    options.setdefault("register_timeout", TIMEOUT)
+    bot = finger.IRCBot(db, LOCALHOST, server.port, **options)
+    start(test, bot)
+    return bot
+
+
+def registered_irc_bot(test, db=None, **options):
+    server = ScriptedIRCServer(test)
+    bot = irc_bot(test, server, db, **options)
+    server.expect(r"^USER ")
+    server.welcome(bot.wanted_nick)
+    wait_until(lambda: bot.registered)
+    return server, bot
+
+
+class TestIRCHelpers(unittest.TestCase):
+    def test_parse_irc_line(self):
+        message = finger.parse_irc_line(":alice!al@example.org PRIVMSG fingerbot :moshez  x ")
+        self.assertEqual((message.prefix, message.command, message.params),
+                         ("alice!al@example.org", "PRIVMSG", ["fingerbot", "moshez  x "]))
+        self.assertEqual(message.nick, "alice")
+        message = finger.parse_irc_line("@time=2024-01-01T00:00:00Z :irc.test 001 bot :Hi\r\n")
+        self.assertEqual((message.command, message.params), ("001", ["bot", "Hi"]))
+        message = finger.parse_irc_line("ping   :x y")
+        self.assertEqual((message.prefix, message.command, message.params), ("", "PING", ["x y"]))
+        self.assertEqual(finger.parse_irc_line("CAP * LS :").params, ["*", "LS", ""])
+        self.assertEqual(finger.parse_irc_line(":s 005 b A=1  B :ok").params,
+                         ["b", "A=1", "B", "ok"])
+        for bad in ["", "   ", ":", ":prefix", ":prefix ", "!!!", "12 x", "1234 x", ":p :x",
+                    "PRIV-MSG x", "\ufffd\ufffd"]:
+            self.assertIsNone(finger.parse_irc_line(bad), bad)
+
+    def test_format_irc_line_never_lets_a_parameter_start_a_command(self):
+        self.assertEqual(finger.format_irc_line("PRIVMSG", "alice", "hi there"),
+                         b"PRIVMSG alice :hi there\r\n")
+        self.assertEqual(finger.format_irc_line("NICK", "bot"), b"NICK bot\r\n")
+        self.assertEqual(finger.format_irc_line("PONG", ""), b"PONG :\r\n")
+        self.assertEqual(finger.format_irc_line("PONG", ":x"), b"PONG ::x\r\n")
+        self.assertEqual(finger.format_irc_line("PRIVMSG", "a", "b", trailing=True),
+                         b"PRIVMSG a :b\r\n")
+        line = finger.format_irc_line("PRIVMSG", "al\r\nice", "ok\r\nQUIT :pwned\0")
+        self.assertEqual(line, b"PRIVMSG alice :okQUIT :pwned\r\n")
+        with self.assertRaises(ValueError):
+            finger.format_irc_line("PRIVMSG", "two words", "text")
+        with self.assertRaises(ValueError):
+            finger.format_irc_line("PRIVMSG", "", "text")
+        line = finger.format_irc_line("PRIVMSG", "alice", "\u00e9" * 600)
+        self.assertLessEqual(len(line), 512)
+        self.assertTrue(line.endswith(b"\r\n"))
+        line.decode("utf-8")            # not cut inside a character
+
+    def test_split_irc_text_on_utf8_boundaries(self):
+        for text in [IRC_STATUSES["long"], "\U0001F600" * 333, "a" * 1000, "ab " * 400]:
+            pieces = finger.split_irc_text(text, 400)
+            self.assertGreater(len(pieces), 1)
+            for piece in pieces:
+                self.assertLessEqual(len(piece.encode("utf-8")), 400)
+                self.assertLessEqual(len(finger.format_irc_line("PRIVMSG", "#a" * 40, piece)),
+                                     512)
+            self.assertEqual("".join(pieces).replace(" ", ""), text.replace(" ", ""))
+        pieces = finger.split_irc_text("word " * 100, 42)
+        self.assertTrue(all(not p.startswith(" ") and not p.endswith(" ") for p in pieces))
+        self.assertEqual(finger.split_irc_text("one\r\ntwo\n\nthree\rfour\0!"),
+                         ["one", "two", "three", "four!"])
+        self.assertEqual(finger.split_irc_text(" \n "), [])
+
+    def test_token_bucket(self):
+        now = [100.0]
+        bucket = finger.TokenBucket(burst=3, interval=2.0, clock=lambda: now[0])
+        self.assertEqual([bucket.take() for _ in range(4)], [True, True, True, False])
+        self.assertAlmostEqual(bucket.delay(), 2.0)
+        now[0] += 1.0
+        self.assertAlmostEqual(bucket.delay(), 1.0)
+        self.assertFalse(bucket.take())
+        now[0] += 1.0
+        self.assertTrue(bucket.take())
+        now[0] += 3600
+        self.assertEqual([bucket.take() for _ in range(4)], [True, True, True, False])
+        defaults = finger.TokenBucket()
+        self.assertEqual((defaults.burst, defaults.interval), (5, 2.0))
+
+    def test_backoff_doubles_with_jitter_and_stays_under_the_cap(self):
+        highest = [finger.irc_backoff(n, 60.0, rand=lambda: 0.0) for n in range(1, 10)]
+        self.assertEqual(highest, [1, 2, 4, 8, 16, 32, 60, 60, 60])
+        lowest = [finger.irc_backoff(n, 60.0, rand=lambda: 0.999999) for n in range(1, 10)]
+        for low, high in zip(lowest, highest):
+            self.assertTrue(0.8 * high - 1e-6 <= low < high)
+        self.assertLessEqual(max(finger.irc_backoff(n, 60.0) for n in range(1, 200)), 60.0)
+        self.assertEqual(finger.irc_backoff(10 ** 6, 60.0, rand=lambda: 0.0), 60.0)
+
+    def test_nicks(self):
+        self.assertEqual(finger.alternate_nick("fingerbot", 1), "fingerbot_")
+        self.assertEqual(finger.alternate_nick("fingerbot", 1, 9), "fingerbo_")
+        self.assertEqual(finger.alternate_nick("fingerbot", 12, 9), "fingerb12")
+        self.assertEqual(finger.alternate_nick("fingerbot", 2, 16), "fingerbot2")
+        self.assertEqual(finger.reshape_nick("fingerbot_"), "fingerbot")
+        self.assertEqual(finger.reshape_nick("1b\u00e9d-nick!"), "f1bd-nick")
+        self.assertEqual(finger.reshape_nick("averyveryverylongnick", 16), "averyveryverylon")
+        self.assertEqual(finger.irc_lower("Finger[Bot]~\\"), "finger{bot}^|")
+
+    def test_bad_configuration_is_a_usage_error(self):
+        db = finger.MemoryDatabase()
+        for options in [dict(nick="two words"), dict(nick="1bot"), dict(nick=""),
+                        dict(channels=["finger"]), dict(channels=["#a,#b"]),
+                        dict(channels=["#a b"]), dict(account="bot"),
+                        dict(password="secret"), dict(cafile="/nonexistent")]:
+            with self.assertRaises(finger.UsageError, msg=options):
+                finger.IRCBot(db, "irc.example", **options)
+        with self.assertRaises(finger.UsageError):
+            finger.IRCBot(db, "irc.example", tls=True, cafile="/nonexistent/ca.pem")
+        self.assertEqual(finger.IRCBot(db, "h").address, ("h", 6667))
+        self.assertEqual(finger.IRCBot(db, "h", tls=True).address, ("h", 6697))
+        self.assertEqual(finger.IRCBot(db, "h", 7000, tls=True).address, ("h", 7000))
+
+    def irc_options(self, *argv):
+        return finger.build_parser().parse_intermixed_args(["--serve", *argv])
+
+    def test_options(self):
+        db = finger.MemoryDatabase()
+        self.assertIsNone(finger.irc_bot_from_options(self.irc_options(), db))
+        bot = finger.irc_bot_from_options(self.irc_options(
+            "--irc", "irc.example", "--irc-channel", "#a", "--irc-channel", "#b",
+            "--irc-nick", "statusbot"), db, environ={})
+        self.assertEqual((bot.address, bot.nick, bot.channels, bot.tls),
+                         (("irc.example", 6667), "statusbot", ["#a", "#b"], False))
+        bot = finger.irc_bot_from_options(self.irc_options(
+            "--irc", "[::1]", "--irc-tls", "--irc-account", "acct"), db,
+            environ={"FINGER_IRC_PASSWORD": "sesame"})
+        self.assertEqual((bot.address, bot.tls, bot.account, bot._password),
+                         (("::1", 6697), True, "acct", "sesame"))
+        with self.assertRaises(finger.UsageError):     # no password anywhere
+            finger.irc_bot_from_options(self.irc_options(
+                "--irc", "irc.example", "--irc-tls", "--irc-account", "acct"), db, environ={})
+        with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            self.irc_options("--irc", "irc.example:notaport")
+        with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            self.irc_options("--irc-password", "secret")     # never on the command line
+
+    def test_password_file(self):
+        db = finger.MemoryDatabase()
+        path = write_file(self, "open sesame\nsecond line\n", name="password")
+        os.chmod(path, 0o600)
+        bot = finger.irc_bot_from_options(self.irc_options(
+            "--irc", "irc.example", "--irc-tls", "--irc-account", "acct",
+            "--irc-password-file", path), db, environ={"FINGER_IRC_PASSWORD": "not this"})
+        self.assertEqual(bot._password, "open sesame")
+        empty = write_file(self, "\n", name="empty")
+        for bad in [path + ".missing", empty, os.path.dirname(path)]:
+            with self.assertRaises(finger.UsageError) as caught:
+                finger.irc_bot_from_options(self.irc_options(
+                    "--irc", "irc.example", "--irc-tls", "--irc-account", "acct",
+                    "--irc-password-file", bad), db, environ={})
+            self.assertIn("--irc-password-file", str(caught.exception))
+        with self.assertRaises(finger.UsageError):      # a password with no account
+            finger.irc_bot_from_options(self.irc_options(
+                "--irc", "irc.example", "--irc-password-file", path), db, environ={})
+
+
+class TestIRCBot(unittest.TestCase):
+    """The bot against a scripted server: every test well under a second."""
+
+    def test_registration_and_ping_before_and_after_001(self):
+        server = ScriptedIRCServer(self)
+        bot = irc_bot(self, server, channels=["#finger", "#Other"], realname="Finger Bot")
+        self.assertEqual(server.expect(r"^NICK "), "NICK fingerbot")
+        self.assertEqual(server.expect(r"^USER "), "USER finger 0 * :Finger Bot")
+        self.assertNotIn("CAP LS 302", server.seen)       # no SASL: no CAP
+        server.send("PING :cookie-1234")                  # before 001 (anti-spoof cookies)
+        self.assertEqual(server.expect(r"^PONG"), "PONG cookie-1234")
+        self.assertFalse(bot.registered)
+        server.welcome("fingerbot")
+        self.assertEqual(server.expect(r"^JOIN"), "JOIN #finger,#Other")
+        wait_until(lambda: bot.registered)
+        server.send("PING :irc.test")
+        self.assertEqual(server.expect(r"^PONG"), "PONG irc.test")
+        server.send(":fingerbot!f@h JOIN #finger", ":fingerbot!f@h JOIN :#Other")
+        wait_until(lambda: bot.joined == ["#Other", "#finger"])
+
+    def test_nick_taken_then_too_long(self):
+        server = ScriptedIRCServer(self)
+        bot = irc_bot(self, server)
+        server.expect(r"^USER ")
+        server.send(":irc.test 433 * fingerbot :Nickname is already in use")
+        self.assertEqual(server.expect(r"^NICK "), "NICK fingerbot_")
+        server.send(":irc.test 432 * fingerbot_ :Nickname too long, max. 9 characters")
+        self.assertEqual(server.expect(r"^NICK "), "NICK fingerbo_")      # another shape
+        server.send(":irc.test 437 * fingerbo_ :Nick/channel is temporarily unavailable")
+        self.assertEqual(server.expect(r"^NICK "), "NICK fingerbo2")
+        server.welcome("fingerbo2")
+        wait_until(lambda: bot.registered)
+        self.assertEqual(bot.nick, "fingerbo2")
+        server.send(":alice!a@h PRIVMSG fingerbo2 :moshez")
+        self.assertEqual(server.expect(r"^PRIVMSG"),
+                         "PRIVMSG alice :Status of moshez: Happy and well")
+
+    def test_gives_up_on_nicks_and_reconnects(self):
+        server = ScriptedIRCServer(self)
+        irc_bot(self, server)
+        for _ in range(finger.IRC_NICK_TRIES + 1):
+            nick = server.expect(r"^NICK ", connection=1).split()[1]
+            server.send(":irc.test 433 * %s :Nickname is already in use" % nick)
+        server.expect(r"^NICK fingerbot$", connection=2)
+
+    def test_private_message_answered_with_the_tutorials_words(self):
+        server, bot = registered_irc_bot(self)
+        server.send(":alice!a@h PRIVMSG fingerbot :moshez",
+                    ":NickServ!s@services PRIVMSG fingerbot :This nickname is registered.",
+                    ":bob!b@h PRIVMSG FingerBot :  nobody  ")
+        self.assertEqual(server.expect(r"^PRIVMSG"),
+                         "PRIVMSG alice :Status of moshez: Happy and well")
+        self.assertEqual(server.expect(r"^PRIVMSG"), "PRIVMSG bob :Status of nobody: No such user")
+        self.assertEqual((bot.counts["ok"], bot.counts["unknown"]), (1, 1))
+
+    def test_back_end_error_is_logged_and_answered(self):
+        with self.assertLogs("finger", "ERROR") as logs:
+            server, bot = registered_irc_bot(self, db=BrokenIRCDatabase())
+            server.send(":alice!a@h PRIVMSG fingerbot :moshez")
+            self.assertEqual(server.expect(r"^PRIVMSG"),
+                             "PRIVMSG alice :Status of moshez: Internal error in server")
+        self.assertIn("back-end failed", "\n".join(logs.output))
+
+    def test_channel_mentions(self):
+        server, bot = registered_irc_bot(self, channels=["#finger"])
+        server.expect(r"^JOIN #finger$")
+        server.send(":fingerbot!f@h JOIN #finger")
+        wait_until(lambda: bot.joined == ["#finger"])
+        server.send(":alice!a@h PRIVMSG #finger :fingerbot: moshez",
+                    ":bob!b@h PRIVMSG #FINGER :FingerBot, shawn",
+                    ":carol!c@h PRIVMSG #finger :moshez",                  # not addressed
+                    ":carol!c@h PRIVMSG #finger :fingerbot: two words",
+                    ":carol!c@h PRIVMSG #elsewhere :fingerbot: moshez",    # not joined
+                    ":carol!c@h PRIVMSG #finger :\x01ACTION fingerbot: moshez\x01",
+                    ":dave!d@h PRIVMSG fingerbot :shawn")                  # sentinel
+        self.assertEqual(server.expect(r"^PRIVMSG"),
+                         "PRIVMSG #finger :alice: Status of moshez: Happy and well")
+        self.assertEqual(server.expect(r"^PRIVMSG"),
+                         "PRIVMSG #FINGER :bob: Status of shawn: alive")
+        self.assertEqual(server.expect(r"^PRIVMSG"), "PRIVMSG dave :Status of shawn: alive")
+        server.send(":op!o@h KICK #finger fingerbot :bye", ":alice!a@h PRIVMSG #finger :"
+                    "fingerbot: moshez", ":dave!d@h PRIVMSG fingerbot :moshez")
+        self.assertEqual(server.expect(r"^PRIVMSG"),
+                         "PRIVMSG dave :Status of moshez: Happy and well")
+
+    def test_notices_own_messages_and_ctcp(self):
+        server, bot = registered_irc_bot(self)
+        server.send(":alice!a@h NOTICE fingerbot :moshez",
+                    ":fingerbot!f@h PRIVMSG fingerbot :moshez",
+                    ":alice!a@h PRIVMSG fingerbot :\x01ACTION moshez\x01",
+                    ":alice!a@h PRIVMSG fingerbot :\x01VERSION\x01",
+                    ":alice!a@h PRIVMSG fingerbot :\x01PING 1700000000 123\x01",
+                    ":alice!a@h PRIVMSG fingerbot :\x01moshez\x01",
+                    ":alice!a@h NOTICE fingerbot :\x01VERSION\x01",
+                    ":dave!d@h PRIVMSG fingerbot :shawn")
+        version = server.expect(r"^(PRIVMSG|NOTICE)")
+        self.assertRegex(version, r"^NOTICE alice :\x01VERSION finger\.py [^\x01]+\x01$")
+        self.assertEqual(server.expect(r"^(PRIVMSG|NOTICE)"),
+                         "NOTICE alice :\x01PING 1700000000 123\x01")
+        self.assertEqual(server.expect(r"^(PRIVMSG|NOTICE)"),
+                         "PRIVMSG dave :Status of shawn: alive")
+        self.assertEqual(bot.counts["ctcp"], 2)
+
+    def test_status_cannot_inject_commands(self):
+        server, bot = registered_irc_bot(self)
+        count = len(server.raw)
+        server.send(":alice!a@h PRIVMSG fingerbot :evil", ":dave!d@h PRIVMSG fingerbot :shawn")
+        server.expect(r"^PRIVMSG dave ")
+        sent = server.raw[count:]
+        self.assertEqual(sent, [b"PRIVMSG alice :Status of evil: ok\r\n",
+                                b"PRIVMSG alice :QUIT :pwned\r\n",
+                                b"PRIVMSG alice :PRIVMSG #victims :spam^@^A\r\n",
+                                b"PRIVMSG dave :Status of shawn: alive\r\n"])
+
+    def test_long_replies_are_split_within_512_bytes(self):
+        server, bot = registered_irc_bot(self)
+        count = len(server.raw)
+        server.send(":alice!a@h PRIVMSG fingerbot :long", ":alice!a@h PRIVMSG fingerbot :huge",
+                    ":dave!d@h PRIVMSG fingerbot :shawn")
+        server.expect(r"^PRIVMSG dave ")
+        sent = server.raw[count:-1]
+        for line in sent:
+            self.assertLessEqual(len(line), 512)
+            self.assertTrue(line.startswith(b"PRIVMSG alice :"))
+            self.assertEqual(line.count(b"\r"), 1)
+        texts = [line[len(b"PRIVMSG alice :"):-2].decode("utf-8") for line in sent]
+        long_lines = [t for t in texts if not t.startswith(("x", "Status of huge"))]
+        self.assertGreater(len(long_lines), 2)
+        self.assertEqual("".join(long_lines).replace(" ", ""),
+                         ("Status of long: " + IRC_STATUSES["long"]).replace(" ", ""))
+        huge = [t for t in texts if t.startswith(("x", "Status of huge"))]
+        self.assertEqual(len(huge), finger.IRC_MAX_REPLY_LINES)
+        self.assertTrue(huge[-1].endswith(" [...]"))
+
+    def test_malformed_and_overlong_lines_are_skipped(self):
+        server, bot = registered_irc_bot(self)
+        with self.assertLogs("finger", "WARNING") as logs:
+            server.send(b"", b":", b":prefix.only", b"!!! what", b"\xff\xfe\x00 bad bytes",
+                        b"PRIVMSG", b":alice!a@h PRIVMSG fingerbot",
+                        b":alice!a@h PRIVMSG fingerbot :" + b"y" * 10240,
+                        b"z" * 20000 + b" tail of a line with no end in sight")
+            server.send(b":alice!a@h PRIVMSG fingerbot :mosh\xffez")
+            server.connections[-1].sendall(b":bob!b@h PRIVMSG fingerbot :moshez\n")   # bare LF
+            self.assertEqual(server.expect(r"^PRIVMSG alice"),
+                             "PRIVMSG alice :Status of mosh\ufffdez: No such user")
+            self.assertEqual(server.expect(r"^PRIVMSG bob"),
+                             "PRIVMSG bob :Status of moshez: Happy and well")
+        output = "\n".join(logs.output)
+        self.assertIn("malformed", output)
+        self.assertEqual(output.count("skipped a line of"), 2)
+        self.assertTrue(bot.registered)
+
+    def test_flood_limiter(self):
+        server, bot = registered_irc_bot(self, burst=2, line_interval=0.15)
+        time.sleep(0.3)                                   # the bucket refills after JOINs etc.
+        server.send(*[":alice!a@h PRIVMSG fingerbot :moshez"] * 4)
+        times = []
+        for _ in range(4):
+            server.expect(r"^PRIVMSG alice")
+            times.append(server.when)
+        self.assertLess(times[1] - times[0], 0.1)         # the burst
+        self.assertGreater(times[2] - times[1], 0.1)      # then one line per 0.15 s
+        self.assertGreater(times[3] - times[2], 0.1)
+
+    def test_queue_is_bounded(self):
+        server, bot = registered_irc_bot(self, burst=1, line_interval=10)
+        with self.assertLogs("finger", "WARNING"):
+            server.send(*[":alice!a@h PRIVMSG fingerbot :moshez"] * (finger.IRC_MAX_QUEUE + 5))
+            wait_until(lambda: bot.counts["ok"] + bot.counts["dropped"] ==
+                       finger.IRC_MAX_QUEUE + 5)
+        self.assertIn(bot.counts["dropped"], (4, 5))      # 5 when all came in one read
+
+    def test_keepalive_detects_a_silent_server(self):
+        server, bot = registered_irc_bot(self, keepalive=0.2, keepalive_timeout=0.2)
+        ping = server.expect(r"^PING", timeout=1)
+        started = server.when
+        server.send("PONG irc.test :" + ping.split(None, 1)[1].lstrip(":"))
+        server.expect(r"^PING", timeout=1)                # answered: no reconnect, pings again
+        self.assertGreater(server.when - started, 0.15)
+        silent = server.when
+        server.expect(r"^NICK fingerbot$", connection=2, timeout=2)   # not answered: reconnect
+        self.assertLess(server.when - silent, 1.0)
+
+    def test_reconnects_after_the_server_hangs_up(self):
+        server, bot = registered_irc_bot(self)
+        with self.assertLogs("finger", "INFO") as logs:
+            server.hang_up()
+            server.expect(r"^USER ", connection=2)
+            server.welcome()
+            wait_until(lambda: bot.registered)
+        self.assertIn("reconnecting to 127.0.0.1:%d in" % server.port, "\n".join(logs.output))
+        server.send(":alice!a@h PRIVMSG fingerbot :moshez")
+        self.assertEqual(server.expect(r"^PRIVMSG"),
+                         "PRIVMSG alice :Status of moshez: Happy and well")
+
+    def test_registration_timeout(self):
+        server = ScriptedIRCServer(self)
+        irc_bot(self, server, register_timeout=0.2)
+        server.expect(r"^USER ", connection=1)
+        server.expect(r"^USER ", connection=2, timeout=1)
+
+    def test_sasl_plain(self):
+        server = ScriptedIRCServer(self)
+        bot = irc_bot(self, server, account="fingerbot", password="s\u00e9same",
+                      server_password="serverpass")
+        self.assertEqual(server.expect(r"^CAP"), "CAP LS 302")
+        self.assertEqual(server.expect(r"^PASS"), "PASS serverpass")
+        server.expect(r"^USER ")
+        server.send(":irc.test CAP * LS * :multi-prefix away-notify",
+                    ":irc.test CAP * LS :sasl=EXTERNAL,PLAIN message-tags")
+        self.assertEqual(server.expect(r"^CAP"), "CAP REQ sasl")
+        server.send(":irc.test CAP * ACK :sasl")
+        self.assertEqual(server.expect(r"^AUTHENTICATE"), "AUTHENTICATE PLAIN")
+        server.send("AUTHENTICATE +")
+        import base64
+        self.assertEqual(server.expect(r"^AUTHENTICATE"), "AUTHENTICATE " + base64.b64encode(
+            "\0fingerbot\0s\u00e9same".encode()).decode())
+        server.send(":irc.test 900 * * fingerbot :You are now logged in as fingerbot",
+                    ":irc.test 903 * :SASL authentication successful")
+        self.assertEqual(server.expect(r"^CAP"), "CAP END")
+        server.welcome()
+        wait_until(lambda: bot.registered)
+        server.send("AUTHENTICATE +")                     # never the password twice
+        server.send(":alice!a@h PRIVMSG fingerbot :shawn")
+        self.assertEqual(server.expect(r"^(PRIVMSG|AUTH)"),
+                         "PRIVMSG alice :Status of shawn: alive")
+
+    def test_cap_end_after_sasl_failure_or_without_sasl(self):
+        server = ScriptedIRCServer(self)
+        with self.assertLogs("finger", "WARNING") as logs:
+            irc_bot(self, server, account="fingerbot", password="wrong")
+            server.expect(r"^USER ")
+            server.send(":irc.test CAP * LS :sasl")
+            server.expect(r"^CAP REQ")
+            server.send(":irc.test CAP * ACK :sasl")
+            server.expect(r"^AUTHENTICATE PLAIN")
+            server.send("AUTHENTICATE +")
+            server.expect(r"^AUTHENTICATE ")
+            server.send(":irc.test 904 * :SASL authentication failed")
+            self.assertEqual(server.expect(r"^CAP"), "CAP END")
+            server.hang_up()
+            server.expect(r"^USER ", connection=2)
+            server.send(":irc.test CAP * LS :multi-prefix")       # ngircd: no sasl
+            self.assertEqual(server.expect(r"^CAP"), "CAP END")
+        self.assertIn("SASL authentication failed", "\n".join(logs.output))
+
+    def test_error_and_bans_are_logged_and_back_off_to_the_cap(self):
+        server = ScriptedIRCServer(self)
+        with self.assertLogs("finger", "INFO") as logs:
+            bot = irc_bot(self, server, backoff_cap=60)
+            server.expect(r"^USER ")
+            server.send(":irc.test 465 fingerbot :You are banned from this server (spam)",
+                        "ERROR :Closing Link: K-Lined")
+            wait_until(lambda: "reconnecting" in "\n".join(logs.output))
+        output = "\n".join(logs.output)
+        self.assertIn("banned us: You are banned from this server (spam)", output)
+        delay = float(re.search(r"reconnecting to \S+ in ([0-9.]+) s", output).group(1))
+        self.assertGreaterEqual(delay, 48)
+        started = time.monotonic()
+        bot.stop()                                        # prompt, even in a 60 s back-off
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIsNone(bot._wake)
+
+    def test_error_reason_is_logged(self):
+        server, bot = registered_irc_bot(self)
+        with self.assertLogs("finger", "WARNING") as logs:
+            server.send("ERROR :Closing connection: Server going down")
+            server.expect(r"^NICK", connection=2)
+        self.assertIn("ERROR Closing connection: Server going down", "\n".join(logs.output))
+
+    def test_stop_is_prompt_and_says_quit(self):
+        server, bot = registered_irc_bot(self)
+        started = time.monotonic()
+        bot.stop()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(server.expect(r"^QUIT"), "QUIT :finger.py stopping")
+        self.assertIsNone(bot._thread)
+        self.assertIsNone(bot._sock)
+        self.assertFalse(bot.registered)
+
+    def test_stop_is_prompt_when_the_server_hangs(self):
+        with socket.create_server((LOCALHOST, 0)) as hung:    # accepts (kernel), never reads
+            bot = finger.IRCBot(finger.MemoryDatabase(), LOCALHOST, hung.getsockname()[1])
+            start(self, bot)
+            wait_until(lambda: bot.open_connections() == 1)
+            started = time.monotonic()
+            bot.stop()
+            self.assertLess(time.monotonic() - started, 1.0)
+
+
+def make_irc_ca(directory):
+    """A self-signed CA certificate for 127.0.0.1 (openssl CLI): (cert.pem, key.pem)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
+class TestIRCTLS(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="finger-test-")
+        cls.cert, cls.key = make_irc_ca(cls.directory)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory, True)
+
+    def tls_server(self):
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return ScriptedIRCServer(self, context)
+
+    def test_tls_with_a_private_ca(self):
+        server = self.tls_server()
+        bot = irc_bot(self, server, tls=True, cafile=self.cert)
+        server.expect(r"^USER ")
+        server.welcome()
+        wait_until(lambda: bot.registered)
+        server.send(":alice!a@h PRIVMSG fingerbot :moshez")
+        self.assertEqual(server.expect(r"^PRIVMSG"),
+                         "PRIVMSG alice :Status of moshez: Happy and well")
+
+    def test_unknown_certificate_is_refused(self):
+        server = self.tls_server()
+        with self.assertLogs("finger", "WARNING") as logs:
+            bot = irc_bot(self, server, tls=True)          # the system's CAs only
+            wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in "\n".join(logs.output))
+        self.assertFalse(bot.registered)
+        self.assertEqual(server.seen, [])
+
+    def test_wrong_host_name_is_refused(self):
+        server = self.tls_server()
+        with self.assertLogs("finger", "WARNING") as logs:
+            bot = finger.IRCBot(finger.MemoryDatabase(), "localhost", server.port, tls=True,
+                                cafile=self.cert, backoff_cap=0.05)
+            start(self, bot)
+            wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in "\n".join(logs.output))
+        self.assertIn("localhost", "\n".join(logs.output))
+
+
+# -- against ngircd -----------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        return probe.getsockname()[1]
+
+
+class Ngircd:
+    """ngircd in the foreground on 127.0.0.1 with a temporary configuration (the recipe of
+    shared/specs/irc.md): plain and TLS ports, nicks up to 30 characters."""
+
+    def __init__(self, test, directory, cert, key):
+        self.directory, self.port, self.tls_port = directory, _free_port(), _free_port()
+        os.makedirs(os.path.join(directory, "conf.d"), exist_ok=True)
+        os.chmod(directory, 0o755)
+        dh = os.path.join(directory, "dh.pem")
+        if shutil.which("certtool") and not os.path.exists(dh):
+            subprocess.run(["certtool", "--get-dh-params", "--sec-param", "medium",
+                            "--outfile", dh], capture_output=True, timeout=60)
+        self.config = os.path.join(directory, "ngircd-%d.conf" % self.port)
+        with open(self.config, "w") as f:
+            f.write("[Global]\n Name = irc.test\n Info = finger test server\n"
+                    " AdminInfo1 = test\n AdminInfo2 = test\n AdminEMail = test@invalid\n"
+                    " Listen = 127.0.0.1\n Ports = %d\n MotdPhrase = \"test server\"\n"
+                    "[Limits]\n MaxConnectionsIP = 0\n MaxNickLength = 30\n"
+                    " MaxPenaltyTime = 0\n PingTimeout = 120\n PongTimeout = 20\n"
+                    "[Options]\n DNS = no\n Ident = no\n PAM = no\n IncludeDir = %s\n"
+                    "[SSL]\n CertFile = %s\n KeyFile = %s\n Ports = %d\n%s"
+                    % (self.port, os.path.join(directory, "conf.d"), cert, key, self.tls_port,
+                       " DHFile = %s\n" % dh if os.path.exists(dh) else ""))
+        self.process = None
+        test.addCleanup(self.stop)
+
+    def start(self):
+        """Start it; returns once both ports accept connections."""
+        self.log = open(os.path.join(self.directory, "ngircd-%d.log" % self.port), "ab")
+        self.process = subprocess.Popen(["ngircd", "--nodaemon", "--config", self.config],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.process.poll() is not None or
+                   (_port_open(self.port) and _port_open(self.tls_port)), timeout=15)
+        if self.process.poll() is not None:
+            raise AssertionError("ngircd exited with %s" % self.process.returncode)
+        return time.monotonic()
+
+    def send_signal(self, signum):
+        self.process.send_signal(signum)
+
+    def stop(self, signum=signal.SIGTERM):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None:
+            self.log.close()
+        self.process = None
+
+
+class IRCTestClient:
+    """A raw IRC client for the interop tests (a person talking to the bot)."""
+
+    def __init__(self, test, port, nick):
+        self.nick = nick
+        self.sock = socket.create_connection((LOCALHOST, port), timeout=TIMEOUT)
+        test.addCleanup(self.close)
+        self.data = b""
+        self.send("NICK " + nick, "USER tester 0 * :finger.py test client")
+        self.expect(r"^:\S+ 001 ")
+
+    def send(self, *lines):
+        self.sock.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+    def expect(self, pattern, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.data:
+                line, self.data = self.data.split(b"\n", 1)
+                text = line.rstrip(b"\r").decode("utf-8", "replace")
+                if text.startswith("PING "):
+                    self.send("PONG " + text[5:])
+                if re.search(pattern, text):
+                    return text
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no line matching %r from ngircd" % pattern)
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AssertionError("ngircd closed the connection")
+            self.data += chunk
+
+    def ask(self, bot_nick, name="moshez", status="Happy and well"):
+        """PRIVMSG the bot a name; returns the seconds the answer took."""
+        started = time.monotonic()
+        self.send("PRIVMSG %s :%s" % (bot_nick, name))
+        self.expect(r"^:%s!\S+ PRIVMSG %s :Status of %s: %s$"
+                    % (re.escape(bot_nick), re.escape(self.nick), name, status))
+        return time.monotonic() - started
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.send("QUIT :done")
+        self.sock.close()
+
+
+def _report(text):
+    sys.stderr.write("\n    measured: %s " % text)
+
+
+class TestIRCInterop(unittest.TestCase):
+    """The bot against Debian's ngircd (make interop)."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not (INTEROP and shutil.which("ngircd") and shutil.which("openssl")):
+            return
+        cls.directory = tempfile.mkdtemp(prefix="finger-ngircd-")
+        cls.cert, cls.key = make_irc_ca(cls.directory)
+        for path in (cls.cert, cls.key):
+            os.chmod(path, 0o644)          # ngircd may read them after dropping to nobody
+        cls.db = finger.MemoryDatabase({"moshez": "Happy and well", "shawn": "alive"})
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "directory", None):
+            shutil.rmtree(cls.directory, True)
+
+    def server(self):
+        server = Ngircd(self, self.directory, self.cert, self.key)
+        server.start()
+        return server
+
+    def bot(self, server, nick, **options):
+        options.setdefault("register_timeout", 5)
+        tls = options.get("tls")
+        bot = finger.IRCBot(self.db, LOCALHOST, server.tls_port if tls else server.port,
+                            nick=nick, **options)
+        start(self, bot)
+        return bot
+
+    @_needs("ngircd", "openssl")
+    def test_answers_a_private_message(self):
+        server = self.server()
+        bot = self.bot(server, "fbotpm")
+        wait_until(lambda: bot.registered)
+        client = IRCTestClient(self, server.port, "tpm")
+        _report("PRIVMSG answered in %.3f s" % client.ask("fbotpm"))
+        client.ask("fbotpm", "nobody", "No such user")
+
+    @_needs("ngircd", "openssl")
+    def test_taken_nick(self):
+        server = self.server()
+        holder = IRCTestClient(self, server.port, "fbotnk")
+        bot = self.bot(server, "fbotnk")
+        wait_until(lambda: bot.registered)
+        self.assertEqual(bot.nick, "fbotnk_")
+        holder.ask("fbotnk_", "shawn", "alive")
+
+    @_needs("ngircd", "openssl")
+    def test_channel_mention(self):
+        server = self.server()
+        bot = self.bot(server, "fbotch", channels=["#finger"])
+        wait_until(lambda: bot.joined == ["#finger"])
+        client = IRCTestClient(self, server.port, "tch")
+        client.send("JOIN #finger")
+        client.expect(r" 353 tch . #finger :.*fbotch")
+        client.send("PRIVMSG #finger :fbotch: moshez", "PRIVMSG #finger :fbotch, shawn")
+        client.expect(r"^:fbotch!\S+ PRIVMSG #finger :tch: Status of moshez: Happy and well$")
+        client.expect(r"^:fbotch!\S+ PRIVMSG #finger :tch: Status of shawn: alive$")
+
+    @_needs("ngircd", "openssl")
+    def test_tls_with_a_self_signed_ca(self):
+        server = self.server()
+        bot = self.bot(server, "fbottls", tls=True, cafile=self.cert)
+        wait_until(lambda: bot.registered)
+        IRCTestClient(self, server.port, "ttls").ask("fbottls")
+        with self.assertLogs("finger", "WARNING") as logs:
+            refused = self.bot(server, "fbotbad", tls=True, backoff_cap=0.5)
+            wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in "\n".join(logs.output))
+        self.assertFalse(refused.registered)
+
+    @_needs("ngircd", "openssl")
+    def test_server_killed_and_restarted(self):
+        server = self.server()
+        bot = self.bot(server, "fbotrs", backoff_cap=4)
+        wait_until(lambda: bot.registered)
+        killed = time.monotonic()
+        server.stop(signal.SIGKILL)
+        wait_until(lambda: not bot.registered, timeout=5)
+        detected = time.monotonic() - killed
+        time.sleep(3)                                  # down for a while: the back-off grows
+        ready = server.start()
+        wait_until(lambda: bot.registered, timeout=4 + 2)
+        back = time.monotonic() - ready
+        latency = IRCTestClient(self, server.port, "trs").ask("fbotrs")
+        _report("SIGKILL detected in %.3f s; registered %.2f s after the restart (back-off cap "
+                "4 s); answered in %.3f s" % (detected, back, latency))
+        self.assertLess(back, 4 + 1)
+
+    @_needs("ngircd", "openssl")
+    def test_stopped_server_detected_by_keepalive(self):
+        server = self.server()
+        bot = self.bot(server, "fbotst", keepalive=1.0, keepalive_timeout=1.0,
+                       register_timeout=2.0, backoff_cap=2.0)
+        wait_until(lambda: bot.registered)
+        client = IRCTestClient(self, server.port, "tst")
+        client.ask("fbotst")                           # the last bytes the bot gets
+        stopped = time.monotonic()
+        server.send_signal(signal.SIGSTOP)
+        wait_until(lambda: not bot.registered, timeout=5)
+        detected = time.monotonic() - stopped
+        self.assertLess(detected, 1.0 + 1.0 + 0.5)
+        time.sleep(1)
+        resumed = time.monotonic()
+        server.send_signal(signal.SIGCONT)
+        wait_until(lambda: bot.registered, timeout=10)
+        back = time.monotonic() - resumed
+        client = IRCTestClient(self, server.port, "tst2")
+        latency = client.ask("fbotst")
+        _report("SIGSTOP detected in %.2f s (keepalive 1 s + 1 s); registered %.2f s after "
+                "SIGCONT; answered in %.3f s" % (detected, back, latency))
+
+
 # == running as a daemon =======================================================================
 
 def proc_status(pid):
@@ -3140,15 +4012,6 @@ class TestPythonAPI(unittest.TestCase):
 
 
 # == interop with peers we did not write (make interop) =======================================
-
-def _needs(*programs):
-    missing = [p for p in programs if not shutil.which(p)]
-    if not INTEROP:
-        return unittest.skip("interop test: run with FINGER_INTEROP=1 (make interop)")
-    if missing:
-        return unittest.skip("not installed: %s" % ", ".join(missing))
-    return lambda test: test
-
 
 class TestInterop(unittest.TestCase):
     @_needs("finger")
