@@ -56,6 +56,7 @@ DEFAULT_RELOAD = 30.0             # seconds between checks of the users file
 DEFAULT_WORKERS = 8               # threads answering queries for back-ends that may block
 DEFAULT_USERS_FILE = "/etc/users"
 TABLE_SHARDS = 256                # dicts a users table is split over (see UserTable)
+GIL_SLICE = 0.002                 # seconds of freeing an old table between two yields
 MAX_REPLY_CACHE = 10000           # finger replies remembered per version of the users table
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
@@ -219,10 +220,13 @@ class UserTable(Mapping):
             yield from shard
 
     def retire(self):
-        """Empty the table one shard at a time, yielding the GIL in between."""
+        """Empty the table shard by shard, letting other threads run every few ms."""
+        slice_ends = time.monotonic() + GIL_SLICE
         for shard in self.shards:
             shard.clear()
-            time.sleep(0)
+            if time.monotonic() > slice_ends:
+                time.sleep(0)
+                slice_ends = time.monotonic() + GIL_SLICE
 
 
 def parse_users(lines, source="<users>"):
