@@ -1686,6 +1686,35 @@ class TestFuzz(unittest.TestCase):
             self.assertEqual(proxy.getUser("moshez"), "Happy and well")
         self.assert_threads_alive(service)
 
+    def test_perspective_broker(self):
+        service = pb_service(self)
+        preamble = finger.banana_encode(b"pb") + finger.banana_encode([b"version", 6], vocab=True)
+        rng = random.Random(FUZZ_SEED + 4)
+        pieces = [b"\x80", b"\x81", b"\x82", b"\x87", b"\x7f" * 70, b"\x00\x00\x00\x08\x80",
+                  b"\x05\x80", b"\x1a\x87", b"\x06\x82moshez", b"\xff", b"\x84\x3f"]
+        for number, garbage in enumerate(fuzz_inputs(600, FUZZ_SEED + 4)):
+            if number % 2:
+                garbage = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12)))
+            send_and_read(service.address, (preamble if number % 3 else b"") + garbage)
+        client = PBTestClient(self, service.address)
+        self.assertEqual(client.call("getUser", "moshez"), ("answer", "Happy and well"))
+        self.assert_threads_alive(service)
+        wait_until(lambda: service.open_connections() == 1)
+
+    def test_irc_server_sending_garbage(self):
+        server, bot = registered_irc_bot(self)
+        rng = random.Random(FUZZ_SEED + 5)
+        lines = [b":x PRIVMSG fingerbot :" + b"A" * 10000, b"PING :" + b"p" * 10000,
+                 b"\x00\x01\x02", b":", b"::::", b"001", b":irc.test 433", b"PRIVMSG",
+                 b":a!b@c PRIVMSG fingerbot", b":a!b@c NOTICE fingerbot :moshez", b"\xff\xfe"]
+        for number, garbage in enumerate(fuzz_inputs(1500, FUZZ_SEED + 5)):
+            line = rng.choice(lines) if number % 2 else garbage
+            server.connections[-1].sendall(line + rng.choice([b"\r\n", b"\n", b"", b"\r"]))
+        server.send(":tester!t@host PRIVMSG %s :moshez" % bot.nick)
+        server.expect(r"^PRIVMSG tester :Status of moshez: Happy and well$")
+        self.assertTrue(bot._thread.is_alive())
+        self.assertEqual(len(server.connections), 1)            # never dropped and redialled
+
     def test_users_file_faults(self):
         path = write_file(self, USERS)
         db = finger.FileDatabase(path, 0)
