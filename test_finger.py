@@ -1650,6 +1650,27 @@ class TestFuzz(unittest.TestCase):
         self.assertEqual(set_over(service.address, b"moshez\nfine\n"), b"OK\r\n")
         self.assert_threads_alive(service)
 
+    @unittest.skipUnless(hasattr(socket, "SO_PEERCRED"), "needs SO_PEERCRED (Linux)")
+    def test_unix_socket_setter(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "setter.sock")
+        db = finger.MemoryDatabase()
+        service = setter_service(self, db, address=path, check_identity=True, timeout=0.5)
+        for data in fuzz_inputs(500, FUZZ_SEED + 6):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.connect(path)
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                self.assertTrue(read_to_end(sock).endswith(b"\r\n"), data)
+        for name in db.get_users():
+            self.assertTrue(finger.valid_user_name(name), name)
+        self.assertEqual(set_over(path, b"moshez\nfine\n", family=socket.AF_UNIX),
+                         b"OK\r\n" if os.geteuid() == 0 else
+                         b"Permission denied: you may set only your own status\r\n")
+        self.assert_threads_alive(service)
+
     def test_web_requests(self):
         service = web_service(self, timeout=0.5)
         rng = random.Random(FUZZ_SEED + 2)
