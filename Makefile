@@ -10,8 +10,9 @@ TWISTED_OLD      ?= 22.10.0
 TWISTED_OLD_VENV := build/twisted-$(TWISTED_OLD)-venv
 # Other interpreters the interop tests run the core tests with (pyenv's, when present).
 PYTHONS ?= $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.*/bin/python3)
+# As yourself, even as root: build/users must stay writable for the setter.
 SERVE_ARGS ?= --users build/users --finger 127.0.0.1:7979 --setter 127.0.0.1:1079 \
-              --web 127.0.0.1:8000
+              --web 127.0.0.1:8000 --user $(shell id -un)
 
 VERSION := $(shell $(PYTHON) finger.py --version | cut -d' ' -f2)
 PREFIX  ?= /usr/local
@@ -20,7 +21,7 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 DOCDIR   = $(PREFIX)/share/doc/finger-py
 UNITS    = finger.service finger.socket finger-inetd.socket finger-inetd@.service
 
-.PHONY: serve test interop peers bench install uninstall deb clean
+.PHONY: serve test interop peers bench soak install uninstall deb clean
 
 # Serves a copy of users.example (build/users), so statuses set through the setter
 # change the copy, not the example.
@@ -64,6 +65,10 @@ interop: peers
 
 bench:
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+# A bounded soak run of every service at once (not part of CI): SOAK_ARGS="--seconds 600".
+soak:
+	$(PYTHON) bench/soak.py $(SOAK_ARGS)
 
 # Installs the script and the unit files (their paths follow PREFIX); DESTDIR for staging.
 install:
