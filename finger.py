@@ -38,7 +38,8 @@ __all__ = [
     "FingerError", "UsageError", "RequestError", "defang", "parse_users", "parse_query",
     "Query", "format_reply", "UserDatabase", "MemoryDatabase", "FileDatabase",
     "FingerProtocol", "Service", "TCPService", "ServiceGroup", "finger", "parse_target",
-    "build_database", "build_services", "build_parser", "serve_inetd", "main",
+    "build_database", "build_services", "build_parser", "default_options", "serve_inetd",
+    "main",
     "PBError", "PBProtocol", "banana_encode", "BananaDecoder", "jelly", "unjelly", "IRCBot",
 ]
 
@@ -120,8 +121,10 @@ def _caret_table():
     table = {code: "^" + chr(code ^ 0x40) for code in range(0x20) if code not in (9, 10)}
     table[0x7F] = "^?"
     table.update({code: "M-^" + chr((code - 0x80) ^ 0x40) for code in range(0x80, 0xA0)})
-    # Unicode line separators and bidirectional overrides can disguise text on a terminal.
-    for code in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)):
+    # Unicode line separators and bidirectional overrides can disguise text on a terminal;
+    # U+FFFE and U+FFFF are not characters (and not allowed in XML).
+    for code in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFFFE,
+                 0xFFFF):
         table[code] = "<U+%04X>" % code
     return table
 
@@ -169,14 +172,8 @@ def parse_listen(text):
     return host, port
 
 
-def format_listen(address):
-    """(host, port) -> the listener syntax: ':79', '127.0.0.1:7979', '[::1]:79'."""
-    host, port = address
-    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-
-
 def format_address(address):
-    """(host, port) -> 'host:port', with [ ] around IPv6 hosts."""
+    """(host, port) -> 'host:port', with [ ] around IPv6 hosts; ('', 79) -> ':79'."""
     host, port = address[:2]
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
@@ -256,8 +253,9 @@ def parse_users(lines, source="<users>"):
             problems.append("%s:%d: line longer than %d characters"
                             % (source, number, MAX_USERS_LINE_CHARS))
             continue
-        if " " in name or "\t" in name:
-            problems.append("%s:%d: user name %r contains white space" % (source, number, name))
+        if not name.isprintable() or " " in name:
+            problems.append("%s:%d: user name %r contains white space or control characters"
+                            % (source, number, name))
             continue
         shard = shards[hash(name) % TABLE_SHARDS]
         if name in shard:
@@ -320,6 +318,9 @@ def clean_status(text):
     return _CONTROL_CHARS.sub("", text.replace("\t", " ")).strip()
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def rewrite_users(data, name, status):
     """The users file `data` (bytes) with `name`'s status set: its last line is replaced (or
     a line is appended); every other byte, comments and order included, stays as it was."""
@@ -328,7 +329,10 @@ def rewrite_users(data, name, status):
     new_line = ("%s: %s" % (name, status)).encode("utf-8")
     for index in range(len(lines) - 1, -1, -1):
         key, colon, _ = lines[index].partition(b":")
-        if colon and key.strip() == wanted:
+        key = key.strip()
+        if index == 0 and key.startswith(UTF8_BOM):
+            key = key[len(UTF8_BOM):].strip()
+        if colon and key == wanted:
             body = lines[index].rstrip(b"\r\n")
             lines[index] = new_line + lines[index][len(body):]
             return b"".join(lines)
@@ -340,7 +344,8 @@ def rewrite_users(data, name, status):
 def write_file_atomically(path, data):
     """Replace `path` by `data` so that a reader sees the old file or the new one, never a
     mix, and the new one survives a crash: temp file in the same directory, fsync, rename,
-    fsync the directory.  Keeps the file's mode (and owner, where allowed)."""
+    fsync the directory.  Keeps the file's mode (and owner, where allowed).  Returns the
+    os.stat of the new file, taken before anyone else could change it."""
     import tempfile
     path = os.path.realpath(path)
     directory = os.path.dirname(path)
@@ -357,6 +362,7 @@ def write_file_atomically(path, data):
                 os.chown(temp, info.st_uid, info.st_gid)
             except OSError:
                 pass
+        written = os.stat(temp)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -367,6 +373,7 @@ def write_file_atomically(path, data):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return written
 
 
 # == 3. User databases (back-ends) ============================================================
@@ -410,7 +417,7 @@ class UserDatabase:
     def stop(self):
         pass
 
-    def reload(self):
+    def reload(self, force=False):
         pass
 
 
@@ -433,17 +440,18 @@ class MemoryDatabase(UserDatabase):
         return status
 
     def get_users(self):
-        names = self._names
-        while names is None:
-            table, version = self._users, self.version
+        known = self._names                # (version, sorted names)
+        if known is not None and known[0] == self.version:
+            return known[1]
+        while True:
+            version = self.version
             try:
-                names = sorted(table)
+                names = sorted(self._users)
             except RuntimeError:          # changed while we read it: read it again
                 continue
-            if version != self.version:
-                names = None
-        self._names = names
-        return names
+            if version == self.version:
+                self._names = version, names
+                return names
 
     def set_user(self, name, status):
         with self._lock:
@@ -491,7 +499,7 @@ class FileDatabase(MemoryDatabase):
     def _load(self):
         try:
             info = os.stat(self.path)
-            with open(self.path, encoding="utf-8", errors="replace") as lines:
+            with open(self.path, encoding="utf-8-sig", errors="replace") as lines:
                 users, problems = parse_users(lines, self.path)
         except OSError as error:
             raise UsersFileError("cannot read users file %s: %s"
@@ -534,9 +542,11 @@ class FileDatabase(MemoryDatabase):
             with open(self.path, "rb") as f:
                 seen = self._signature_of(os.fstat(f.fileno())) == self._signature
                 data = f.read()
-            write_file_atomically(self.path, rewrite_users(data, name, status))
+            written = write_file_atomically(self.path, rewrite_users(data, name, status))
             # Edits nobody has loaded yet are in the new file too: leave them to the reload.
-            self._signature = self._signature_of(os.stat(self.path)) if seen else None
+            # The signature is the new file's as written: an edit made after the rename
+            # changes it, so the next reload sees that edit.
+            self._signature = self._signature_of(written) if seen else None
             self._users.set(name, status)
             self._changed()
 
@@ -814,7 +824,29 @@ def load_plugin(spec, options):
                                                    " ".join(str(error).split()))) from None
     if not callable(getattr(database, "get_user", None)):
         raise UsageError("--backend %s: %r has no get_user(name)" % (spec, database))
-    return database
+    return database if isinstance(database, UserDatabase) else PluginDatabase(database)
+
+
+class PluginDatabase(UserDatabase):
+    """A plugin object that only has get_user (and maybe get_users, set_user, blocking),
+    given the rest of the UserDatabase interface."""
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+        self.blocking = bool(getattr(plugin, "blocking", False))
+
+    def get_user(self, name):
+        return self.plugin.get_user(name)
+
+    def get_users(self):
+        get_users = getattr(self.plugin, "get_users", None)
+        return list(get_users()) if get_users else []
+
+    def set_user(self, name, status):
+        set_user = getattr(self.plugin, "set_user", None)
+        if set_user is None:
+            raise FingerError("this user database is read-only")
+        set_user(name, status)
 
 
 # == 4. The event loop and the finger front-end ===============================================
@@ -941,10 +973,12 @@ class SetterProtocol:
         return data if eof else None
 
     def respond(self, data, peer=None):
-        lines = data.decode("utf-8", "replace").splitlines()
+        lines = data.decode("utf-8", "replace").split("\n")
+        if lines[-1] == "":
+            lines.pop()                    # the line end of the last line
         if len(lines) != 2:
             return format_reply("Expected two lines: a user, then a status"), "bad request"
-        name, status = lines[0].strip(), clean_status(lines[1])
+        name, status = lines[0].strip(), clean_status(lines[1])   # clean_status drops a CR
         if not valid_user_name(name):
             return format_reply("Bad user name: letters, digits, '.', '_' and '-', at most "
                                 "%d" % MAX_USER_NAME), "bad request"
@@ -959,10 +993,13 @@ class SetterProtocol:
         except OSError as error:
             log.error("setting the status of %r failed: %s", name, error)
             return format_reply("Could not save the status: %s" % error.strerror), "error"
+        except FingerError as error:                  # a read-only back-end
+            return format_reply("Could not save the status: %s" % error), "error"
         except Exception:
             log.exception("setting the status of %r failed", name)
             return format_reply(INTERNAL_ERROR), "error"
-        return b"OK\r\n", "set %s" % name
+        log.info("setter: %s set the status of %s", format_peer(peer), name)
+        return b"OK\r\n", "set"
 
     @staticmethod
     def needs_worker(data):
@@ -1006,6 +1043,9 @@ class Service:
 
     def reload(self):
         """SIGHUP: re-read what can be re-read (certificates)."""
+
+    def close_listener(self):
+        """Close a bound listener of a service that will not start (a later bind failed)."""
 
     def relocate(self, inside):
         """After a chroot: `inside(path)` maps a path named outside to the same file inside."""
@@ -1147,6 +1187,10 @@ class TCPService(Service):
 
     # -- lifecycle
 
+    def close_listener(self):
+        if self._listener is not None and self._thread is None:
+            self._listener.close()
+
     def bind(self):
         if self._listener is None:
             if isinstance(self.requested_address, str):
@@ -1212,10 +1256,19 @@ class TCPService(Service):
                 elif conn == "wake":
                     self._drain(waker_in)
                     self._finish_jobs()
-                elif mask & selectors.EVENT_READ:
-                    self._read(conn)
                 else:
-                    self._write(conn)
+                    self._serve_connection(conn, mask)
+
+    def _serve_connection(self, conn, mask):
+        """Read or write; a bug in answering one connection drops that connection only."""
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read(conn)
+            else:
+                self._write(conn)
+        except Exception:
+            log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
+            self._close(conn)
 
     def _stop_accepting(self):
         """Close the listener and every connection that has not sent a whole request."""
@@ -1256,7 +1309,8 @@ class TCPService(Service):
                 log.warning("%s: accept failed: %s", self.name, error)
                 return
             busy = len(self._conns) - self._busy >= self.max_connections
-            if self._stopping or busy and self._busy >= BUSY_BACKLOG:
+            session = getattr(self.protocol, "session", False)
+            if self._stopping or busy and (session or self._busy >= BUSY_BACKLOG):
                 self._refuse(sock, SERVER_BUSY)
                 self.counts["busy"] = self.counts.get("busy", 0) + 1
                 continue
@@ -1267,7 +1321,7 @@ class TCPService(Service):
             conn = _Connection(sock, peer, time.monotonic() + self.timeout, busy)
             self._conns[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
-            if getattr(self.protocol, "session", False) and not busy:
+            if session:
                 conn.session = self.protocol.new_session(peer)
                 conn.state = "session"
                 self._queue(conn, conn.session.greeting())
@@ -1420,7 +1474,7 @@ class TCPService(Service):
             self._send(conn, format_reply(SERVER_BUSY))
             return
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+            from concurrent.futures import ThreadPoolExecutor   # preloaded by run_server
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="finger-worker")
         self._selector.unregister(conn.sock)
         conn.state = "working"
@@ -1702,11 +1756,35 @@ class WebSite:
                            json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n")
 
     def xmlrpc(self, body):
-        if b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
+        if declares_dtd(body):
             return self.error(400, "Bad request", "XML-RPC requests have no DTD.")
         answer = self.rpc._marshaled_dispatch(body)
         return WebResponse(200, "text/xml; charset=utf-8", answer,
                            [("Cache-Control", "no-store")])
+
+
+class _DTDFound(Exception):
+    pass
+
+
+def declares_dtd(body):
+    """Whether an XML document has a DTD (where entity tricks live), as expat itself sees
+    it in whatever encoding the document uses."""
+    from xml.parsers import expat
+
+    def found(*args):
+        raise _DTDFound
+
+    parser = expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = found
+    parser.EntityDeclHandler = found
+    try:
+        parser.Parse(body, True)
+    except _DTDFound:
+        return True
+    except expat.ExpatError:
+        pass                    # not well-formed: the XML-RPC dispatcher answers a Fault
+    return False
 
 
 def _safe_segment(name):
@@ -1735,6 +1813,7 @@ def _web_classes():
 
         def setup(self):
             self.timeout = self.server.timeout_seconds
+            self.accepted = self.request        # the key of this connection in the server
             context = self.server.ssl_context
             if context is not None:
                 raw = self.request
@@ -1748,6 +1827,17 @@ def _web_classes():
             super().finish()
             if self.server.ssl_context is not None:
                 self.request.close()
+
+        def handle_one_request(self):
+            # The whole request line and headers must arrive within the timeout, however
+            # slowly a peer dribbles them: http.server's timeout is per read only.
+            self.server.set_deadline(self.accepted, time.monotonic() + self.timeout)
+            super().handle_one_request()
+
+        def parse_request(self):
+            complete = super().parse_request()
+            self.server.set_deadline(self.accepted, None)
+            return complete
 
         def do_GET(self):
             self.respond(self.server.site.handle("GET", self.path))
@@ -1838,6 +1928,7 @@ def _web_classes():
             self.ssl_context = ssl_context
             self.counts = {}
             self.active = {}          # accepted socket -> the socket in use (TLS wraps it)
+            self.deadlines = {}       # accepted socket -> when its request must be in
             self.lock = threading.Lock()
 
         def count(self, outcome):
@@ -1854,7 +1945,30 @@ def _web_classes():
                 _send_and_close(request, b"HTTP/1.1 503 Service Unavailable\r\n"
                                 b"Content-Length: 0\r\nConnection: close\r\n\r\n")
                 return
+            self.set_deadline(request, time.monotonic() + self.timeout_seconds)
             super().process_request(request, client_address)
+
+        def set_deadline(self, request, deadline):
+            with self.lock:
+                if deadline is None:
+                    self.deadlines.pop(request, None)
+                else:
+                    self.deadlines[request] = deadline
+
+        def service_actions(self):
+            """Run by serve_forever between polls: drop connections past their deadline."""
+            now = time.monotonic()
+            with self.lock:
+                late = [request for request, deadline in self.deadlines.items()
+                        if deadline < now]
+                for request in late:
+                    del self.deadlines[request]
+                late = [self.active.get(request) for request in late]
+            for sock in late:
+                if sock is not None:
+                    self.count("timeout")
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
         def track(self, request, in_use):
             with self.lock:
@@ -1863,6 +1977,7 @@ def _web_classes():
         def shutdown_request(self, request):
             with self.lock:
                 self.active.pop(request, None)
+                self.deadlines.pop(request, None)
             super().shutdown_request(request)
 
         def handle_error(self, request, client_address):
@@ -1928,6 +2043,10 @@ class WebService(Service):
 
     def open_connections(self):
         return len(self._server.active) if self._server else 0
+
+    def close_listener(self):
+        if self._server is not None and self._thread is None:
+            self._server.server_close()
 
     def bind(self):
         if self._server is None:
@@ -2959,6 +3078,8 @@ class IRCBot(Service):
             self._banned = end.banned
         except OSError as error:      # ssl.SSLError and socket.timeout included
             log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
+        except _Closing:
+            raise                     # close() was called: no error, no reconnect
         except Exception:             # a bug: log it, and reconnect rather than die
             log.exception("irc: %s: the connection failed", where)
 
@@ -3543,8 +3664,14 @@ class ServiceGroup(Service):
         raise KeyError(name)
 
     def bind(self):
-        for service in self.services:
-            service.bind()
+        """Bind every listener; if one fails, close those already bound and re-raise."""
+        try:
+            for service in self.services:
+                service.bind()
+        except BaseException:
+            for service in self.services:
+                service.close_listener()
+            raise
 
     def start(self):
         self.bind()
@@ -3593,6 +3720,17 @@ def build_database(options):
 
 
 def build_forwarder(options):
+    """The forwarder of --forward, --proxy and --backend proxy; the proxy target's port
+    must be one forwarding may use."""
+    uses_target = options.proxy or options.backend == "proxy"
+    if uses_target:
+        try:
+            _, port = split_host_port(options.proxy_target, FINGER_PORT)
+        except ValueError as error:
+            raise UsageError("--proxy-target %s: %s" % (options.proxy_target, error)) from None
+        if port not in options.forward_ports:
+            raise UsageError("--proxy-target %s: port %d is not in --forward-ports (%s)" % (
+                options.proxy_target, port, ",".join(map(str, options.forward_ports))))
     return Forwarder(options.forward_ports, options.backend_timeout)
 
 
@@ -3706,6 +3844,14 @@ STOP_DEADLINE = 5.0               # seconds SIGTERM may take, in-flight answers 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+class DefangingFormatter(logging.Formatter):
+    """Log lines with control characters made harmless: text from the network (request
+    lines, IRC reasons) never reaches a terminal or a log viewer raw."""
+
+    def format(self, record):
+        return defang(super().format(record))
+
+
 class ReopenableFileHandler(logging.FileHandler):
     """A log file that SIGHUP reopens, so logrotate can move it away."""
 
@@ -3728,17 +3874,18 @@ def setup_logging(options, to_stderr=True):
     level = options.log_level.upper()
     if options.logfile:
         handler = ReopenableFileHandler(os.path.abspath(options.logfile), encoding="utf-8")
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(DefangingFormatter(LOG_FORMAT))
     elif options.syslog or not to_stderr:
         if not os.path.exists("/dev/log"):
             handler = logging.NullHandler()
         else:
             from logging.handlers import SysLogHandler
             handler = SysLogHandler("/dev/log", SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(logging.Formatter(options.prefix + "[%(process)d]: %(message)s"))
+            handler.setFormatter(DefangingFormatter(
+                options.prefix + "[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(DefangingFormatter(LOG_FORMAT))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
@@ -3924,9 +4071,24 @@ def sd_notify(message, environ=None):
     return True
 
 
+# Modules the server imports on first use; run_server imports them before a chroot or the
+# privilege drop can make the standard library unreadable.
+SERVER_MODULES = ("concurrent.futures", "email.utils", "html", "html.parser", "importlib",
+                  "json", "string", "subprocess", "tempfile", "urllib.error", "urllib.parse",
+                  "urllib.request", "xml.parsers.expat", "base64", "random", "ssl")
+
+
+def preload_server_modules():
+    import importlib
+    for name in SERVER_MODULES:
+        with contextlib.suppress(ImportError):       # ssl may be missing: HTTPS then fails
+            importlib.import_module(name)
+
+
 def run_server(options):
     """--serve: build, (daemonize), bind, chroot, drop privileges, start, wait for
     SIGTERM/SIGINT, stop.  Returns the exit code."""
+    preload_server_modules()
     group = build_services(options, sockets=systemd_sockets())
     if not group.services:
         raise UsageError("every listener is off: nothing to serve")
@@ -3959,10 +4121,24 @@ def run_server(options):
         pass
     log.info("stopping")
     sd_notify("STOPPING=1")
-    group.stop()
+    deadline = time.monotonic() + STOP_DEADLINE
+    stopper = threading.Thread(target=group.stop, name="finger-stop", daemon=True)
+    stopper.start()
+    stopper.join(STOP_DEADLINE)
     if options.pidfile:
         remove_pidfile(options.pidfile)
-    return 1 if failures else 0
+    code = 1 if failures else 0
+    for thread in threading.enumerate():      # worker threads finishing their lookups
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(deadline - time.monotonic(), 0))
+    if stopper.is_alive() or any(thread.is_alive() and not thread.daemon
+                                 for thread in threading.enumerate()
+                                 if thread is not threading.current_thread()):
+        log.warning("a back-end lookup is still running after %g s: exiting without it",
+                    STOP_DEADLINE)
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _install_signal_handlers(group):
@@ -3987,11 +4163,12 @@ def _reload_all(group):
     """SIGHUP: reopen the log file, re-read the users file and certificates (in a thread,
     not in the signal handler)."""
     def reload():
-        reopen_logs()
-        for db in group.databases:
-            db.reload(force=True)
-        for service in group:
-            service.reload()
+        for step in [reopen_logs] + [functools.partial(db.reload, force=True)
+                                     for db in group.databases] + [s.reload for s in group]:
+            try:
+                step()
+            except Exception:
+                log.exception("SIGHUP: reloading failed")
     threading.Thread(target=reload, daemon=True, name="finger-sighup").start()
 
 
@@ -4194,11 +4371,15 @@ def config_arguments(path, parser):
             text = f.read()
     except OSError as error:
         raise UsageError("--config %s: %s" % (path, error.strerror)) from None
+    # Comments start in the first column: an indented '#' is a value (an IRC channel).
     config = configparser.ConfigParser(interpolation=None, delimiters=("=",),
+                                       comment_prefixes=(), empty_lines_in_values=False,
                                        default_section="\0no default section")
     config.optionxform = str
+    uncommented = "\n".join("" if line.startswith(("#", ";")) else line
+                            for line in text.splitlines())
     try:
-        config.read_string(text, source=path)
+        config.read_string(uncommented, source=path)
     except configparser.Error as error:
         raise UsageError("--config: %s" % " ".join(str(error).split())) from None
     extra = [name for name in config.sections() if name != "finger"]
@@ -4252,7 +4433,7 @@ def format_config(options, parser):
     for key, action in _configurable_options(parser).items():
         value = getattr(options, action.dest)
         if key in LISTENERS:
-            value = "off" if value is None else format_listen(value)
+            value = "off" if value is None else format_address(value)
         elif action.nargs == 0:
             value = "true" if value else "false"
         elif isinstance(value, tuple):
@@ -4287,12 +4468,28 @@ def main(argv=None):
         return run_client(options.queries, options.verbose, options.timeout)
     if options.queries:
         parser.error("queries are for the client; --serve and --inetd take none")
+    _absolute_paths(options)
     setup_logging(options, to_stderr=not (options.inetd and _stderr_is_stdout()))
     try:
         return run_inetd(options) if options.inetd else run_server(options)
     except FingerError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
         return error.exit_code
+    except OSError as error:
+        print("finger.py: error: %s" % error, file=sys.stderr)
+        return 1
+
+
+# Options naming files: made absolute at start, since --daemon and --rundir change directory.
+PATH_OPTIONS = ("users", "pidfile", "logfile", "cert", "key", "setter_socket", "templates",
+                "chroot", "irc_cafile", "irc_password_file")
+
+
+def _absolute_paths(options):
+    for name in PATH_OPTIONS:
+        value = getattr(options, name, None)
+        if value:
+            setattr(options, name, os.path.abspath(value))
 
 
 def _config_file(argv):
