@@ -330,11 +330,10 @@ def rewrite_users(data, name, status):
     for index in range(len(lines) - 1, -1, -1):
         key, colon, _ = lines[index].partition(b":")
         key = key.strip()
-        if index == 0 and key.startswith(UTF8_BOM):
-            key = key[len(UTF8_BOM):].strip()
-        if colon and key == wanted:
+        bom = UTF8_BOM if index == 0 and key.startswith(UTF8_BOM) else b""
+        if colon and key[len(bom):].strip() == wanted:
             body = lines[index].rstrip(b"\r\n")
-            lines[index] = new_line + lines[index][len(body):]
+            lines[index] = bom + new_line + lines[index][len(body):]
             return b"".join(lines)
     if lines and not lines[-1].endswith(b"\n"):
         lines[-1] += b"\n"
@@ -4073,9 +4072,10 @@ def sd_notify(message, environ=None):
 
 # Modules the server imports on first use; run_server imports them before a chroot or the
 # privilege drop can make the standard library unreadable.
-SERVER_MODULES = ("concurrent.futures", "email.utils", "html", "html.parser", "importlib",
-                  "json", "string", "subprocess", "tempfile", "urllib.error", "urllib.parse",
-                  "urllib.request", "xml.parsers.expat", "base64", "random", "ssl")
+SERVER_MODULES = ("base64", "concurrent.futures", "concurrent.futures.thread", "email.utils",
+                  "html", "html.parser", "importlib", "json", "random", "ssl", "string",
+                  "subprocess", "tempfile", "urllib.error", "urllib.parse", "urllib.request",
+                  "xml.parsers.expat")
 
 
 def preload_server_modules():
@@ -4128,12 +4128,12 @@ def run_server(options):
     if options.pidfile:
         remove_pidfile(options.pidfile)
     code = 1 if failures else 0
-    for thread in threading.enumerate():      # worker threads finishing their lookups
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join(max(deadline - time.monotonic(), 0))
-    if stopper.is_alive() or any(thread.is_alive() and not thread.daemon
-                                 for thread in threading.enumerate()
-                                 if thread is not threading.current_thread()):
+    # Worker threads still in a lookup would be waited for at exit: give them until the
+    # deadline, then leave without them.
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    for thread in others:
+        thread.join(max(deadline - time.monotonic(), 0))
+    if any(thread.is_alive() for thread in others):
         log.warning("a back-end lookup is still running after %g s: exiting without it",
                     STOP_DEADLINE)
         logging.shutdown()

@@ -3504,6 +3504,170 @@ class TestIRCInterop(unittest.TestCase):
                 "SIGCONT; answered in %.3f s" % (detected, back, latency))
 
 
+# == regressions: bugs found in review and in the soak run, each fixed ========================
+
+SLOW_PLUGIN = """
+import time, finger
+
+class Stuck(finger.UserDatabase):
+    blocking = True
+
+    def __init__(self, options):
+        pass
+
+    def get_user(self, name):
+        time.sleep(30)
+        return "too late"
+"""
+
+BARE_PLUGIN = """
+class Bare:
+    def __init__(self, options):
+        pass
+
+    def get_user(self, name):
+        return "bare " + name
+"""
+
+
+class TestRegressions(unittest.TestCase):
+    def test_pb_connection_over_the_cap_does_not_kill_the_service(self):
+        service = pb_service(self, max_connections=1)
+        first = PBTestClient(self, service.address)
+        extra = connect(self, service.address)
+        extra.sendall(b"\x02\x82pb")
+        self.assertTrue(dropped(extra))
+        self.assertEqual(first.call("getUser", "moshez"), ("answer", "Happy and well"))
+        self.assertTrue(service._thread.is_alive())
+
+    def test_relative_paths_survive_rundir(self):
+        users = write_file(self, USERS)
+        server = ServerProcess(self, "--users", os.path.basename(users), "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "127.0.0.1:0",
+                               "--rundir", "/", cwd=os.path.dirname(users))
+        finger_address, setter_address = server.address("finger"), server.address("setter")
+        self.assertEqual(set_over(setter_address, b"shawn\nmoved\n"), b"OK\r\n")
+        self.assertEqual(ask(finger_address, b"shawn\r\n"), b"moved\r\n")
+
+    def test_sighup_with_a_memory_backend(self):
+        server = ServerProcess(self, "--backend", "memory", "--status", "a=b", "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "off")
+        address = server.address()
+        server.process.send_signal(signal.SIGHUP)
+        self.assertEqual(ask(address, b"a\r\n"), b"b\r\n")
+        server.process.terminate()
+        self.assertEqual(server.process.wait(TIMEOUT), 0)
+        self.assertFalse(any("Traceback" in line or "ERROR" in line for line in server.log))
+
+    def test_web_peer_dribbling_its_headers_is_dropped(self):
+        service = web_service(self, timeout=0.4)
+        sock = connect(self, service.address)
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for byte in b"GET / HTTP/1.1\r\nX-Slow: " + b"z" * 40:
+                sock.send(bytes([byte]))     # a byte every 0.05 s: each read is quick
+                time.sleep(0.05)
+        self.assertEqual(ask_or_reset(service.address, b""), b"")   # the site still serves
+        wait_until(lambda: service.open_connections() == 0)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertGreaterEqual(service.counts.get("timeout", 0), 1)
+
+    def test_dtd_in_utf16_is_refused(self):
+        address = web_service(self).address
+        body = ('<?xml version="1.0" encoding="utf-16"?><!DOCTYPE x [<!ENTITY a "moshez">]>'
+                "<methodCall><methodName>getUser</methodName><params><param><value>"
+                "<string>&a;</string></value></param></params></methodCall>").encode("utf-16")
+        self.assertEqual(http(address, "POST", "/RPC2", body=body)[0], 400)
+
+    def test_log_lines_are_defanged(self):
+        server = ServerProcess(self, "--users", write_file(self, USERS), "--finger", "off",
+                               "--setter", "off", "--web", "127.0.0.1:0")
+        address = server.address("web")
+        ask_or_reset(address, b"GET /\x1b[2J\x1b]0;owned\x07 HTTP/1.1\r\n"
+                              b"Connection: close\r\n\r\n")
+        line = server.expect(r"GET /").string
+        self.assertNotIn("\x1b", line)
+        self.assertIn("^[[2J", line)
+
+    def test_plugin_that_is_not_a_userdatabase(self):
+        directory = os.path.dirname(write_file(self, BARE_PLUGIN, name="bareplugin.py"))
+        env = dict(os.environ, PYTHONPATH=directory)
+        server = ServerProcess(self, "--backend", "bareplugin:Bare", "--finger", "127.0.0.1:0",
+                               "--web", "off", "--setter", "127.0.0.1:0", env=env)
+        finger_address, setter_address = server.address("finger"), server.address("setter")
+        self.assertEqual(ask(finger_address, b"x\r\n"), b"bare x\r\n")
+        self.assertEqual(set_over(setter_address, b"x\ny\n"),
+                         b"Could not save the status: this user database is read-only\r\n")
+
+    def test_a_failed_bind_closes_the_listeners_already_bound(self):
+        with socket.socket() as taken:
+            taken.bind((LOCALHOST, 0))
+            taken.listen()
+            options = finger.default_options(finger="127.0.0.1:0", setter="off",
+                                             web="127.0.0.1:%d" % taken.getsockname()[1])
+            group = finger.build_services(options, finger.MemoryDatabase())
+            with self.assertRaises(finger.FingerError):
+                group.start()
+        self.assertEqual(group.services[0]._listener.fileno(), -1)
+
+    def test_sigterm_does_not_wait_for_a_stuck_lookup(self):
+        directory = os.path.dirname(write_file(self, SLOW_PLUGIN, name="stuckplugin.py"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([directory, HERE]))
+        server = ServerProcess(self, "--backend", "stuckplugin:Stuck", "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "off", env=env)
+        stuck = connect(self, server.address())
+        stuck.sendall(b"moshez\r\n")
+        time.sleep(0.2)                                # the lookup is under way
+        started = time.monotonic()
+        server.process.terminate()
+        self.assertEqual(server.process.wait(finger.STOP_DEADLINE + 5), 0)
+        self.assertLess(time.monotonic() - started, finger.STOP_DEADLINE + 2)
+
+    def test_setter_status_with_other_line_breaks_is_cleaned(self):
+        db = finger.MemoryDatabase()
+        address = setter_service(self, db).address
+        status = "page\x0cbreak \x85next \u2028line".encode()
+        self.assertEqual(set_over(address, b"moshez\n" + status + b"\n"), b"OK\r\n")
+        self.assertEqual(db.get_user("moshez"), "pagebreak next line")
+
+    def test_metrics_do_not_grow_with_user_names(self):
+        db = finger.MemoryDatabase()
+        service = setter_service(self, db)
+        for name in (b"a", b"b"):
+            set_over(service.address, name + b"\nx\n")
+        self.assertEqual(service.counts.get("set"), 2)
+
+    def test_users_file_with_a_byte_order_mark(self):
+        path = write_file(self, "\ufeffmoshez: Happy and well\nshawn: alive\n", mode="w")
+        db = finger.FileDatabase(path, 0)
+        self.assertEqual(db.get_user("moshez"), "Happy and well")
+        db.set_user("moshez", "Still happy")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"\xef\xbb\xbfmoshez: Still happy\nshawn: alive\n")
+
+    def test_proxy_target_port_must_be_allowed(self):
+        result = run_finger("--serve", "--backend", "memory", "--finger", "off", "--web", "off",
+                            "--setter", "off", "--proxy", "127.0.0.1:0", "--proxy-target",
+                            "127.0.0.1:7979")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("port 7979 is not in --forward-ports", result.stderr)
+
+    def test_stopping_the_irc_bot_logs_no_error(self):
+        server, bot = registered_irc_bot(self)
+        with self.assertLogs("finger", "INFO") as logs:
+            finger.log.info("stopping the bot")
+            bot.stop()
+        self.assertEqual([r for r in logs.records if r.levelno >= logging.ERROR], [])
+        self.assertFalse(any("reconnecting" in line for line in logs.output))
+
+    def test_operating_system_errors_are_one_line(self):
+        result = run_finger("--serve", "--backend", "memory", "--finger", "127.0.0.1:0",
+                            "--web", "off", "--setter", "off", "--rundir", "/nonexistent")
+        self.assertEqual(result.returncode, 1)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("/nonexistent", result.stderr)
+
+
 # == running as a daemon =======================================================================
 
 def proc_status(pid):
@@ -3669,15 +3833,21 @@ class TestDaemon(unittest.TestCase):
         with open(users, "w") as f:
             f.write(USERS)
         os.chmod(users, 0o644)
-        server = ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web", "off",
-                               "--setter", "off", "--chroot", jail, "--reload", "0.05",
-                               "--user", "nobody")
+        os.chmod(jail, 0o777)                       # nobody writes the users file there
+        server = ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web",
+                               "127.0.0.1:0", "--setter", "127.0.0.1:0", "--chroot", jail,
+                               "--reload", "0.05", "--user", "nobody")
         address = server.address()
+        web, setter = server.address("web"), server.address("setter")
         self.assertEqual(os.readlink("/proc/%d/root" % server.process.pid),
                          os.path.realpath(jail))
         replace_file(users, "moshez: Jailed\n")
         os.chmod(users, 0o644)
         wait_until(lambda: ask(address, b"moshez\r\n") == b"Jailed\r\n")
+        # modules imported on first use were imported before the chroot
+        self.assertEqual(http(web, "GET", "/api/users/moshez")[0], 200)
+        os.chmod(users, 0o666)
+        self.assertEqual(set_over(setter, b"shawn\nin jail\n"), b"OK\r\n")
 
 
 class TestSyslog(unittest.TestCase):
