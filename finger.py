@@ -3839,7 +3839,7 @@ def default_options(**overrides):
 
 SD_LISTEN_FDS_START = 3           # systemd passes activated sockets from this descriptor on
 UNPRIVILEGED_USER = "nobody"      # who root becomes without --user (the tutorial used uid 1)
-STOP_DEADLINE = 5.0               # seconds SIGTERM may take, in-flight answers included
+DEFAULT_STOP_TIMEOUT = 5.0        # seconds SIGTERM may take, in-flight answers included
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -4121,10 +4121,10 @@ def run_server(options):
         pass
     log.info("stopping")
     sd_notify("STOPPING=1")
-    deadline = time.monotonic() + STOP_DEADLINE
+    deadline = time.monotonic() + options.stop_timeout
     stopper = threading.Thread(target=group.stop, name="finger-stop", daemon=True)
     stopper.start()
-    stopper.join(STOP_DEADLINE)
+    stopper.join(options.stop_timeout)
     if options.pidfile:
         remove_pidfile(options.pidfile)
     code = 1 if failures else 0
@@ -4135,7 +4135,7 @@ def run_server(options):
         thread.join(max(deadline - time.monotonic(), 0))
     if any(thread.is_alive() for thread in others):
         log.warning("a back-end lookup is still running after %g s: exiting without it",
-                    STOP_DEADLINE)
+                    options.stop_timeout)
         logging.shutdown()
         os._exit(code)
     return code
@@ -4341,6 +4341,9 @@ def build_parser():
     process.add_argument("--rundir", metavar="DIR", help="change to this directory")
     process.add_argument("--chroot", metavar="DIR",
                          help="chroot here after binding (see README: what it needs)")
+    process.add_argument("--stop-timeout", type=_positive_number, default=DEFAULT_STOP_TIMEOUT,
+                         metavar="SECONDS", help="at SIGTERM, how long answers in flight may "
+                         "take before the process exits without them (default: %(default)s)")
     process.add_argument("--log-level", default="info",
                          choices=["debug", "info", "warning", "error"],
                          help="least important log lines shown (default: %(default)s)")

@@ -1838,7 +1838,7 @@ class TestSignals(unittest.TestCase):
             thread.start()
         wait_until(lambda: len(replies) > 200)
         server.process.send_signal(signal.SIGTERM)
-        self.assertEqual(server.process.wait(finger.STOP_DEADLINE), 0)
+        self.assertEqual(server.process.wait(finger.DEFAULT_STOP_TIMEOUT), 0)
         stop.set()
         for thread in threads:
             thread.join()
@@ -3614,14 +3614,16 @@ class TestRegressions(unittest.TestCase):
         directory = os.path.dirname(write_file(self, SLOW_PLUGIN, name="stuckplugin.py"))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([directory, HERE]))
         server = ServerProcess(self, "--backend", "stuckplugin:Stuck", "--finger",
-                               "127.0.0.1:0", "--web", "off", "--setter", "off", env=env)
+                               "127.0.0.1:0", "--web", "off", "--setter", "off",
+                               "--stop-timeout", "1", env=env)
         stuck = connect(self, server.address())
         stuck.sendall(b"moshez\r\n")
         time.sleep(0.2)                                # the lookup is under way
         started = time.monotonic()
         server.process.terminate()
-        self.assertEqual(server.process.wait(finger.STOP_DEADLINE + 5), 0)
-        self.assertLess(time.monotonic() - started, finger.STOP_DEADLINE + 2)
+        self.assertEqual(server.process.wait(TIMEOUT), 0)
+        self.assertLess(time.monotonic() - started, 3)
+        server.expect("still running after 1 s")
 
     def test_setter_status_with_other_line_breaks_is_cleaned(self):
         db = finger.MemoryDatabase()
