@@ -340,6 +340,8 @@ def rewrite_users(data, name, status):
     return b"".join(lines) + new_line + b"\n"
 
 
+# == 3. User databases (back-ends) ============================================================
+
 def write_file_atomically(path, data):
     """Replace `path` by `data` so that a reader sees the old file or the new one, never a
     mix, and the new one survives a crash: temp file in the same directory, fsync, rename,
@@ -374,8 +376,6 @@ def write_file_atomically(path, data):
         os.close(dir_fd)
     return written
 
-
-# == 3. User databases (back-ends) ============================================================
 
 class UserDatabase:
     """Looks up user statuses.  Knows nothing about sockets.
@@ -1548,7 +1548,7 @@ def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
     view = memoryview(reply)
     while view:
         view = view[os.write(outfd, view):]
-    log.info("%s inetd %r %s %.1fms", protocol.name, request, outcome,
+    log.info("%s inetd %r %s %.1fms", protocol.name, request, outcome if data else "closed",
              (time.monotonic() - started) * 1000)
     return outcome
 
