@@ -1409,13 +1409,32 @@ class TCPService(Service):
     # -- session connections (they stay open)
 
     def _feed(self, conn, data):
+        """Data for a session: fed to it here, or in a worker for a protocol whose back-end
+        may block (the connection is not read meanwhile, so its data stays in order)."""
         if not data:
             self._close(conn)
-            return
+        elif getattr(self.protocol, "blocking", False):
+            if self._in_flight >= self.max_pending:
+                log.warning("%s %s: dropped: every worker is busy", self.name,
+                            format_peer(conn.peer))
+                self._close(conn)
+                return
+            self._selector.unregister(conn.sock)
+            conn.state = "working"
+            self._start_job(conn, b"", self._run_feed, conn, data)
+        else:
+            self._fed(conn, self._run_feed(conn, data))
+
+    def _run_feed(self, conn, data):
+        """The session's reply to `data`, or None when it refused the data (logged)."""
         try:
-            reply = conn.session.feed(data)
+            return conn.session.feed(data)
         except Exception as error:
             log.warning("%s %s: dropped: %s", self.name, format_peer(conn.peer), error)
+            return None
+
+    def _fed(self, conn, reply):
+        if reply is None:
             self._close(conn)
             return
         if conn.session.idle:
@@ -1472,13 +1491,17 @@ class TCPService(Service):
             self._log(conn, request, "busy")
             self._send(conn, format_reply(SERVER_BUSY))
             return
+        self._selector.unregister(conn.sock)
+        conn.state = "working"
+        self._start_job(conn, request, self.protocol.respond, request, conn.peer)
+
+    def _start_job(self, conn, request, function, *args):
+        """Run function(*args) in the pool; the loop gets the result in _finish_jobs."""
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor   # preloaded by run_server
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="finger-worker")
-        self._selector.unregister(conn.sock)
-        conn.state = "working"
         self._in_flight += 1
-        future = self._pool.submit(self.protocol.respond, request, conn.peer)
+        future = self._pool.submit(function, *args)
         future.add_done_callback(lambda future: self._job_done(conn, request, future))
 
     def _job_done(self, conn, request, future):
@@ -1491,6 +1514,12 @@ class TCPService(Service):
             conn, request, future = self._done.pop()
             self._in_flight -= 1
             if conn.state == "closed":
+                continue
+            if conn.session is not None:            # a session fed in a worker
+                conn.state = "session"
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+                self._selector.register(conn.sock, events, conn)
+                self._fed(conn, future.result())
                 continue
             try:
                 reply, outcome = future.result()
@@ -2428,6 +2457,7 @@ class PBProtocol:
 
     def __init__(self, db):
         self.db = db
+        self.blocking = db.blocking    # then TCPService feeds sessions in its worker pool
         self.root = FingerRoot(db)
 
     def new_session(self, peer):

@@ -3541,6 +3541,18 @@ class TestRegressions(unittest.TestCase):
         self.assertEqual(first.call("getUser", "moshez"), ("answer", "Happy and well"))
         self.assertTrue(service._thread.is_alive())
 
+    def test_a_slow_pb_lookup_does_not_stall_other_pb_clients(self):
+        db = SlowDatabase()
+        service = pb_service(self, db)
+        slow = PBTestClient(self, service.address)
+        call = slow.send_call("getUser", "slow")
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
+        other = PBTestClient(self, service.address)           # greeted meanwhile
+        self.assertEqual(other.call("getUser", "moshez"), ("answer", "Happy and well"))
+        db.release.set()
+        self.assertEqual(slow.reply(call), ("answer", "finally"))
+        self.assertEqual(slow.call("getUser", "moshez"), ("answer", "Happy and well"))
+
     def test_relative_paths_survive_rundir(self):
         users = write_file(self, USERS)
         server = ServerProcess(self, "--users", os.path.basename(users), "--finger",
