@@ -43,9 +43,12 @@ test:
 peers:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get update -qq >/dev/null && \
-	    apt-get install -y -qq --no-install-recommends finger fingerd socat \
-	        netcat-openbsd curl openssl chromium ngircd gnutls-bin >/dev/null; \
+	    for attempt in 1 2 3; do \
+	        apt-get update -qq >/dev/null && \
+	        apt-get install -y -qq --no-install-recommends finger fingerd socat \
+	            netcat-openbsd curl openssl chromium ngircd gnutls-bin >/dev/null && break; \
+	        [ $$attempt = 3 ] && exit 1; echo "peers: apt failed, trying again"; sleep 10; \
+	    done; \
 	else echo "peers: not root or no apt-get: Debian packages not installed"; fi
 	@[ -x $(VENV)/bin/vermin ] || { $(PYTHON) -m venv $(VENV) && \
 	    $(VENV)/bin/pip install --quiet --disable-pip-version-check vermin; }
