@@ -699,12 +699,16 @@ class CommandDatabase(UserDatabase):
         return text or None
 
 
+RUNNING_COMMANDS = set()          # programs run_bounded is waiting for (killed at a forced exit)
+
+
 def run_bounded(argv, timeout, max_output):
     """Run a program (no shell, stdin and stderr closed) and return at most `max_output`
     bytes of its output; FingerError when it takes longer than `timeout` seconds."""
     import subprocess
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, start_new_session=True)
+    RUNNING_COMMANDS.add(process)
     deadline = time.monotonic() + timeout
     output = b""
     try:
@@ -723,6 +727,7 @@ def run_bounded(argv, timeout, max_output):
             process.kill()
         process.stdout.close()
         process.wait()
+        RUNNING_COMMANDS.discard(process)
     return output
 
 
@@ -1189,6 +1194,12 @@ class TCPService(Service):
     def close_listener(self):
         if self._listener is not None and self._thread is None:
             self._listener.close()
+            if self._spare_fd is not None:
+                os.close(self._spare_fd)
+                self._spare_fd = None
+            if self._owns_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.address)
 
     def bind(self):
         if self._listener is None:
@@ -1421,12 +1432,15 @@ class TCPService(Service):
                 return
             self._selector.unregister(conn.sock)
             conn.state = "working"
+            self._set_deadline(conn)           # the peer is active: its timeout starts over
             self._start_job(conn, b"", self._run_feed, conn, data)
         else:
             self._fed(conn, self._run_feed(conn, data))
 
     def _run_feed(self, conn, data):
         """The session's reply to `data`, or None when it refused the data (logged)."""
+        if conn.state == "closed":             # dropped while this job waited
+            return None
         try:
             return conn.session.feed(data)
         except Exception as error:
@@ -1500,8 +1514,8 @@ class TCPService(Service):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor   # preloaded by run_server
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="finger-worker")
-        self._in_flight += 1
         future = self._pool.submit(function, *args)
+        self._in_flight += 1
         future.add_done_callback(lambda future: self._job_done(conn, request, future))
 
     def _job_done(self, conn, request, future):
@@ -1515,19 +1529,27 @@ class TCPService(Service):
             self._in_flight -= 1
             if conn.state == "closed":
                 continue
-            if conn.session is not None:            # a session fed in a worker
-                conn.state = "session"
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
-                self._selector.register(conn.sock, events, conn)
-                self._fed(conn, future.result())
-                continue
             try:
-                reply, outcome = future.result()
+                self._finish_job(conn, request, future)
             except Exception:
-                log.exception("%s: answering %r failed", self.name, request)
-                reply, outcome = format_reply(INTERNAL_ERROR), "error"
-            self._log(conn, request, outcome)
-            self._send(conn, reply)
+                log.exception("%s %s: dropped after an error", self.name,
+                              format_peer(conn.peer))
+                self._close(conn)
+
+    def _finish_job(self, conn, request, future):
+        if conn.session is not None:            # a session fed in a worker
+            conn.state = "session"
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+            self._selector.register(conn.sock, events, conn)
+            self._fed(conn, future.result())
+            return
+        try:
+            reply, outcome = future.result()
+        except Exception:
+            log.exception("%s: answering %r failed", self.name, request)
+            reply, outcome = format_reply(INTERNAL_ERROR), "error"
+        self._log(conn, request, outcome)
+        self._send(conn, reply)
 
     def _wake(self):
         try:
@@ -1810,7 +1832,7 @@ def declares_dtd(body):
         parser.Parse(body, True)
     except _DTDFound:
         return True
-    except expat.ExpatError:
+    except (expat.ExpatError, LookupError, ValueError):
         pass                    # not well-formed: the XML-RPC dispatcher answers a Fault
     return False
 
@@ -1884,7 +1906,9 @@ def _web_classes():
             if int(length) > MAX_RPC_BODY:
                 return self.respond(self.server.site.error(
                     413, "Request too large", "At most %d bytes." % MAX_RPC_BODY), close=True)
-            body = self.rfile.read(int(length))
+            self.server.set_deadline(self.accepted, time.monotonic() + self.timeout)
+            body = self.rfile.read(int(length))        # the body too, however slowly sent
+            self.server.set_deadline(self.accepted, None)
             self.respond(self.server.site.handle("POST", self.path, body))
 
         def __getattr__(self, name):
@@ -4152,7 +4176,15 @@ def run_server(options):
     log.info("stopping")
     sd_notify("STOPPING=1")
     deadline = time.monotonic() + options.stop_timeout
-    stopper = threading.Thread(target=group.stop, name="finger-stop", daemon=True)
+
+    def stop():
+        try:
+            group.stop()
+        except Exception:
+            log.exception("stopping failed")
+            failures.append(1)
+
+    stopper = threading.Thread(target=stop, name="finger-stop", daemon=True)
     stopper.start()
     stopper.join(options.stop_timeout)
     if options.pidfile:
@@ -4166,6 +4198,9 @@ def run_server(options):
     if any(thread.is_alive() for thread in others):
         log.warning("a back-end lookup is still running after %g s: exiting without it",
                     options.stop_timeout)
+        for process in list(RUNNING_COMMANDS):
+            with contextlib.suppress(OSError):
+                process.kill()
         logging.shutdown()
         os._exit(code)
     return code
@@ -4406,7 +4441,7 @@ def config_arguments(path, parser):
         raise UsageError("--config %s: %s" % (path, error.strerror)) from None
     # Comments start in the first column: an indented '#' is a value (an IRC channel).
     config = configparser.ConfigParser(interpolation=None, delimiters=("=",),
-                                       comment_prefixes=(), empty_lines_in_values=False,
+                                       comment_prefixes=(),
                                        default_section="\0no default section")
     config.optionxform = str
     uncommented = "\n".join("" if line.startswith(("#", ";")) else line
