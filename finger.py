@@ -15,6 +15,7 @@ Runs on CPython 3.9 and newer, with the standard library only.
 """
 
 import argparse
+import collections
 import contextlib
 import errno
 import functools
@@ -57,7 +58,10 @@ DEFAULT_RELOAD = 30.0             # seconds between checks of the users file
 DEFAULT_WORKERS = 8               # threads answering queries for back-ends that may block
 DEFAULT_USERS_FILE = "/etc/users"
 TABLE_SHARDS = 256                # dicts a users table is split over (see UserTable)
-GIL_SLICE = 0.002                 # seconds of freeing an old table between two yields
+RETIRE_ONE_BY_ONE = 4             # last shards of an old table freed entry by entry
+USERS_DECODE_CHUNK = 1 << 20      # bytes of the users file decoded in one step (text_lines)
+USERS_SEARCH_CHUNK = 64 * 1024    # bytes searched in one step for the line to rewrite
+BACKGROUND_SWITCH_INTERVAL = 0.0005  # sys.setswitchinterval while a long job runs (below)
 MAX_REPLY_CACHE = 10000           # finger replies remembered per version of the users table
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
@@ -138,6 +142,126 @@ def defang(text):
     return text.replace("\r\n", "\n").translate(_CARET)
 
 
+_LOG_FIELD = dict(_CARET)          # a field of a query log line: one line, in quotes
+_LOG_FIELD.update({ord("\n"): "^J", ord("\t"): "^I", ord('"'): '\\"', ord("\\"): "\\\\"})
+
+
+class QueryLog:
+    """One line per query, for every listener (--log-queries): off by default, as bsd
+    in.fingerd logs queries only with -l; who asked for whom is a privacy matter.
+
+    `record()` is what a front-end calls for each answer: when off, one attribute test;
+    when on, the line is formatted at once (text, defanged, the request in quotes) and
+    queued.  A writer thread writes the queue in batches, at least every FLUSH_INTERVAL
+    seconds and at stop, so a slow disk never holds up a loop; past MAX_BACKLOG queued
+    lines the new ones are counted and dropped.  Lines go where the log goes: appended as
+    one write to a stream or file handler, one record each to any other handler (syslog)."""
+
+    FLUSH_INTERVAL = 1.0
+    MAX_BACKLOG = 100000
+
+    def __init__(self):
+        self.enabled = False
+        self.dropped = 0
+        self._queue = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = None
+        self._flush_lock = threading.Lock()
+
+    def record(self, service, peer, request, outcome, started=None):
+        """Queue `service peer "request" outcome [N.Nms]`; `request` is bytes or text from
+        the peer (defanged here), `started` a time.monotonic() for the time taken."""
+        if not self.enabled:
+            return
+        if type(request) is bytes:
+            request = request.decode("utf-8", "replace")
+        if type(peer) is tuple:                   # inline format_address: it is per query
+            peer = ("[%s]:%d" if ":" in peer[0] else "%s:%d") % peer[:2]
+        else:
+            peer = str(peer).translate(_LOG_FIELD)
+        now = time.monotonic()                    # made a time of day when written
+        if started is None:
+            line = '%s %s "%s" %s' % (service, peer, request.translate(_LOG_FIELD), outcome)
+        else:
+            line = '%s %s "%s" %s %.1fms' % (service, peer, request.translate(_LOG_FIELD),
+                                             outcome, (now - started) * 1000)
+        if len(self._queue) < self.MAX_BACKLOG:
+            self._queue.append((now, line))
+        else:
+            self.dropped += 1
+
+    def start(self):
+        """Turn the log on and start the writer thread."""
+        self.enabled = True
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._write_forever, daemon=True,
+                                            name="finger-query-log")
+            self._thread.start()
+
+    def stop(self):
+        """Write what is queued and stop the writer (the log stays on for inetd's one line)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            thread.join()
+        self.flush()
+
+    def _write_forever(self):
+        while not self._stopping:
+            self._wake.wait(self.FLUSH_INTERVAL)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:     # never let one bad write end the query log
+                logging.getLogger("finger").exception("writing the query log failed")
+
+    def flush(self):
+        """Write every queued line now."""
+        with self._flush_lock:
+            queue, entries = self._queue, []
+            for _ in range(len(queue)):
+                entries.append(queue.popleft())
+            dropped, self.dropped = self.dropped, 0
+            if not entries and not dropped:
+                return
+            logger = logging.getLogger("finger")
+            if dropped:
+                logger.warning("query log: %d lines dropped: the log destination is slower "
+                               "than the queries", dropped)
+            to_wall_clock = time.time() - time.monotonic()
+            for handler in logger.handlers:
+                if getattr(handler, "stream", None) is not None:
+                    text = self._format(entries, to_wall_clock)
+                    with handler.lock:
+                        handler.stream.write(text)     # the stream of now (SIGHUP reopens)
+                        handler.stream.flush()
+                else:
+                    for when, line in entries:
+                        record = logger.makeRecord(logger.name, logging.INFO, "", 0, "%s",
+                                                   (line,), None)
+                        record.created = when + to_wall_clock
+                        record.msecs = (record.created - int(record.created)) * 1000
+                        handler.handle(record)
+
+    @staticmethod
+    def _format(entries, to_wall_clock):
+        """The lines as logging's default format writes them: one time stamp each."""
+        second, stamp, lines = None, "", []
+        for when, line in entries:
+            when += to_wall_clock
+            if int(when) != second:
+                second = int(when)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            lines.append("%s,%03d INFO %s\n" % (stamp, (when - second) * 1000, line))
+        return "".join(lines)
+
+
+query_log = QueryLog()
+
+
 def split_host_port(text, default_port):
     """'host', 'host:port', '[v6]', '[v6]:port' or a bare v6 address -> (host, port).
 
@@ -189,7 +313,7 @@ class UserTable(Mapping):
 
     With a million users, growing or freeing one dict holds the GIL for tens of
     milliseconds, stalling every other thread; a shard is small, so each step is short, and
-    `retire()` frees an old table shard by shard, letting other threads run in between."""
+    `retire()` frees an old table shard by shard, so other threads get the GIL in between."""
     __slots__ = ("shards",)
 
     def __init__(self, items=()):
@@ -217,13 +341,68 @@ class UserTable(Mapping):
             yield from shard
 
     def retire(self):
-        """Empty the table shard by shard, letting other threads run every few ms."""
-        slice_ends = time.monotonic() + GIL_SLICE
-        for shard in self.shards:
+        """Empty the table shard by shard (call it inside `background_job()`).
+
+        Most of the memory goes back to the system with the last shards: an allocator arena
+        holds users of every shard, and is returned only once all of them are gone.  Those
+        shards are emptied one entry at a time, so that no single step takes long."""
+        for shard in self.shards[:-RETIRE_ONE_BY_ONE]:
             shard.clear()
-            if time.monotonic() > slice_ends:
-                time.sleep(0)
-                slice_ends = time.monotonic() + GIL_SLICE
+        for shard in self.shards[-RETIRE_ONE_BY_ONE:]:
+            while shard:
+                shard.popitem()
+
+
+_background_jobs = 0
+_background_lock = threading.Lock()
+_switch_interval = None
+
+
+@contextlib.contextmanager
+def background_job():
+    """Around a long CPU-bound job in a thread of its own (parsing a users file, rewriting it,
+    freeing an old table): a thread waiting for the GIL gets it after BACKGROUND_SWITCH_INTERVAL
+    instead of CPython's 5 ms.  A loop thread gives the GIL up at each of the half-dozen
+    system calls of a query and must wait for it after each, so with 5 ms a query would
+    take 30 ms while such a job runs.  The job itself must do no I/O inside its long loop:
+    every release of the GIL restarts the interval, and the waiting thread waits on."""
+    global _background_jobs, _switch_interval
+    with _background_lock:
+        if _background_jobs == 0:
+            _switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(BACKGROUND_SWITCH_INTERVAL, _switch_interval))
+        _background_jobs += 1
+    try:
+        yield
+    finally:
+        with _background_lock:
+            _background_jobs -= 1
+            if _background_jobs == 0:
+                sys.setswitchinterval(_switch_interval)
+
+
+def text_lines(f):
+    """The lines of a users file opened in binary mode, as reading it in text mode gives
+    them (UTF-8, a byte order mark skipped, bad bytes replaced, universal newlines), without
+    their ends.
+
+    Read and decoded USERS_DECODE_CHUNK bytes at a time: little memory on top of the table
+    being built, and no single step that holds the GIL for long (see background_job)."""
+    rest = f.read(USERS_DECODE_CHUNK)
+    if rest.startswith(UTF8_BOM):
+        rest = rest[len(UTF8_BOM):]
+    while rest:
+        more = f.read(USERS_DECODE_CHUNK)
+        cut = rest.rfind(b"\n") + 1 if more else len(rest)
+        if cut == 0:                       # no line end yet: a line longer than a chunk
+            rest += more
+            continue
+        text = rest[:cut].decode("utf-8", "replace")
+        rest = rest[cut:] + more
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if lines[-1] == "":
+            lines.pop()                    # the end of the chunk's last line
+        yield from lines
 
 
 def parse_users(lines, source="<users>"):
@@ -321,29 +500,43 @@ def clean_status(text):
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
+_LINE_BREAK = re.compile(rb"[\r\n]")
+
+
 def rewrite_users(data, name, status):
     """The users file `data` (bytes) with `name`'s status set: its last line is replaced (or
-    a line is appended); every other byte, comments and order included, stays as it was."""
-    lines = data.splitlines(keepends=True)
-    wanted = name.encode("utf-8")
+    a line is appended); every other byte, comments and order included, stays as it was.
+
+    Returns the new file as a list of pieces (views of `data` and the new line), for
+    write_file_atomically: no copy of a large file is made.  The line is looked for from the
+    end, USERS_SEARCH_CHUNK bytes at a time, by a regular expression (no list of a million
+    lines): a write into a large file never holds the other threads up for long."""
+    blank = rb"[ \t\x0b\x0c]*"
+    key = blank + re.escape(name.encode("utf-8")) + blank + b":"
     new_line = ("%s: %s" % (name, status)).encode("utf-8")
-    for index in range(len(lines) - 1, -1, -1):
-        key, colon, _ = lines[index].partition(b":")
-        key = key.strip()
-        bom = UTF8_BOM if index == 0 and key.startswith(UTF8_BOM) else b""
-        if colon and key[len(bom):].strip() == wanted:
-            body = lines[index].rstrip(b"\r\n")
-            lines[index] = bom + new_line + lines[index][len(body):]
-            return b"".join(lines)
-    if lines and not lines[-1].endswith(b"\n"):
-        lines[-1] += b"\n"
-    return b"".join(lines) + new_line + b"\n"
+    first = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    after_break = re.compile(rb"[\r\n](?=" + key + b")")
+    found, end = None, len(data)
+    while found is None and end > first:
+        start = max(data.rfind(b"\n", first, max(end - USERS_SEARCH_CHUNK, first)), first)
+        for match in after_break.finditer(data, start, end):
+            found = match.end()                       # the last one wins
+        end = start
+    if found is None and re.compile(key).match(data, first):
+        found = first                                 # the first line, after any BOM
+    view = memoryview(data)
+    if found is None:
+        ending = b"\n" if data and not data.endswith(b"\n") else b""
+        return [view, ending + new_line + b"\n"]
+    line_end = _LINE_BREAK.search(data, found)
+    return [view[:found], new_line, view[line_end.start():] if line_end else b""]
 
 
 # == 3. User databases (back-ends) ============================================================
 
 def write_file_atomically(path, data):
-    """Replace `path` by `data` so that a reader sees the old file or the new one, never a
+    """Replace `path` by `data` (bytes, or a list of bytes-like pieces written one after
+    another) so that a reader sees the old file or the new one, never a
     mix, and the new one survives a crash: temp file in the same directory, fsync, rename,
     fsync the directory.  Keeps the file's mode (and owner, where allowed).  Returns the
     os.stat of the new file, taken before anyone else could change it."""
@@ -354,7 +547,8 @@ def write_file_atomically(path, data):
     fd, temp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
     try:
         with open(fd, "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp, stat.S_IMODE(info.st_mode))
@@ -491,15 +685,16 @@ class FileDatabase(MemoryDatabase):
 
     def load(self):
         """Read the file now; UsersFileError if it cannot be used."""
-        with self._lock:
-            old = self._load()
-        old.retire()
+        with background_job():
+            with self._lock:
+                old = self._load()
+            old.retire()
 
     def _load(self):
         try:
-            info = os.stat(self.path)
-            with open(self.path, encoding="utf-8-sig", errors="replace") as lines:
-                users, problems = parse_users(lines, self.path)
+            with open(self.path, "rb") as f:
+                info = os.fstat(f.fileno())
+                users, problems = parse_users(text_lines(f), self.path)
         except OSError as error:
             raise UsersFileError("cannot read users file %s: %s"
                                  % (self.path, error.strerror or error)) from None
@@ -521,8 +716,10 @@ class FileDatabase(MemoryDatabase):
             with self._lock:
                 if not force and self._signature_of(os.stat(self.path)) == self._signature:
                     return False
-                old = self._load()
-            old.retire()
+                with background_job():
+                    old = self._load()
+            with background_job():
+                old.retire()
         except (OSError, UsersFileError) as error:
             if not self._failing:
                 reason = error.strerror if isinstance(error, OSError) else error
@@ -537,7 +734,7 @@ class FileDatabase(MemoryDatabase):
 
     def set_user(self, name, status):
         """Write the status through to the file, then serve it; OSError leaves both alone."""
-        with self._lock:
+        with self._lock, background_job():
             with open(self.path, "rb") as f:
                 seen = self._signature_of(os.fstat(f.fileno())) == self._signature
                 data = f.read()
@@ -874,6 +1071,11 @@ class FingerProtocol:
         self._replies = {}             # query line -> (reply, outcome), for db.version
         self._replies_version = None
 
+    @staticmethod
+    def log_text(line):
+        """What the query log shows of a request: the query line."""
+        return line
+
     def needs_worker(self, line):
         """Whether answering `line` may block (a slow back-end, or a forwarded query)."""
         return self.db.blocking or self.forwarder is not None and (
@@ -975,6 +1177,11 @@ class SetterProtocol:
         if len(data) > self.max_request:
             raise RequestError("Too much: send a user line and a status line", "too long")
         return data if eof else None
+
+    @staticmethod
+    def log_text(data):
+        """What the query log shows of a request: the user line, never the status."""
+        return data.partition(b"\n")[0].strip()
 
     def respond(self, data, peer=None):
         lines = data.decode("utf-8", "replace").split("\n")
@@ -1142,7 +1349,7 @@ class _Connection:
         self.inbuf = b""
         self.outbuf = b""
         self.started = time.monotonic()
-        self.state = "reading"         # reading -> (working) -> writing -> closed
+        self.state = "accepted"        # accepted -> reading -> (working) -> writing -> closed
         self.session = None            # the protocol's session object, for session protocols
 
 
@@ -1296,7 +1503,7 @@ class TCPService(Service):
                 break
             expired.append(conn)
         for conn in expired:
-            self._log(conn, b"", "timeout")
+            self._log(conn, conn.inbuf[:MAX_QUERY_BYTES], "timeout")   # what arrived
             self._close(conn)
         for conn in self._conns:
             return conn.deadline - now
@@ -1305,6 +1512,7 @@ class TCPService(Service):
     # -- connections
 
     def _accept(self):
+        session = getattr(self.protocol, "session", False)
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = self._listener.accept()
@@ -1319,7 +1527,6 @@ class TCPService(Service):
                 log.warning("%s: accept failed: %s", self.name, error)
                 return
             busy = len(self._conns) - self._busy >= self.max_connections
-            session = getattr(self.protocol, "session", False)
             if self._stopping or busy and (session or self._busy >= BUSY_BACKLOG):
                 self._refuse(sock, SERVER_BUSY)
                 self.counts["busy"] = self.counts.get("busy", 0) + 1
@@ -1330,11 +1537,15 @@ class TCPService(Service):
             sock.setblocking(False)
             conn = _Connection(sock, peer, time.monotonic() + self.timeout, busy)
             self._conns[conn] = None
-            self._selector.register(sock, selectors.EVENT_READ, conn)
             if session:
+                self._selector.register(sock, selectors.EVENT_READ, conn)
                 conn.session = self.protocol.new_session(peer)
                 conn.state = "session"
                 self._queue(conn, conn.session.greeting())
+            else:
+                # Clients send their query as soon as they are connected, so it is usually
+                # here already: answered now, the connection never enters the selector.
+                self._serve_connection(conn, selectors.EVENT_READ)
 
     def _shed_connection(self):
         """Out of file descriptors: free the spare one to accept and drop a waiting
@@ -1363,6 +1574,7 @@ class TCPService(Service):
         try:
             data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
+            self._wait_for_request(conn)
             return
         except OSError:
             self._close(conn)
@@ -1380,6 +1592,8 @@ class TCPService(Service):
         if request is None:
             if not data:
                 self._close(conn)
+            else:
+                self._wait_for_request(conn)
             return
         if conn.busy:
             self._log(conn, request, "busy")
@@ -1390,6 +1604,12 @@ class TCPService(Service):
             reply, outcome = self.protocol.respond(request, conn.peer)
             self._log(conn, request, outcome)
             self._send(conn, reply)
+
+    def _wait_for_request(self, conn):
+        """A connection answered at once has not been registered: wait for the rest."""
+        if conn.state == "accepted":
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.state = "reading"
 
     def _send(self, conn, data):
         """Send a reply and close; what the socket does not take now waits for EVENT_WRITE."""
@@ -1405,7 +1625,7 @@ class TCPService(Service):
             return
         conn.outbuf = data[sent:]
         self._set_deadline(conn)
-        if conn.state == "working":
+        if conn.state in ("accepted", "working"):
             self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
         else:
             self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
@@ -1486,7 +1706,7 @@ class TCPService(Service):
     def _close(self, conn):
         if conn.state == "closed":
             return
-        if conn.state != "working":
+        if conn.state not in ("accepted", "working"):
             self._selector.unregister(conn.sock)
         conn.state = "closed"
         self._busy -= conn.busy
@@ -1505,7 +1725,8 @@ class TCPService(Service):
             self._log(conn, request, "busy")
             self._send(conn, format_reply(SERVER_BUSY))
             return
-        self._selector.unregister(conn.sock)
+        if conn.state == "reading":
+            self._selector.unregister(conn.sock)
         conn.state = "working"
         self._start_job(conn, request, self.protocol.respond, request, conn.peer)
 
@@ -1568,9 +1789,9 @@ class TCPService(Service):
 
     def _log(self, conn, request, outcome):
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %r %s %.1fms", self.name, format_peer(conn.peer), request,
-                     outcome, (time.monotonic() - conn.started) * 1000)
+        if query_log.enabled:
+            query_log.record(self.name, conn.peer, self.protocol.log_text(request), outcome,
+                             conn.started)
 
 
 def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
@@ -1599,8 +1820,9 @@ def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
     view = memoryview(reply)
     while view:
         view = view[os.write(outfd, view):]
-    log.info("%s inetd %r %s %.1fms", protocol.name, request, outcome if data else "closed",
-             (time.monotonic() - started) * 1000)
+    query_log.record(protocol.name + " inetd", "stdin",
+                     protocol.log_text(data[:MAX_QUERY_BYTES] if request is None else request),
+                     outcome if data else "closed", started)
     return outcome
 
 
@@ -1957,9 +2179,8 @@ def _web_classes():
             self.send_header("Date", _http_date())
 
         def log_request(self, code="-", size="-"):
-            if log.isEnabledFor(logging.INFO):
-                log.info('%s %s - - [%s] "%s" %s %s', self.server.name, self.client_address[0],
-                         self.log_date_time_string(), self.requestline[:200], code, size)
+            query_log.record(self.server.name, self.client_address, self.requestline[:200],
+                             "%s %s" % (code, size))
 
         def log_message(self, format, *args):
             log.warning("%s %s: %s", self.server.name, self.client_address[0], format % args)
@@ -2487,6 +2708,11 @@ class PBProtocol:
     def new_session(self, peer):
         return PBSession(self.root, peer)
 
+    @staticmethod
+    def log_text(data):
+        """Sessions log their calls themselves (PBSession); a connection's end shows nothing."""
+        return b""
+
 
 class PBSession:
     """One PB connection: the server offers its dialects, the client picks one, both send
@@ -2577,8 +2803,7 @@ class PBSession:
             failure = PBRemoteError(_INTERNAL, INTERNAL_ERROR)
         if failure is not None:
             reply = self._encode(self._error(request_id, failure))
-        log.info("pb %s %r %s", format_peer(self.peer), shown,
-                 "ok" if failure is None else "error")
+        query_log.record("pb", self.peer, shown, "ok" if failure is None else "error")
         return reply if answer_required else None
 
     def _error(self, request_id, failure):
@@ -3588,8 +3813,8 @@ class IRCBot(Service):
         if not self._enqueue("PRIVMSG", target, lines):
             outcome = "dropped"
         self.counts[outcome] += 1
-        log.info("irc %s%s %r %s", sender, "" if target == sender else " in " + target,
-                 name, outcome)
+        query_log.record("irc", sender if target == sender else "%s in %s" % (sender, target),
+                         name, outcome)
 
     def _ctcp(self, sender, text):
         """CTCP VERSION and PING are answered by NOTICE; other CTCPs are ignored."""
@@ -4148,6 +4373,8 @@ def run_server(options):
         raise UsageError("every listener is off: nothing to serve")
     identity = resolve_identity(options.user, options.group)
     report = daemonize(options.rundir) if options.daemon else None
+    if options.log_queries:            # its thread after the fork of --daemon
+        query_log.start()
     if options.rundir and not options.daemon:
         os.chdir(options.rundir)
     try:
@@ -4187,6 +4414,7 @@ def run_server(options):
     stopper = threading.Thread(target=stop, name="finger-stop", daemon=True)
     stopper.start()
     stopper.join(options.stop_timeout)
+    query_log.stop()
     if options.pidfile:
         remove_pidfile(options.pidfile)
     code = 1 if failures else 0
@@ -4241,8 +4469,10 @@ def run_inetd(options):
     """--inetd: one query on stdin, its answer on stdout."""
     db = build_database(options)
     forwarder = build_forwarder(options) if options.forward else None
+    query_log.enabled = options.log_queries
     serve_inetd(FingerProtocol(db, allow_list=not options.no_list, forwarder=forwarder),
                 options.timeout)
+    query_log.flush()
     return 0
 
 
@@ -4412,6 +4642,10 @@ def build_parser():
     process.add_argument("--log-level", default="info",
                          choices=["debug", "info", "warning", "error"],
                          help="least important log lines shown (default: %(default)s)")
+    process.add_argument("--log-queries", action="store_true",
+                         help="one log line per query on every listener: service, client, "
+                              "what it asked, outcome, time taken (never a status); off by "
+                              "default, as in.fingerd without -l")
     return parser
 
 

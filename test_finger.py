@@ -105,6 +105,18 @@ def start(test, service):
     return service.address
 
 
+@contextlib.contextmanager
+def query_log_on(test):
+    """The query log on for the block; yields assertLogs' record of the lines it wrote."""
+    finger.query_log.enabled = True
+    try:
+        with test.assertLogs("finger", "INFO") as logs:
+            yield logs
+            finger.query_log.flush()
+    finally:
+        finger.query_log.enabled = False
+
+
 def finger_service(test, db=None, **options):
     """A running finger TCPService on 127.0.0.1:0 with a memory database."""
     db = db if db is not None else finger.MemoryDatabase(
@@ -220,6 +232,25 @@ class TestParseUsers(unittest.TestCase):
     def test_nul_byte_means_not_a_text_file(self):
         with self.assertRaises(finger.UsersFileError):
             finger.parse_users(["a: b\x00c\n"])
+
+    def test_text_lines_are_the_lines_of_text_mode_across_chunks(self):
+        pieces = ["plain: line\n", "crlf: line\r\n", "cr: line\r", "été: naïve ☃\n",
+                  "\n", "  # comment\r\n", "form\x0cfeed: and \x85 next line\n"]
+        rng = random.Random(7)
+        data = finger.UTF8_BOM + b"".join(
+            rng.choice(pieces).encode("utf-8") + (b"\xff\xfe bad: bytes\n" if n % 997 == 0
+                                                  else b"")
+            for n in range(3 * finger.USERS_DECODE_CHUNK // 12)) + b"last: no line end"
+        self.assertGreater(len(data), 2 * finger.USERS_DECODE_CHUNK)   # several chunks
+        text_mode = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", errors="replace")
+        expected = [line[:-1] if line.endswith("\n") else line for line in text_mode]
+        self.assertEqual(list(finger.text_lines(io.BytesIO(data))), expected)
+        self.assertEqual(list(finger.text_lines(io.BytesIO(b""))), [])
+        self.assertEqual(list(finger.text_lines(io.BytesIO(finger.UTF8_BOM + b"a: b\r\n"))),
+                         ["a: b"])
+        long_line = b"long: " + b"x" * (2 * finger.USERS_DECODE_CHUNK) + b"\r\nnext: line"
+        self.assertEqual(list(finger.text_lines(io.BytesIO(long_line))),
+                         [long_line[:-12].decode(), "next: line"])
 
 
 class TestParseQuery(unittest.TestCase):
@@ -473,11 +504,22 @@ class TestFingerServer(unittest.TestCase):
 
     def test_one_log_line_per_query(self):
         address = finger_service(self).address
-        with self.assertLogs("finger", "INFO") as logs:
+        with query_log_on(self) as logs:
             ask(address, b"moshez\r\n")
             ask(address, b"nobody\r\n")
-        self.assertRegex(logs.output[0], r"finger 127\.0\.0\.1:\d+ b'moshez' ok \d+\.\dms")
-        self.assertRegex(logs.output[1], r"b'nobody' unknown")
+            ask(address, b'/W "x\\\x1b[2J\r\n')
+        self.assertEqual(len(logs.output), 3)
+        self.assertRegex(logs.output[0], r'finger 127\.0\.0\.1:\d+ "moshez" ok \d+\.\dms$')
+        self.assertRegex(logs.output[1], r'"nobody" unknown')
+        self.assertIn(r'"/W \"x\\^[[2J" unknown', logs.output[2])
+
+    def test_query_log_is_off_unless_asked_for(self):
+        address = finger_service(self).address
+        with self.assertLogs("finger", "DEBUG") as logs:
+            ask(address, b"moshez\r\n")
+            finger.query_log.flush()
+            finger.log.debug("a line, so that assertLogs has one")
+        self.assertEqual(len(logs.output), 1)
 
     def test_line_length_limit(self):
         address = finger_service(self).address
@@ -722,19 +764,24 @@ USERS_WITH_COMMENTS = ("# the users of this box\r\n"
                        "glyph: Writing Twisted")          # no newline at the end
 
 
+def rewrite_users(data, name, status):
+    """finger.rewrite_users, its pieces joined."""
+    return b"".join(finger.rewrite_users(data, name, status))
+
+
 class TestSetterRules(unittest.TestCase):
     def test_rewrite_keeps_every_other_byte(self):
         data = USERS_WITH_COMMENTS.encode()
-        new = finger.rewrite_users(data, "shawn", "Sleeping")
+        new = rewrite_users(data, "shawn", "Sleeping")
         self.assertEqual(new, data.replace(b"shawn:alive", b"shawn: Sleeping"))
-        new = finger.rewrite_users(data, "moshez", "caf\u00e9")
+        new = rewrite_users(data, "moshez", "caf\u00e9")
         self.assertEqual(new, data.replace(b"Happy and well", "caf\u00e9".encode()))
-        new = finger.rewrite_users(data, "radix", "new")
+        new = rewrite_users(data, "radix", "new")
         self.assertEqual(new, data + b"\nradix: new\n")
-        self.assertEqual(finger.rewrite_users(b"", "a", "b"), b"a: b\n")
+        self.assertEqual(rewrite_users(b"", "a", "b"), b"a: b\n")
 
     def test_rewrite_replaces_the_line_that_wins(self):
-        new = finger.rewrite_users(b"a: 1\na: 2\n", "a", "3")
+        new = rewrite_users(b"a: 1\na: 2\n", "a", "3")
         self.assertEqual(new, b"a: 1\na: 3\n")
 
     def test_names_and_statuses(self):
@@ -1121,11 +1168,10 @@ class TestWebSite(unittest.TestCase):
             with self.subTest(path=path):
                 self.assertEqual(http(self.address, "GET", path)[0], 404)
 
-    def test_access_log_in_common_log_format(self):
-        with self.assertLogs("finger", "INFO") as logs:
+    def test_access_log_line(self):
+        with query_log_on(self) as logs:
             http(self.address, "GET", "/moshez")
-        self.assertRegex(logs.output[-1], r'web 127\.0\.0\.1 - - \[\d\d/\w+/\d{4} [\d:]+\] '
-                                          r'"GET /moshez HTTP/1\.1" 200 \d+$')
+        self.assertRegex(logs.output[-1], r'web 127\.0\.0\.1:\d+ "GET /moshez HTTP/1\.1" 200 \d+$')
 
     def test_users_page_follows_changes(self):
         db = finger.MemoryDatabase({"moshez": "Happy and well"})
@@ -3601,7 +3647,7 @@ class TestRegressions(unittest.TestCase):
 
     def test_log_lines_are_defanged(self):
         server = ServerProcess(self, "--users", write_file(self, USERS), "--finger", "off",
-                               "--setter", "off", "--web", "127.0.0.1:0")
+                               "--setter", "off", "--web", "127.0.0.1:0", "--log-queries")
         address = server.address("web")
         ask_or_reset(address, b"GET /\x1b[2J\x1b]0;owned\x07 HTTP/1.1\r\n"
                               b"Connection: close\r\n\r\n")
@@ -3852,7 +3898,7 @@ class TestDaemon(unittest.TestCase):
         self.assertNotEqual(finger._read_pid(self.pidfile), dead.pid)
 
     def test_logfile_is_reopened_on_sighup(self):
-        result = run_finger(*self.daemon_args())
+        result = run_finger(*self.daemon_args("--log-queries"))
         self.addCleanup(self.stop_daemon)
         self.assertEqual(result.returncode, 0, result.stderr)
         pid = finger._read_pid(self.pidfile)
@@ -3860,7 +3906,7 @@ class TestDaemon(unittest.TestCase):
         os.kill(pid, signal.SIGHUP)
         wait_until(lambda: os.path.exists(self.logfile))
         ask((LOCALHOST, self.port), b"moshez\r\n")
-        wait_until(lambda: "b'moshez' ok" in _read(self.logfile))
+        wait_until(lambda: '"moshez" ok' in _read(self.logfile))
 
     def test_chroot(self):
         if os.geteuid() != 0:
@@ -4184,15 +4230,44 @@ class TestServeCommand(unittest.TestCase):
         return ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web", "off",
                              "--setter", "off", *args, **popen)
 
+    def test_query_log_off_by_default_on_with_the_option_and_flushed_at_stop(self):
+        logfile = os.path.join(tempfile.mkdtemp(prefix="finger-test-"), "finger.log")
+        self.addCleanup(shutil.rmtree, os.path.dirname(logfile), True)
+        address, setter = (LOCALHOST, free_port()), (LOCALHOST, free_port())
+        for option in ([], ["--log-queries"]):
+            with self.subTest(option=option):
+                server = self.serve("--logfile", logfile, "--finger", "%s:%d" % address,
+                                    "--setter", "%s:%d" % setter, *option)
+                wait_until(lambda: os.path.exists(logfile)
+                           and "serving setter" in _read(logfile))
+                for number in range(300):
+                    ask(address, b"moshez\r\n" if number % 2 else b"nobody\r\n")
+                self.assertEqual(set_over(setter, b"moshez\nTop secret plans\n"), b"OK\r\n")
+                server.process.send_signal(signal.SIGTERM)       # at once: the stop flushes
+                self.assertEqual(server.process.wait(TIMEOUT), 0)
+                text = _read(logfile)
+                os.unlink(logfile)
+                queries = [line for line in text.splitlines() if '"' in line]
+                self.assertNotIn("Top secret", text)
+                if not option:
+                    self.assertEqual(queries, [])
+                    continue
+                self.assertEqual(len(queries), 301, text[-500:])
+                line = re.compile(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO '
+                                  r'(finger 127\.0\.0\.1:\d+ "(moshez" ok|nobody" unknown)'
+                                  r'|setter 127\.0\.0\.1:\d+ "moshez" set) \d+\.\dms$')
+                for query in queries:
+                    self.assertRegex(query, line)
+
     def test_serves_logs_and_stops_on_sigterm_and_sigint(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(signal=signum):
-                server = self.serve()
+                server = self.serve("--log-queries")
                 address = server.address()
                 idle = connect(self, address)
                 # answered after idle was accepted: the listener accepts in order
                 self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
-                server.expect(r"finger 127\.0\.0\.1:\d+ b'moshez' ok [\d.]+ms")
+                server.expect(r'finger 127\.0\.0\.1:\d+ "moshez" ok [\d.]+ms')
                 started = time.monotonic()
                 server.process.send_signal(signum)
                 self.assertEqual(server.process.wait(TIMEOUT), 0)
