@@ -492,6 +492,7 @@ def merge(result, parts, measure_at, args):
     result.update(
         procs=args.procs, concurrency=args.concurrency, window_s=window,
         answered=len(latencies), rps=len(latencies) / window,
+        answered_total=sum(part["answered_total"] for part in parts),
         p50_ms=percentile(latencies, 0.50) / 1e3 if latencies else None,
         p99_ms=percentile(latencies, 0.99) / 1e3 if latencies else None,
         max_ms=max((part["max"] for part in parts), default=0) * 1e3,
