@@ -418,29 +418,34 @@ def parse_users(lines, source="<users>"):
     for number, line in enumerate(lines, 1):
         name, colon, status = line.partition(":")
         name = name.strip()
-        if not colon:
-            if name and name[0] != "#":
-                problems.append("%s:%d: no ':' between user and status" % (source, number))
+        if (colon and name and name[0] != "#" and " " not in name and name.isprintable()
+                and "\x00" not in line and len(line) <= MAX_USERS_LINE_CHARS):
+            shard = shards[hash(name) % TABLE_SHARDS]
+            if name in shard:
+                problems.append("%s:%d: duplicate user %r, this line wins"
+                                % (source, number, name))
+            shard[name] = status.strip()
             continue
-        if not name or name[0] == "#":
-            if not name:
-                problems.append("%s:%d: empty user name" % (source, number))
-            continue
-        if "\x00" in line:
+        reason = _skipped_line(line, name, colon)      # the common case is above: one test
+        if reason:
+            problems.append("%s:%d: %s" % (source, number, reason))
+        elif reason is None:
             raise UsersFileError("%s:%d: NUL byte: not a text file" % (source, number))
-        if len(line) > MAX_USERS_LINE_CHARS:
-            problems.append("%s:%d: line longer than %d characters"
-                            % (source, number, MAX_USERS_LINE_CHARS))
-            continue
-        if not name.isprintable() or " " in name:
-            problems.append("%s:%d: user name %r contains white space or control characters"
-                            % (source, number, name))
-            continue
-        shard = shards[hash(name) % TABLE_SHARDS]
-        if name in shard:
-            problems.append("%s:%d: duplicate user %r, this line wins" % (source, number, name))
-        shard[name] = status.strip()
     return users, problems
+
+
+def _skipped_line(line, name, colon):
+    """Why parse_users skips a line: a reason, "" for a comment or a blank line, None for a
+    NUL byte (not a text file)."""
+    if not colon:
+        return "no ':' between user and status" if name and name[0] != "#" else ""
+    if not name or name[0] == "#":
+        return "" if name else "empty user name"
+    if "\x00" in line:
+        return None
+    if len(line) > MAX_USERS_LINE_CHARS:
+        return "line longer than %d characters" % MAX_USERS_LINE_CHARS
+    return "user name %r contains white space or control characters" % name
 
 
 class Query:
