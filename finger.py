@@ -65,6 +65,7 @@ BACKGROUND_SWITCH_INTERVAL = 0.0005  # sys.setswitchinterval while a long job ru
 MAX_REPLY_CACHE = 10000           # finger replies remembered per version of the users table
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
+ACCEPT_PAUSE = 0.1                # seconds a listener waits when out of file descriptors
 RECV_SIZE = 4096
 MAX_SESSION_OUTPUT = 1 << 20      # bytes a session peer may leave unread before it is dropped
 STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when stopping
@@ -1343,6 +1344,27 @@ def format_peer(peer):
     return format_address(peer) if isinstance(peer, tuple) else str(peer)
 
 
+class DescriptorShortage:
+    """A listener that runs out of file descriptors: logged once when that starts and once
+    when it ends, however many accepts fail in between."""
+
+    def __init__(self, name):
+        self.name = name
+        self.since = None              # time.monotonic() when it started, while it lasts
+
+    def hit(self, open_connections):
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s: out of file descriptors with %d connections open; new clients "
+                        "wait until some close", self.name, open_connections)
+
+    def over(self):
+        if self.since is not None:
+            log.info("%s: accepting again after %.1f s out of file descriptors", self.name,
+                     time.monotonic() - self.since)
+            self.since = None
+
+
 class _Connection:
     """One client connection of a TCPService."""
     __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "busy",
@@ -1368,8 +1390,8 @@ class TCPService(Service):
     for which `needs_worker(request)` is true are answered in a bounded worker pool; the
     loop never waits for them.  A protocol whose `session` is true keeps connections open
     instead: `new_session(peer)` makes an object with `greeting()` -> bytes to send first,
-    `feed(data)` -> bytes to send back (raising drops the connection), and `idle`, true
-    between messages; the `timeout` then runs from the last complete message.  Limits: `timeout`
+    `feed(data)` -> bytes to send back (raising drops the connection), `idle`, true
+    between messages, and `close()`, called once the connection is closed; the `timeout` then runs from the last complete message.  Limits: `timeout`
     seconds to send a request and to take the answer, `max_connections` open at once
     (more get a one-line busy answer), at most `max_pending` answers (default 2 × `workers`)
     waiting for the pool."""
@@ -1394,7 +1416,8 @@ class TCPService(Service):
         self._in_flight = 0
         self._busy = 0                   # connections over the cap, waiting for "busy"
         self._stopping = False
-        self._spare_fd = None
+        self._accept_resumes = None      # when out of descriptors: when to try accepting again
+        self._shortage = DescriptorShortage(self.name)
         self._selector = None
         self._waker = None
 
@@ -1406,9 +1429,6 @@ class TCPService(Service):
     def close_listener(self):
         if self._listener is not None and self._thread is None:
             self._listener.close()
-            if self._spare_fd is not None:
-                os.close(self._spare_fd)
-                self._spare_fd = None
             if self._owns_path:
                 with contextlib.suppress(OSError):
                     os.unlink(self.address)
@@ -1421,8 +1441,6 @@ class TCPService(Service):
             else:
                 self._listener = bind_tcp(self.requested_address, self.name)
         self._listener.setblocking(False)
-        if self._spare_fd is None:     # a descriptor held in reserve for running out
-            self._spare_fd = os.dup(self._listener.fileno())
         address = self._listener.getsockname()
         self.address = address if isinstance(address, str) else address[:2]
 
@@ -1451,8 +1469,6 @@ class TCPService(Service):
             self._selector.close()
             for sock in (self._listener, self._waker, waker_in):
                 sock.close()
-            os.close(self._spare_fd)
-            self._spare_fd = None
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
 
@@ -1468,9 +1484,13 @@ class TCPService(Service):
                 if not self._conns or now >= grace_ends:
                     return
             timeout = self._expire(now)
-            if grace_ends is not None:
-                left = max(grace_ends - now, 0)
-                timeout = left if timeout is None else min(timeout, left)
+            for wakes_at in (grace_ends, self._accept_resumes):
+                if wakes_at is not None:
+                    left = max(wakes_at - now, 0)
+                    timeout = left if timeout is None else min(timeout, left)
+            if self._accept_resumes is not None and now >= self._accept_resumes:
+                self._accept_resumes = None
+                self._selector.register(self._listener, selectors.EVENT_READ, None)
             for key, mask in select(timeout):
                 conn = key.data
                 if conn is None:
@@ -1494,7 +1514,9 @@ class TCPService(Service):
 
     def _stop_accepting(self):
         """Close the listener and every connection that has not sent a whole request."""
-        self._selector.unregister(self._listener)
+        if self._accept_resumes is None:
+            self._selector.unregister(self._listener)
+        self._accept_resumes = None
         self._listener.close()
         for conn in list(self._conns):
             if conn.state == "reading":
@@ -1525,12 +1547,14 @@ class TCPService(Service):
                 return
             except OSError as error:
                 if error.errno in (errno.EMFILE, errno.ENFILE):
-                    self._shed_connection()
+                    self._pause_accepting()
                     return
                 if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 log.warning("%s: accept failed: %s", self.name, error)
                 return
+            if self._shortage.since is not None:
+                self._shortage.over()
             busy = len(self._conns) - self._busy >= self.max_connections
             if self._stopping or busy and (session or self._busy >= BUSY_BACKLOG):
                 self._refuse(sock, SERVER_BUSY)
@@ -1552,19 +1576,12 @@ class TCPService(Service):
                 # here already: answered now, the connection never enters the selector.
                 self._serve_connection(conn, selectors.EVENT_READ)
 
-    def _shed_connection(self):
-        """Out of file descriptors: free the spare one to accept and drop a waiting
-        connection, so the listener does not stay readable and the loop keeps going."""
-        log.warning("%s: out of file descriptors with %d connections open; dropping new ones",
-                    self.name, len(self._conns))
-        os.close(self._spare_fd)
-        try:
-            sock, _ = self._listener.accept()
-            self._refuse(sock, SERVER_BUSY)
-        except OSError:
-            pass
-        finally:
-            self._spare_fd = os.dup(self._listener.fileno())
+    def _pause_accepting(self):
+        """Out of file descriptors: the listener stays readable, so stop watching it for
+        ACCEPT_PAUSE seconds (no spinning); new clients wait in the listen backlog."""
+        self._shortage.hit(len(self._conns))
+        self._selector.unregister(self._listener)
+        self._accept_resumes = time.monotonic() + ACCEPT_PAUSE
 
     @staticmethod
     def _refuse(sock, text):
@@ -1713,6 +1730,8 @@ class TCPService(Service):
             return
         if conn.state not in ("accepted", "working"):
             self._selector.unregister(conn.sock)
+        if conn.session is not None and conn.state != "working":
+            conn.session.close()               # one being fed: when its job is done
         conn.state = "closed"
         self._busy -= conn.busy
         del self._conns[conn]
@@ -1754,6 +1773,8 @@ class TCPService(Service):
             conn, request, future = self._done.pop()
             self._in_flight -= 1
             if conn.state == "closed":
+                if conn.session is not None:
+                    conn.session.close()
                 continue
             try:
                 self._finish_job(conn, request, future)
@@ -2208,10 +2229,24 @@ def _web_classes():
             self.active = {}          # accepted socket -> the socket in use (TLS wraps it)
             self.deadlines = {}       # accepted socket -> when its request must be in
             self.lock = threading.Lock()
+            self.shortage = DescriptorShortage(name)
 
         def count(self, outcome):
             with self.lock:
                 self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+        def get_request(self):
+            """accept(); out of file descriptors, this thread waits ACCEPT_PAUSE seconds
+            before serve_forever tries again, instead of spinning on a readable listener."""
+            try:
+                request = super().get_request()
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    self.shortage.hit(len(self.active))
+                    time.sleep(ACCEPT_PAUSE)
+                raise
+            self.shortage.over()
+            return request
 
         def process_request(self, request, client_address):
             with self.lock:
@@ -2378,8 +2413,13 @@ BANANA_MAX_DEPTH = 64             # lists open at once.  A getUser call nests 4 
                                   # no cap: it relies on that limit.
 PB_MAX_MESSAGE = 1 << 20          # bytes one top-level expression may take (Twisted: no
                                   # limit); a BANANA_SIZE_LIMIT string fits with room to spare
-PB_MAX_VALUES = 1 << 20           # values in one call's arguments, a shared value counted at
-                                  # each use, so "dereference" cannot blow up hash() or repr()
+PB_MAX_VALUES = 4096              # values in one call (Banana elements, and jelly values with
+                                  # a shared one counted at each use, so "dereference" cannot
+                                  # blow up hash() or repr()); getUser takes about 10
+PB_MAX_CALL = 64 * 1024           # bytes of one expression from a PB client: a call is small,
+                                  # and decoding it is bounded in time and memory
+PB_MAX_PENDING_TOTAL = 64 << 20   # bytes of unfinished calls buffered over all PB clients
+PB_ELEMENT_COST = 64              # bytes of memory one decoded Banana element may take
 PB_MAX_NAME_SHOWN = 100           # characters of a method name echoed in an error or the log
 
 BANANA_LIST, BANANA_INT, BANANA_STRING, BANANA_NEG = 0x80, 0x81, 0x82, 0x83
@@ -2498,11 +2538,18 @@ class BananaDecoder:
     byte or vocabulary index) and on what we add: nesting over BANANA_MAX_DEPTH, one
     expression over `max_message` bytes."""
 
-    def __init__(self, max_message=PB_MAX_MESSAGE):
+    def __init__(self, max_message=PB_MAX_MESSAGE, max_elements=None):
         self.max_message = max_message
+        self.max_elements = max_elements
         self._buffer = bytearray()      # bytes not parsed yet (an incomplete element)
         self._stack = []                # open lists: [elements expected, elements so far]
         self._taken = 0                 # bytes parsed into the expression being built
+        self._elements = 0              # elements of the expression being built
+
+    @property
+    def pending(self):
+        """Memory held by the unfinished expression, in bytes, roughly."""
+        return len(self._buffer) + self._taken + self._elements * PB_ELEMENT_COST
 
     @property
     def idle(self):
@@ -2561,13 +2608,16 @@ class BananaDecoder:
             else:
                 raise PBError("unknown Banana type byte 0x%02x" % kind)
             self._taken += start - position
+            self._elements += 1
             position = start
             if self._taken > self.max_message:
                 raise PBError("Banana expression over %d bytes" % self.max_message)
+            if self.max_elements is not None and self._elements > self.max_elements:
+                raise PBError("Banana expression of over %d elements" % self.max_elements)
             item = self._place(item)
             if item is not None:
                 done.append(item)
-                self._taken = 0
+                self._taken = self._elements = 0
         del buffer[:position]
         if self._taken + len(buffer) > self.max_message:
             raise PBError("Banana expression over %d bytes" % self.max_message)
@@ -2633,18 +2683,21 @@ def _unjelly(sexp, state):
             return None
         if tag == b"boolean" and items in ([b"true"], [b"false"]):
             return items == [b"true"]
-        if tag in (b"list", b"tuple", b"set", b"frozenset"):
+        if tag in (b"list", b"tuple"):
             values = [_unjelly(item, state) for item in items]
-            return {b"list": list, b"tuple": tuple, b"set": set, b"frozenset": frozenset}[
-                tag](values)
+            return values if tag == b"list" else tuple(values)
+        if tag in (b"set", b"frozenset"):
+            values = [_hashable(_unjelly(item, state)) for item in items]
+            return set(values) if tag == b"set" else frozenset(values)
         if tag == b"dictionary":
             result = {}
             for pair in items:
                 if not isinstance(pair, list) or len(pair) != 2:
                     raise JellyError("a dictionary item must be a [key, value] pair")
-                result[_unjelly(pair[0], state)] = _unjelly(pair[1], state)
+                result[_hashable(_unjelly(pair[0], state))] = _unjelly(pair[1], state)
             return result
-        if tag == b"reference" and len(items) == 2 and isinstance(items[0], int):
+        if (tag == b"reference" and len(items) == 2 and isinstance(items[0], int)
+                and 0 < items[0] <= PB_MAX_VALUES):
             before = state[0]
             value = _unjelly(items[1], state)
             state[1][items[0]] = (value, before - state[0])
@@ -2658,6 +2711,19 @@ def _unjelly(sexp, state):
     except (TypeError, UnicodeDecodeError) as error:     # unhashable key, bad UTF-8
         raise JellyError("bad %s: %s" % (tag.decode("ascii", "replace"), error)) from None
     raise JellyError("cannot unjelly %r" % tag[:PB_MAX_NAME_SHOWN])
+
+
+def _hashable(value):
+    """A set element or dictionary key from the wire: text, bytes or an int below 2**60.
+
+    A peer chooses these, and values whose hashes are all equal make each insertion cost as
+    much as all the ones before (85,000 of them: a minute of CPU).  The hashes of text and
+    bytes are keyed per process; an int below 2**60 is its own hash, so distinct ones never
+    collide; larger ints (k * (2**61 - 1) all hash to 0), floats and tuples are refused."""
+    if isinstance(value, (str, bytes)) or isinstance(value, int) and abs(value) < 1 << 60:
+        return value
+    raise JellyError("set elements and dictionary keys must be strings or ints below 2**60, "
+                     "not %s" % type(value).__name__)
 
 
 # -- Perspective Broker ------------------------------------------------------------------------
@@ -2709,9 +2775,10 @@ class PBProtocol:
         self.db = db
         self.blocking = db.blocking    # then TCPService feeds sessions in its worker pool
         self.root = FingerRoot(db)
+        self.pending = ByteBudget(PB_MAX_PENDING_TOTAL)   # unfinished calls, all clients
 
     def new_session(self, peer):
-        return PBSession(self.root, peer)
+        return PBSession(self.root, peer, self.pending)
 
     @staticmethod
     def log_text(data):
@@ -2719,17 +2786,37 @@ class PBProtocol:
         return b""
 
 
+class ByteBudget:
+    """Bytes that many connections hold together, with a cap (thread-safe: PB sessions may be
+    fed in worker threads)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, delta):
+        """Add `delta` (may be negative); False when a positive one goes over the cap (it is
+        counted all the same: the caller gives it back when it drops the holder)."""
+        with self._lock:
+            self.used += delta
+            return delta <= 0 or self.used <= self.limit
+
+
 class PBSession:
     """One PB connection: the server offers its dialects, the client picks one, both send
     ["version", 6], then the client sends calls.  feed(data) -> the bytes to send back;
-    PBError means drop the connection (Twisted does the same on a protocol error)."""
+    PBError means drop the connection (Twisted does the same on a protocol error).  close()
+    gives back what its unfinished call held of the shared `budget`."""
 
-    def __init__(self, root, peer=None):
+    def __init__(self, root, peer=None, budget=None):
         self.root = root
         self.peer = peer
         self.dialect = None
         self.failures = 0              # CopyableFailure "count": errors sent so far
-        self._decoder = BananaDecoder()
+        self._decoder = BananaDecoder(PB_MAX_CALL, PB_MAX_VALUES)
+        self._budget = budget or ByteBudget(PB_MAX_PENDING_TOTAL)
+        self._held = 0                 # bytes charged to the budget
 
     @property
     def idle(self):
@@ -2739,12 +2826,24 @@ class PBSession:
         return banana_encode(list(PB_DIALECTS))
 
     def feed(self, data):
+        try:
+            expressions = self._decoder.feed(data)
+        finally:
+            held, self._held = self._held, self._decoder.pending
+            within = self._budget.charge(self._held - held)
+        if not within:
+            raise PBError("the unfinished calls of all PB clients are over %d bytes"
+                          % self._budget.limit)
         replies = []
-        for sexp in self._decoder.feed(data):
+        for sexp in expressions:
             reply = self._received(sexp)
             if reply is not None:
                 replies.append(reply if isinstance(reply, bytes) else self._encode(reply))
         return b"".join(replies)
+
+    def close(self):
+        self._budget.charge(-self._held)
+        self._held = 0
 
     def _encode(self, sexp):
         return banana_encode(sexp, vocab=self.dialect == b"pb")
@@ -4121,6 +4220,8 @@ def default_options(**overrides):
 
 # == 10. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
 
+MAX_OPEN_FILES = 1 << 20          # the soft limit raise_file_limit asks for at most (Linux's
+                                  # default fs.nr_open)
 SD_LISTEN_FDS_START = 3           # systemd passes activated sockets from this descriptor on
 UNPRIVILEGED_USER = "nobody"      # who root becomes without --user (the tutorial used uid 1)
 DEFAULT_STOP_TIMEOUT = 5.0        # seconds SIGTERM may take, in-flight answers included
@@ -4369,9 +4470,24 @@ def preload_server_modules():
             importlib.import_module(name)
 
 
+def raise_file_limit():
+    """Raise the soft limit on open files to the hard one (at most MAX_OPEN_FILES): the soft
+    one is often 1024 (systemd's default), fewer than --max-connections on one listener."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as error:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, wanted,
+                        error)
+
+
 def run_server(options):
     """--serve: build, (daemonize), bind, chroot, drop privileges, start, wait for
     SIGTERM/SIGINT, stop.  Returns the exit code."""
+    raise_file_limit()
     preload_server_modules()
     group = build_services(options, sockets=systemd_sockets())
     if not group.services:

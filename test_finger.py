@@ -624,23 +624,56 @@ class TestFingerServer(unittest.TestCase):
         self.assertFalse(thread.is_alive())
 
     @unittest.skipUnless(hasattr(os, "fork"), "POSIX only")
-    def test_running_out_of_file_descriptors_keeps_the_loop_alive(self):
+    def test_running_out_of_file_descriptors_on_every_listener(self):
         users = write_file(self, USERS)
         server = ServerProcess(self, "--users", users, "--finger", "127.0.0.1:0", "--web",
-                               "off", "--setter", "off", "--log-level", "info",
-                               preexec_fn=_limit_files(40))
-        address = server.address()
+                               "127.0.0.1:0", "--setter", "off", preexec_fn=_limit_files(48))
+        finger_address, web_address = server.address(), server.address("web")
         flood = []
-        for _ in range(60):                    # more than the 40 descriptors it may open
-            try:
+        for address in (finger_address, web_address) * 40:   # more than it may open
+            with contextlib.suppress(OSError):
                 flood.append(socket.create_connection(address, timeout=TIMEOUT))
-            except OSError:
-                break
-        server.expect("out of file descriptors")
+        self.addCleanup(lambda: [sock.close() for sock in flood])
+        for name in ("finger", "web"):             # in either order: one line each
+            server.expect(r"(finger|web): out of file descriptors")
+        busy = _cpu_seconds(server.process.pid)
+        time.sleep(0.5)                            # a window to see it does not spin
+        self.assertLess(_cpu_seconds(server.process.pid) - busy, 0.2)
         for sock in flood:
             sock.close()
-        wait_until(lambda: _try_ask(address) == b"Happy and well\r\n")
+        wait_until(lambda: _try_ask(finger_address) == b"Happy and well\r\n")
+        wait_until(lambda: _try_web(web_address) == 200)
         self.assertIsNone(server.process.poll())
+        self.assertEqual(sum("out of file descriptors" in line for line in server.log), 2)
+
+    @unittest.skipUnless(hasattr(os, "fork"), "POSIX only")
+    def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one(self):
+        def limits():
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 2048))
+        server = self.server_process(preexec_fn=limits)
+        server.address()
+        with open("/proc/%d/limits" % server.process.pid) as f:
+            line = [line for line in f if line.startswith("Max open files")][0]
+        self.assertEqual(line.split()[3:5], ["2048", "2048"])
+
+    def server_process(self, **popen):
+        return ServerProcess(self, "--users", write_file(self, USERS), "--finger",
+                             "127.0.0.1:0", "--web", "off", "--setter", "off", **popen)
+
+
+def _cpu_seconds(pid):
+    """utime + stime of a process, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _try_web(address):
+    try:
+        return http(address, "GET", "/moshez")[0]
+    except OSError:
+        return None
 
 
 class EchoLines:
@@ -655,6 +688,9 @@ class EchoLines:
 class EchoSession:
     def __init__(self):
         self.buffer = b""
+
+    def close(self):
+        pass
 
     @property
     def idle(self):
@@ -2266,6 +2302,18 @@ class TestJelly(unittest.TestCase):
                  {3}, frozenset([4]))
         self.assertEqual(finger.unjelly(finger.jelly(value)), value)
 
+    def test_hashed_values_from_the_wire_cannot_be_chosen_to_collide(self):
+        colliding = [k * (2 ** 61 - 1) for k in range(1, 4)]       # hash() is 0 for each
+        self.assertEqual({hash(value) for value in colliding}, {0})
+        for sexp in ([b"set"] + colliding, [b"frozenset"] + colliding,
+                     [b"dictionary"] + [[value, 1] for value in colliding],
+                     [b"dictionary", [[b"tuple", 1, 2], 1]], [b"set", 1.5],
+                     [b"set", [b"reference", 10 ** 30, b"x"]]):
+            with self.subTest(sexp=sexp[:2]), self.assertRaises(finger.JellyError):
+                finger.unjelly(sexp)
+        self.assertEqual(finger.unjelly([b"set", 7, b"b", [b"unicode", b"s"], -2 ** 59]),
+                         {7, b"b", "s", -2 ** 59})
+
     def test_references_without_cycles(self):
         shared = [b"reference", 1, [b"list", 1, 2]]
         self.assertEqual(finger.unjelly([b"tuple", shared, [b"dereference", 1]]),
@@ -2297,6 +2345,36 @@ class TestPBSession(unittest.TestCase):
     def session(self, db=None):
         db = db if db is not None else finger.MemoryDatabase(PB_USERS)
         return finger.PBProtocol(db).new_session(("127.0.0.1", 1234))
+
+    def test_one_call_is_bounded_in_bytes_and_elements(self):
+        call = finger.banana_encode([b"message", 1, b"root", b"getUser", 1,
+                                     [b"tuple", [b"unicode", b"x" * 60000]], [b"dictionary"]])
+        self.assertLess(len(call), finger.PB_MAX_CALL)
+        session = self.session()
+        session.feed(b"\x02\x82pb" + finger.banana_encode([b"version", 6]))
+        self.assertEqual(len(_decode_all(session.feed(call))), 1)          # an answer
+        for data in (call[:-1] + b"x" * 6000,                               # too long
+                     b"\x01\x80" * 2 + b"\x80" * (finger.PB_MAX_VALUES + 1)):   # too many
+            with self.subTest(len=len(data)), self.assertRaises(finger.PBError):
+                session = self.session()
+                session.feed(b"\x02\x82pb")
+                session.feed(data)
+
+    def test_unfinished_calls_of_all_clients_share_one_budget(self):
+        budget = finger.ByteBudget(100000)
+        sessions = [finger.PBProtocol(finger.MemoryDatabase(PB_USERS)).new_session(None)
+                    for _ in range(3)]
+        for session in sessions:
+            session._budget = budget
+        unfinished = b"\x02\x82pb" + b"\x01\x80" + finger.banana_encode(40000)[:-1] + b"\x82"
+        sessions[0].feed(unfinished + b"x" * 39000)
+        sessions[1].feed(unfinished + b"x" * 39000)
+        self.assertGreater(budget.used, 78000)
+        with self.assertRaises(finger.PBError):
+            sessions[2].feed(unfinished + b"x" * 39000)         # over it: this one goes
+        for session in sessions:
+            session.close()
+        self.assertEqual(budget.used, 0)
 
     def test_greeting_offers_pb_and_none(self):
         self.assertEqual(self.session().greeting(), _unhex(PB_CAPTURE_SERVER[0]))
@@ -2469,6 +2547,20 @@ class TestPBServer(unittest.TestCase):
         client.send_call("getUser", "moshez", answer=False)
         self.assertEqual(client.call("getUser", "moshez"), ("answer", "Happy and well"))
         self.assertEqual((client.replies, client.received), ({}, []))   # none to pbanswer=0
+
+    def test_a_dropped_client_gives_its_unfinished_call_back(self):
+        service = pb_service(self, timeout=1.0)
+        sock = connect(self, service.address)
+        sock.sendall(b"\x02\x82pb\x01\x80" + finger.banana_encode(30000)[:-1] + b"\x82" +
+                     b"x" * 20000)
+        wait_until(lambda: service.protocol.pending.used >= 20000)
+        sock.close()
+        wait_until(lambda: service.protocol.pending.used == 0)
+        sock = connect(self, service.address)                   # and at its deadline too
+        sock.sendall(b"\x02\x82pb\x01\x80" + b"\x01\x80" * 50)
+        wait_until(lambda: service.protocol.pending.used > 0)
+        self.assertTrue(dropped(sock))
+        wait_until(lambda: service.protocol.pending.used == 0)
 
     def test_hostile_input_drops_only_that_connection(self):
         service = pb_service(self, timeout=1.0)
