@@ -62,7 +62,10 @@ RETIRE_ONE_BY_ONE = 4             # last shards of an old table freed entry by e
 USERS_DECODE_CHUNK = 1 << 20      # bytes of the users file decoded in one step (text_lines)
 USERS_SEARCH_CHUNK = 64 * 1024    # bytes searched in one step for the line to rewrite
 BACKGROUND_SWITCH_INTERVAL = 0.0005  # sys.setswitchinterval while a long job runs (below)
-MAX_REPLY_CACHE = 10000           # finger replies remembered per version of the users table
+MAX_REPLY_CACHE_BYTES = 4 << 20   # finger replies remembered per version of the users
+                                  # table, query lines and replies counted
+MAX_CACHED_REPLY = 64 * 1024      # a longer reply is never remembered
+MAX_QUERY_NAMES = 64              # names in one query; more are answered QUERY_TOO_MANY
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
 ACCEPT_PAUSE = 0.1                # seconds a listener waits when out of file descriptors
@@ -90,6 +93,7 @@ LIST_DENIED = "Finger online user list denied"              # RFC 1288 section 3
 SERVER_BUSY = "Server busy, try again later"
 COULD_NOT_CONNECT = "Could not connect to remote host"
 QUERY_TOO_LONG = "Query too long"
+QUERY_TOO_MANY = "Too many names: at most %d in one query" % MAX_QUERY_NAMES
 
 # Listeners of `--serve`: option name -> (default, what it serves).
 LISTENERS = {
@@ -753,6 +757,7 @@ class FileDatabase(MemoryDatabase):
             self._changed()
 
     def start(self):
+        self._remove_crash_leftovers()
         if self._thread is None and self.reload_interval > 0:
             self._stopping.clear()
             self._thread = threading.Thread(target=self._reload_forever, daemon=True,
@@ -770,6 +775,25 @@ class FileDatabase(MemoryDatabase):
 
     def relocate(self, inside):
         self.path = inside(self.path)
+
+    def _remove_crash_leftovers(self):
+        """Remove the temp files of set_user (write_file_atomically) that a crash or kill -9
+        left beside the users file: '.NAME.' and mkstemp's 8 characters."""
+        directory, name = os.path.split(os.path.realpath(self.path))
+        leftover = re.compile(r"\.%s\.[a-z0-9_]{8}\Z" % re.escape(name))
+        try:
+            names = [entry for entry in os.listdir(directory) if leftover.match(entry)]
+        except OSError:
+            return
+        for entry in names:
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError as error:
+                log.warning("cannot remove %s, left by a crash: %s",
+                            os.path.join(directory, entry), error.strerror)
+            else:
+                log.warning("removed %s, left by a crash during a setter write",
+                            os.path.join(directory, entry))
 
     def _reload_forever(self):
         while not self._stopping.wait(self.reload_interval):
@@ -1076,6 +1100,7 @@ class FingerProtocol:
         self.forward_all_to = forward_all_to
         self._replies = {}             # query line -> (reply, outcome), for db.version
         self._replies_version = None
+        self._replies_bytes = 0        # what _replies holds, lines and replies
 
     @staticmethod
     def log_text(line):
@@ -1105,11 +1130,12 @@ class FingerProtocol:
         """A query line (bytes) -> (reply bytes, outcome word for the log).
 
         Answers from a database with a `version` (memory, file) are remembered until the
-        version changes: most queries are the same few names."""
+        version changes: most queries are the same few names.  Only answers to one name or
+        to the list, MAX_CACHED_REPLY bytes at most, and MAX_REPLY_CACHE_BYTES in all."""
         version = getattr(self.db, "version", None)
         if version is not None:
             if version != self._replies_version:
-                self._replies, self._replies_version = {}, version
+                self._replies, self._replies_version, self._replies_bytes = {}, version, 0
             known = self._replies.get(line)
             if known is not None:
                 return known
@@ -1120,9 +1146,13 @@ class FingerProtocol:
             log.exception("back-end failed answering %r", line)
             text, outcome = INTERNAL_ERROR, "error"
         answer = format_reply(text), outcome
-        if (version is not None and outcome in ("ok", "unknown")
-                and len(self._replies) < MAX_REPLY_CACHE and version == self.db.version):
+        size = len(line) + len(answer[0])
+        if (version is not None and outcome in ("ok", "unknown", "list")
+                and len(query.names) <= 1 and len(answer[0]) <= MAX_CACHED_REPLY
+                and self._replies_bytes + size <= MAX_REPLY_CACHE_BYTES
+                and version == self.db.version):
             self._replies[line] = answer
+            self._replies_bytes += size
         return answer
 
     def answer(self, query):
@@ -1138,6 +1168,8 @@ class FingerProtocol:
         if len(query.names) == 1:
             status = self._lookup(query.names[0], query.verbose)
             return (NO_SUCH_USER, "unknown") if status is None else (status, "ok")
+        if len(query.names) > MAX_QUERY_NAMES:
+            return QUERY_TOO_MANY, "too many"
         return self._lines(query.names, query.verbose), "ok"
 
     def _lookup(self, name, verbose):
@@ -2133,9 +2165,38 @@ def _web_classes():
             super().handle_one_request()
 
         def parse_request(self):
-            complete = super().parse_request()
+            complete = super().parse_request()      # calls handle_expect_100 when asked
             self.server.set_deadline(self.accepted, None)
-            return complete
+            return complete and self.framing_ok()
+
+        def framing_ok(self):
+            """RFC 9112 section 6: one Content-Length of ASCII digits (repeats must agree),
+            never with Transfer-Encoding, and a body only on POST.  Anything else gets 400
+            and the connection is closed: a body must never be read as a second request."""
+            lengths = {value.strip() for value in self.headers.get_all("Content-Length", [])}
+            chunked = self.headers.get("Transfer-Encoding") is not None
+            if len(lengths) > 1 or lengths and (chunked or not all(
+                    _ASCII_DIGITS.fullmatch(value) for value in lengths)):
+                self.send_error(400, "Bad request", "Content-Length must be one number, "
+                                "without Transfer-Encoding.")
+                return False
+            if self.command != "POST" and (chunked or lengths and int(lengths.pop()) > 0):
+                self.send_error(400, "Bad request", "A %s request has no body."
+                                % self.command[:20])
+                return False
+            return True
+
+        def handle_expect_100(self):
+            """Expect: 100-continue: the interim answer leaves at once (our writes are
+            buffered), and only for a request we will read."""
+            if not self.framing_ok():
+                return False
+            if int(self.headers.get("Content-Length", "0").strip() or 0) > MAX_RPC_BODY:
+                return True                         # do_POST answers 413 instead
+            self.send_response_only(100)
+            self.end_headers()
+            self.wfile.flush()
+            return True
 
         def do_GET(self):
             self.respond(self.server.site.handle("GET", self.path))
@@ -2147,8 +2208,8 @@ def _web_classes():
             if self.headers.get("Transfer-Encoding"):
                 return self.respond(self.server.site.error(
                     411, "Length required", "Send a Content-Length, not chunks."), close=True)
-            length = self.headers.get("Content-Length", "")
-            if not length.isdigit():
+            length = self.headers.get("Content-Length", "").strip()
+            if not length:
                 return self.respond(self.server.site.error(
                     411, "Length required", "Send a Content-Length."), close=True)
             if int(length) > MAX_RPC_BODY:
@@ -2310,6 +2371,9 @@ def _web_classes():
                     request.shutdown(socket.SHUT_RDWR)
 
     return WebServer
+
+
+_ASCII_DIGITS = re.compile("[0-9]+")    # str.isdigit() also takes '²' and other scripts' digits
 
 
 def _send_and_close(sock, data):
@@ -2973,12 +3037,20 @@ class Forwarder:
     """Answers a forwarding query {Q2} by fingering its rightmost host with our client
     (RFC 1288 section 2.4), for --forward and the --proxy listener.  Outbound rules: only
     the `ports` allowed (79), at most `max_hops` hosts in a query, `timeout` seconds for the
-    whole exchange, `max_reply` bytes of answer."""
+    whole exchange, `max_reply` bytes of answer.
+
+    A forward waits for another server while it holds a worker; so at most `max_concurrent`
+    run at once (more are answered busy), and one to our own `listener` (the service whose
+    queries we forward, once bound) is refused: fingering ourselves would take a worker per
+    hop, and a few such queries would hold every worker until they time out."""
 
     def __init__(self, ports=(FINGER_PORT,), timeout=DEFAULT_BACKEND_TIMEOUT,
-                 max_reply=MAX_FORWARD_REPLY, max_hops=MAX_FORWARD_HOPS):
+                 max_reply=MAX_FORWARD_REPLY, max_hops=MAX_FORWARD_HOPS,
+                 max_concurrent=DEFAULT_WORKERS):
         self.ports = frozenset(ports)
         self.timeout, self.max_reply, self.max_hops = timeout, max_reply, max_hops
+        self.listener = None
+        self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def forward(self, query, default_host=None):
         """(reply text, outcome).  A query with no @host goes to `default_host`."""
@@ -2992,6 +3064,10 @@ class Forwarder:
             return "Bad host name: %s" % target, "denied"
         if port not in self.ports:
             return "Forwarding to port %d is not allowed" % port, "denied"
+        if self._is_ourselves(host, port):
+            return "Forwarding to this server itself is not allowed", "denied"
+        if not self._slots.acquire(blocking=False):
+            return SERVER_BUSY, "busy"
         line = " ".join(query.names) + "".join("@" + rest for rest in hosts)
         try:
             reply = finger(("/W " if query.verbose else "") + line, host, port, self.timeout,
@@ -2999,7 +3075,35 @@ class Forwarder:
         except OSError as error:
             log.warning("forwarding %r to %s failed: %s", line, target, error)
             return COULD_NOT_CONNECT, "forward failed"
+        finally:
+            self._slots.release()
         return reply.decode("utf-8", "replace"), "forwarded"
+
+    def _is_ourselves(self, host, port):
+        """Whether host:port is our listener: its port, and its address or (a listener on
+        every address) any address of this machine."""
+        own = self.listener.address if self.listener is not None else None
+        if own is None or port != own[1]:
+            return False
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return False                       # the connect will fail and say so
+        for family, _, _, _, sockaddr in found:
+            if own[0] in ("", "0.0.0.0", "::") and _is_local_address(family, sockaddr[0]) \
+                    or sockaddr[0] == own[0]:
+                return True
+        return False
+
+
+def _is_local_address(family, address):
+    """True when `address` is one of this machine's (it can be bound)."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
 
 
 def run_client(args, verbose, timeout, out=None, err=None):
@@ -4101,7 +4205,7 @@ def build_database(options):
                          "name another file with --users FILE)" % error) from None
 
 
-def build_forwarder(options):
+def build_forwarder(options, max_concurrent=None):
     """The forwarder of --forward, --proxy and --backend proxy; the proxy target's port
     must be one forwarding may use."""
     uses_target = options.proxy or options.backend == "proxy"
@@ -4113,7 +4217,8 @@ def build_forwarder(options):
         if port not in options.forward_ports:
             raise UsageError("--proxy-target %s: port %d is not in --forward-ports (%s)" % (
                 options.proxy_target, port, ",".join(map(str, options.forward_ports))))
-    return Forwarder(options.forward_ports, options.backend_timeout)
+    return Forwarder(options.forward_ports, options.backend_timeout,
+                     max_concurrent=max_concurrent or options.workers)
 
 
 def build_services(options, db=None, sockets=None):
@@ -4155,18 +4260,24 @@ def _listener_service(name, address, sock, db, site, options):
         return WebService(site, address, sock=sock, name=name, timeout=options.timeout,
                           max_connections=options.web_max_connections,
                           cert=options.cert if name == "https" else None, key=options.key)
+    forwarder = None
     if name in ("setter", "setter-socket"):
         protocol = SetterProtocol(db, options.max_status,
                                   check_identity=name == "setter-socket")
     elif name == "proxy":
-        protocol = FingerProtocol(db, forwarder=build_forwarder(options),
-                                  forward_all_to=options.proxy_target)
+        forwarder = build_forwarder(options)
+        protocol = FingerProtocol(db, forwarder=forwarder, forward_all_to=options.proxy_target)
     elif name == "pb":
         protocol = PBProtocol(db)
     else:
-        protocol = FingerProtocol(db, allow_list=not options.no_list,
-                                  forwarder=build_forwarder(options) if options.forward else None)
-    return TCPService(protocol, address, sock=sock, name=name, **_limits(options, protocol))
+        # Forwarded queries may take half the workers: local ones never wait for them.
+        forwarder = build_forwarder(options, max(options.workers // 2, 1)) \
+            if options.forward else None
+        protocol = FingerProtocol(db, allow_list=not options.no_list, forwarder=forwarder)
+    service = TCPService(protocol, address, sock=sock, name=name, **_limits(options, protocol))
+    if forwarder is not None:
+        forwarder.listener = service            # what it must not forward to
+    return service
 
 
 def _limits(options, protocol):

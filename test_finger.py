@@ -326,6 +326,23 @@ class TestFileDatabase(unittest.TestCase):
         self.addCleanup(db.stop)
         return path, db
 
+    def test_temp_files_left_by_a_crash_are_removed_at_start(self):
+        path, db = self.database()
+        directory = os.path.dirname(path)
+        left = [tempfile.mkstemp(prefix=".users.", dir=directory) for _ in range(2)]
+        for fd, _ in left:
+            os.close(fd)
+        others = [".users.backup", "users.bak", ".other.abcdefgh", ".users.abcdefghi"]
+        for name in others:
+            write_path = os.path.join(directory, name)
+            with open(write_path, "w") as f:
+                f.write("keep me")
+        with self.assertLogs("finger", "WARNING") as logs:
+            db.start()
+        self.assertEqual(sorted(os.listdir(directory)), sorted(others + ["users"]))
+        self.assertEqual(len(logs.output), 2)
+        self.assertIn("left by a crash", logs.output[0])
+
     def test_lookup_and_list(self):
         _, db = self.database()
         self.assertEqual(db.get_user("moshez"), "Happy and well")
@@ -463,6 +480,27 @@ class TestFingerServer(unittest.TestCase):
         db.reload()
         self.assertEqual(ask(address, b"moshez\r\n"), b"Reloaded\r\n")
         self.assertEqual(ask(address, b"shawn\r\n"), b"No such user\r\n")
+
+    def test_remembered_answers_are_bounded_in_bytes(self):
+        big = "\U0001f600" * finger.DEFAULT_MAX_STATUS                  # 4 KiB in UTF-8
+        db = finger.MemoryDatabase({"x": big, "moshez": "Happy and well"})
+        protocol = finger.FingerProtocol(db)
+        names = b" ".join([b"x"] * finger.MAX_QUERY_NAMES)
+        reply, outcome = protocol.respond(names)
+        self.assertEqual((len(reply), outcome), (finger.MAX_QUERY_NAMES * (len(big.encode())
+                                                                          + 5), "ok"))
+        self.assertEqual(protocol._replies, {})                 # several names: not kept
+        self.assertEqual(protocol.respond(names + b" x"),
+                         (b"Too many names: at most 64 in one query\r\n", "too many"))
+        for number in range(3000):                              # distinct lines, 4 KiB each
+            protocol.respond(b"x" + b" " * (number % 100) + b"\t" * (number // 100))
+        self.assertLessEqual(protocol._replies_bytes, finger.MAX_REPLY_CACHE_BYTES)
+        self.assertEqual(protocol._replies_bytes, sum(
+            len(line) + len(answer[0]) for line, answer in protocol._replies.items()))
+        self.assertEqual(protocol.respond(b"moshez"), (b"Happy and well\r\n", "ok"))
+        db.set_user("moshez", "changed")                        # a new version: all forgotten
+        self.assertEqual(protocol.respond(b"moshez"), (b"changed\r\n", "ok"))
+        self.assertEqual(protocol._replies_bytes, len(b"moshez") + len(b"changed\r\n"))
 
     def test_several_names_and_the_user_list(self):
         address = finger_service(self).address
@@ -1123,6 +1161,46 @@ class TestWebSite(unittest.TestCase):
         self.assertIn("&lt;img src=x onerror=&quot;document.title=&#x27;pwned&#x27;&quot;&gt;",
                       page)
 
+    def test_framing_per_rfc_9112_no_body_read_as_a_request(self):
+        call = (b"<?xml version='1.0'?><methodCall><methodName>getUsers</methodName>"
+                b"</methodCall>")
+        smuggled = b"GET /moshez HTTP/1.1\r\nHost: x\r\n\r\n"
+        cases = {
+            "two lengths": b"POST /RPC2 HTTP/1.1\r\nContent-Length: 4\r\n"
+                           b"Content-Length: 200\r\n\r\n" + call,
+            "not ASCII digits": "POST /RPC2 HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n"
+                                .encode("utf-8") + b"ab",
+            "length and chunks": b"POST /RPC2 HTTP/1.1\r\nContent-Length: 5\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "a GET with a body": b"GET / HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                                 % len(smuggled) + smuggled,
+            "a GET with chunks": b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n",
+        }
+        for case, request in cases.items():
+            with self.subTest(case=case):
+                answer = ask_or_reset(self.address, request)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
+                self.assertEqual(answer.count(b"HTTP/1.1 "), 1)     # nothing after it
+                self.assertIn(b"Connection: close", answer)
+        same = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\nContent-Length: %d\r\n" \
+               b"Connection: close\r\n\r\n" % (len(call), len(call)) + call
+        self.assertTrue(ask(self.address, same).startswith(b"HTTP/1.1 200 "))
+
+    def test_100_continue_is_sent_at_once(self):
+        body = (b"<?xml version='1.0'?><methodCall><methodName>getUsers</methodName>"
+                b"</methodCall>")
+        sock = connect(self, self.address)
+        sock.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n"
+                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n" % len(body))
+        self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")  # body unsent
+        sock.sendall(body)
+        self.assertTrue(read_to_end(sock).startswith(b"HTTP/1.1 200 OK"))
+        sock = connect(self, self.address)                  # no 100 for what we refuse
+        sock.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n"
+                     b"Expect: 100-continue\r\n\r\n" % (finger.MAX_RPC_BODY + 1))
+        self.assertTrue(read_to_end(sock).startswith(b"HTTP/1.1 413 "))
+
     def test_user_page_and_404(self):
         status, _, body = http(self.address, "GET", "/moshez")
         self.assertEqual(status, 200)
@@ -1610,6 +1688,42 @@ class TestForwarding(unittest.TestCase):
         self.assertEqual(ask(address, b"@" + target + b"\r\n"),
                          b"evil  ^[[2Jgone\r\nmoshez  Happy and well\r\n")
         self.assertEqual(ask(address, b"local\r\n"), b"here\r\n")   # local names stay local
+
+    def test_forwarding_to_ourselves_is_refused(self):
+        port = free_port()
+        options = finger.default_options(
+            users=write_file(self, USERS), finger="127.0.0.1:%d" % port, web="off",
+            setter="off", forward=True, forward_ports=(port,), workers=4)
+        group = finger.build_services(options)
+        group.start()
+        self.addCleanup(group.stop)
+        address = (LOCALHOST, port)
+        for query in (b"moshez@127.0.0.1:%d" % port, b"moshez@localhost:%d" % port,
+                      b"moshez@127.0.0.1:%d@127.0.0.1:%d@127.0.0.1:%d" % (port, port, port)):
+            with self.subTest(query=query):
+                self.assertEqual(ask(address, query + b"\r\n"),
+                                 b"Forwarding to this server itself is not allowed\r\n")
+        self.assertEqual(group.by_name("finger").protocol.forwarder._slots._value, 2)
+
+    def test_forwards_waiting_on_other_servers_never_hold_every_worker(self):
+        silent = socket.socket()                     # accepts (backlog), never answers
+        self.addCleanup(silent.close)
+        silent.bind((LOCALHOST, 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        forwarder = finger.Forwarder((port,), timeout=1, max_concurrent=1)
+        protocol = finger.FingerProtocol(finger.MemoryDatabase({"local": "here"}),
+                                         forwarder=forwarder)
+        service = finger.TCPService(protocol, (LOCALHOST, 0), workers=2)
+        start(self, service)
+        waiting = threading.Thread(target=ask, args=(service.address,
+                                                     b"a@127.0.0.1:%d\r\n" % port))
+        waiting.start()
+        self.addCleanup(waiting.join)
+        wait_until(lambda: forwarder._slots._value == 0)
+        self.assertEqual(ask(service.address, b"b@127.0.0.1:%d\r\n" % port),
+                         b"Server busy, try again later\r\n")
+        self.assertEqual(ask(service.address, b"local\r\n"), b"here\r\n")
 
     def test_outbound_rules(self):
         address = self.forwarding_service(ports=(79,))
