@@ -66,6 +66,7 @@ MAX_REPLY_CACHE_BYTES = 4 << 20   # finger replies remembered per version of the
                                   # table, query lines and replies counted
 MAX_CACHED_REPLY = 64 * 1024      # a longer reply is never remembered
 MAX_QUERY_NAMES = 64              # names in one query; more are answered QUERY_TOO_MANY
+REPLY_CHUNK_LINES = 1000          # lines of a list answer formatted in one step
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
 ACCEPT_PAUSE = 0.1                # seconds a listener waits when out of file descriptors
@@ -344,6 +345,12 @@ class UserTable(Mapping):
     def __iter__(self):
         for shard in self.shards:
             yield from shard
+
+    def sorted_names(self):
+        """The names in order: each shard sorted, then merged.  sorted() of a million names
+        would be one step that holds the GIL for a second; these steps are short."""
+        import heapq
+        return list(heapq.merge(*(sorted(shard) for shard in self.shards)))
 
     def retire(self):
         """Empty the table shard by shard (call it inside `background_job()`).
@@ -649,7 +656,7 @@ class MemoryDatabase(UserDatabase):
         while True:
             version = self.version
             try:
-                names = sorted(self._users)
+                names = self._users.sorted_names()
             except RuntimeError:          # changed while we read it: read it again
                 continue
             if version == self.version:
@@ -1101,6 +1108,7 @@ class FingerProtocol:
         self._replies = {}             # query line -> (reply, outcome), for db.version
         self._replies_version = None
         self._replies_bytes = 0        # what _replies holds, lines and replies
+        self._lists = {}               # verbose -> (reply, outcome) to the list, likewise
 
     @staticmethod
     def log_text(line):
@@ -1108,9 +1116,11 @@ class FingerProtocol:
         return line
 
     def needs_worker(self, line):
-        """Whether answering `line` may block (a slow back-end, or a forwarded query)."""
+        """Whether answering `line` may block (a slow back-end, or a forwarded query) or
+        take long (the list: a large one is built once per version, off the loop)."""
         return self.db.blocking or self.forwarder is not None and (
-            self.forward_all_to is not None or b"@" in line)
+            self.forward_all_to is not None or b"@" in line) or (
+            self.allow_list and line.strip().upper() in (b"", b"/W"))
 
     def parse(self, data, eof):
         """Bytes received so far -> the query line (bytes, without its CRLF or LF), or None
@@ -1130,33 +1140,43 @@ class FingerProtocol:
         """A query line (bytes) -> (reply bytes, outcome word for the log).
 
         Answers from a database with a `version` (memory, file) are remembered until the
-        version changes: most queries are the same few names.  Only answers to one name or
-        to the list, MAX_CACHED_REPLY bytes at most, and MAX_REPLY_CACHE_BYTES in all."""
+        version changes: most queries are the same few names.  Answers to one name, of
+        MAX_CACHED_REPLY bytes at most and MAX_REPLY_CACHE_BYTES in all; and the list, in
+        its short and long form, whatever its size."""
         version = getattr(self.db, "version", None)
         if version is not None:
             if version != self._replies_version:
                 self._replies, self._replies_version, self._replies_bytes = {}, version, 0
+                self._lists = {}
             known = self._replies.get(line)
             if known is not None:
                 return known
         query = parse_query(line.decode("utf-8", "replace"))
+        listing = not query.names and not query.hosts and not self.forward_all_to
+        if version is not None and listing:
+            known = self._lists.get(query.verbose)
+            if known is not None:
+                return known
         try:
             text, outcome = self.answer(query)
         except Exception:
             log.exception("back-end failed answering %r", line)
             text, outcome = INTERNAL_ERROR, "error"
-        answer = format_reply(text), outcome
+        answer = text if isinstance(text, bytes) else format_reply(text), outcome
         size = len(line) + len(answer[0])
-        if (version is not None and outcome in ("ok", "unknown", "list")
-                and len(query.names) <= 1 and len(answer[0]) <= MAX_CACHED_REPLY
-                and self._replies_bytes + size <= MAX_REPLY_CACHE_BYTES
-                and version == self.db.version):
+        if version is None or version != self.db.version:
+            pass
+        elif outcome == "list" and listing:
+            self._lists[query.verbose] = answer
+        elif (outcome in ("ok", "unknown") and len(query.names) == 1
+                and len(answer[0]) <= MAX_CACHED_REPLY
+                and self._replies_bytes + size <= MAX_REPLY_CACHE_BYTES):
             self._replies[line] = answer
             self._replies_bytes += size
         return answer
 
     def answer(self, query):
-        """A Query -> (reply text, outcome)."""
+        """A Query -> (reply text, or reply bytes already formatted, outcome)."""
         if query.hosts or self.forward_all_to:
             if self.forwarder is None:
                 return FORWARDING_DENIED, "denied"
@@ -1176,12 +1196,18 @@ class FingerProtocol:
         return self.db.get_user_verbose(name) if verbose else self.db.get_user(name)
 
     def _lines(self, names, verbose):
-        """One 'user  status' line per name."""
-        lines = []
+        """One 'user  status' line per name, as reply bytes, formatted REPLY_CHUNK_LINES lines
+        at a time: a list of a million users takes no single long step."""
+        chunks, lines = [], []
         for name in names:
             status = self._lookup(name, verbose)
             lines.append("%s  %s" % (name, NO_SUCH_USER if status is None else status))
-        return "\n".join(lines)
+            if len(lines) == REPLY_CHUNK_LINES:
+                chunks.append(format_reply("\n".join(lines)))
+                lines = []
+        if lines or not chunks:
+            chunks.append(format_reply("\n".join(lines)))
+        return b"".join(chunks)
 
 
 class PeerCredentials:
@@ -1418,15 +1444,16 @@ class TCPService(Service):
     `address` is (host, port), or a path for a unix socket (whose peers are known by their
     PeerCredentials); `sock` is a listening socket made elsewhere (systemd, tests).
     `protocol` turns received bytes into a request (`parse(data, eof)`) and a request into
-    a reply (`respond(request, peer)`); the connection closes after the reply.  Requests
-    for which `needs_worker(request)` is true are answered in a bounded worker pool; the
-    loop never waits for them.  A protocol whose `session` is true keeps connections open
-    instead: `new_session(peer)` makes an object with `greeting()` -> bytes to send first,
-    `feed(data)` -> bytes to send back (raising drops the connection), `idle`, true
-    between messages, and `close()`, called once the connection is closed; the `timeout` then runs from the last complete message.  Limits: `timeout`
-    seconds to send a request and to take the answer, `max_connections` open at once
-    (more get a one-line busy answer), at most `max_pending` answers (default 2 × `workers`)
-    waiting for the pool."""
+    a reply (`respond(request, peer)`); the connection closes after the reply, and the
+    query log shows `log_text(request)`.  Requests for which `needs_worker(request)` is
+    true are answered in a bounded worker pool; the loop never waits for them.  A protocol
+    whose `session` is true keeps connections open instead: `new_session(peer)` makes an
+    object with `greeting()` -> bytes to send first, `feed(data)` -> bytes to send back
+    (raising drops the connection), `idle`, true between messages, and `close()`, called
+    once the connection is closed; the `timeout` then runs from the last complete message.
+    Limits: `timeout` seconds to send a request and to take the answer, `max_connections`
+    open at once (more get a one-line busy answer), at most `max_pending` answers (default
+    2 × `workers`) waiting for the pool."""
 
     def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
@@ -1677,7 +1704,7 @@ class TCPService(Service):
         if sent == len(data):
             self._close(conn)
             return
-        conn.outbuf = data[sent:]
+        conn.outbuf = memoryview(data)[sent:]        # a long answer is not copied each time
         self._set_deadline(conn)
         if conn.state in ("accepted", "working"):
             self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
@@ -4569,7 +4596,7 @@ def sd_notify(message, environ=None):
 # Modules the server imports on first use; run_server imports them before a chroot or the
 # privilege drop can make the standard library unreadable.
 SERVER_MODULES = ("base64", "concurrent.futures", "concurrent.futures.thread", "email.utils",
-                  "html", "html.parser", "importlib", "json", "random", "ssl", "string",
+                  "heapq", "html", "html.parser", "importlib", "json", "random", "ssl", "string",
                   "subprocess", "tempfile", "urllib.error", "urllib.parse", "urllib.request",
                   "xml.parsers.expat")
 

@@ -502,6 +502,26 @@ class TestFingerServer(unittest.TestCase):
         self.assertEqual(protocol.respond(b"moshez"), (b"changed\r\n", "ok"))
         self.assertEqual(protocol._replies_bytes, len(b"moshez") + len(b"changed\r\n"))
 
+    def test_the_list_is_made_off_the_loop_once_per_version(self):
+        users = {"u%05d" % number: "status \x1b %d" % number for number in range(2500)}
+        db = finger.MemoryDatabase(users)
+        protocol = finger.FingerProtocol(db)
+        self.assertTrue(protocol.needs_worker(b""))
+        self.assertTrue(protocol.needs_worker(b" /w "))
+        self.assertFalse(protocol.needs_worker(b"u00001"))
+        self.assertEqual(db._users.sorted_names(), sorted(users))
+        reply, outcome = protocol.respond(b"")
+        self.assertEqual(outcome, "list")
+        self.assertEqual(reply, "".join("%s  status ^[ %d\r\n" % (name, number) for number, name
+                                        in enumerate(sorted(users))).encode())
+        self.assertIs(protocol.respond(b"  ")[0], reply)           # any spelling of the list
+        self.assertIsNot(protocol.respond(b"/W")[0], reply)
+        db.set_user("u00000", "new")
+        self.assertTrue(protocol.respond(b"")[0].startswith(b"u00000  new\r\nu00001  "))
+        address = finger_service(self, db).address
+        self.assertEqual(ask(address, b"\r\n"), protocol.respond(b"")[0])
+        self.assertFalse(finger.FingerProtocol(db, allow_list=False).needs_worker(b""))
+
     def test_several_names_and_the_user_list(self):
         address = finger_service(self).address
         self.assertEqual(ask(address, b"shawn nobody moshez\r\n"),
