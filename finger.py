@@ -1923,6 +1923,7 @@ def selectors_wait(fd, timeout):
 WEB_TIMEOUT = 10.0                # seconds a web connection may sit between two reads
 DEFAULT_WEB_MAX_CONNECTIONS = 256  # handler threads at once; more get 503
 MAX_RPC_BODY = 1 << 20            # bytes of XML-RPC request; more get 413
+MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 431
 WEB_CACHE = "public, max-age=30"  # statuses change at most every reload (30 s by default)
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
                            "form-action 'none'; frame-ancestors 'none'")
@@ -2187,9 +2188,14 @@ def _web_classes():
 
         def handle_one_request(self):
             # The whole request line and headers must arrive within the timeout, however
-            # slowly a peer dribbles them: http.server's timeout is per read only.
+            # slowly a peer dribbles them: http.server's timeout is per read only.  And they
+            # may take MAX_REQUEST_HEAD bytes in all (http.server allows 100 x 64 KiB).
             self.server.set_deadline(self.accepted, time.monotonic() + self.timeout)
-            super().handle_one_request()
+            self.rfile = _RequestHeadReader(self.rfile, MAX_REQUEST_HEAD)
+            try:
+                super().handle_one_request()
+            finally:
+                self.rfile = self.rfile.stream
 
         def parse_request(self):
             complete = super().parse_request()      # calls handle_expect_100 when asked
@@ -2398,6 +2404,26 @@ def _web_classes():
                     request.shutdown(socket.SHUT_RDWR)
 
     return WebServer
+
+
+class _RequestHeadReader:
+    """A web connection's input while a request line and headers are read: readline()
+    raises http.client.LineTooLong (http.server answers 431) past `budget` bytes in all."""
+
+    def __init__(self, stream, budget):
+        self.stream, self.left = stream, budget
+
+    def readline(self, size=-1):
+        import http.client
+        line = self.stream.readline(size)
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong("request line and headers over %d bytes"
+                                          % MAX_REQUEST_HEAD)
+        return line
+
+    def __getattr__(self, name):                   # read() for the body, close(), ...
+        return getattr(self.stream, name)
 
 
 _ASCII_DIGITS = re.compile("[0-9]+")    # str.isdigit() also takes '²' and other scripts' digits

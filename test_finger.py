@@ -1207,6 +1207,16 @@ class TestWebSite(unittest.TestCase):
                b"Connection: close\r\n\r\n" % (len(call), len(call)) + call
         self.assertTrue(ask(self.address, same).startswith(b"HTTP/1.1 200 "))
 
+    def test_request_head_is_bounded_in_bytes(self):
+        header = b"X-Big: " + b"y" * 60000 + b"\r\n"         # each line under 64 KiB
+        for count, expected in ((2, b"HTTP/1.1 200 "), (3, b"HTTP/1.1 431 ")):
+            with self.subTest(headers=count):
+                answer = ask_or_reset(self.address, b"GET /moshez HTTP/1.1\r\n" +
+                                      header * count + b"Connection: close\r\n\r\n")
+                self.assertTrue(answer.startswith(expected), answer[:40])
+        self.assertGreater(3 * len(header), finger.MAX_REQUEST_HEAD)
+        self.assertEqual(http(self.address, "GET", "/moshez")[0], 200)   # keeps serving
+
     def test_100_continue_is_sent_at_once(self):
         body = (b"<?xml version='1.0'?><methodCall><methodName>getUsers</methodName>"
                 b"</methodCall>")
