@@ -73,6 +73,13 @@ ACCEPT_PAUSE = 0.1                # seconds a listener waits when out of file de
 RECV_SIZE = 4096
 MAX_SESSION_OUTPUT = 1 << 20      # bytes a session peer may leave unread before it is dropped
 STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when stopping
+DEFAULT_PER_CLIENT_CONNECTIONS = 64  # connections one client address may have open at once
+DEFAULT_PER_CLIENT_RATE = 100.0   # requests a second one client address may make (burst 2 x)
+DEFAULT_PER_CLIENT_EXEMPT = ("127.0.0.0/8", "::1/128")   # not limited: this machine
+MAX_CLIENT_TABLE = 65536          # client addresses a listener remembers for those limits
+CLIENT_EPISODE = 60               # seconds an address over a limit is not logged again
+TOO_MANY_CONNECTIONS = "Too many connections from your address, try again later"
+TOO_MANY_REQUESTS = "Too many requests from your address, try again later"
 BUSY_BACKLOG = 256                # connections over the cap whose query is read before the
                                   # busy answer (so closing does not reset it); beyond: dropped
 
@@ -1402,6 +1409,114 @@ def format_peer(peer):
     return format_address(peer) if isinstance(peer, tuple) else str(peer)
 
 
+class ClientLimits:
+    """Fairness between clients on one listener: per client address (IPv6: its /64),
+    at most `connections` open at once and `rate` requests a second (a token bucket holding
+    2 x rate); 0 turns either off.  Addresses in `exempt` (networks; by default loopback: local
+    users and a proxy on this machine) are not limited.  The table of addresses is bounded
+    (MAX_CLIENT_TABLE; the least recently seen idle ones go first).  Each address over a
+    limit is logged once per CLIENT_EPISODE seconds, not per connection.  Thread-safe."""
+
+    def __init__(self, name, connections=DEFAULT_PER_CLIENT_CONNECTIONS,
+                 rate=DEFAULT_PER_CLIENT_RATE, exempt=DEFAULT_PER_CLIENT_EXEMPT):
+        import ipaddress
+        self.name, self.connections, self.rate = name, connections, rate
+        self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
+        self._clients = {}             # key -> [open, tokens, refilled at, warned at]
+        self._keys = {}                # host -> its key ('' when exempt), bounded likewise
+        self._lock = threading.Lock()
+
+    @property
+    def active(self):
+        return bool(self.connections or self.rate)
+
+    def admit(self, peer):
+        """A new connection from `peer` (host, port): None, or why it is refused
+        ("per-client connections" or "per-client rate"); an admitted one must be
+        release()d when it closes."""
+        return self._take(peer, opening=True)
+
+    def request(self, peer):
+        """One more request on an open connection: None, or "per-client rate"."""
+        return self._take(peer, opening=False)
+
+    def release(self, peer):
+        key = self._key(peer)
+        if key is None:
+            return
+        with self._lock:
+            client = self._clients.get(key)
+            if client is not None and client[0] > 0:
+                client[0] -= 1
+
+    def _take(self, peer, opening):
+        key = self._key(peer)
+        if key is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            client = self._clients.pop(key, None)
+            if client is None:
+                client = [0, 2.0 * self.rate, now, None]
+                if len(self._clients) >= MAX_CLIENT_TABLE:
+                    self._forget_idle()
+            self._clients[key] = client            # the most recently seen last
+            refused = None
+            if opening and self.connections and client[0] >= self.connections:
+                refused = "per-client connections"
+            elif self.rate:
+                client[1] = min(2.0 * self.rate, client[1] + (now - client[2]) * self.rate)
+                client[2] = now
+                if client[1] < 1:
+                    refused = "per-client rate"
+                else:
+                    client[1] -= 1
+            if refused is None:
+                client[0] += opening
+                return None
+            warn = client[3] is None or now - client[3] > CLIENT_EPISODE
+            if warn:
+                client[3] = now
+        if warn:
+            log.warning("%s: client %s over its limit (%s); refused, and not logged again "
+                        "for %d s", self.name, key, refused, CLIENT_EPISODE)
+        return refused
+
+    def _forget_idle(self):
+        """Make room: the least recently seen clients with no connection open go."""
+        for key in [key for key, client in self._clients.items() if not client[0]][
+                :max(len(self._clients) // 4, 1)]:
+            del self._clients[key]
+        if len(self._clients) >= MAX_CLIENT_TABLE:       # all busy: forget the oldest
+            for key in list(self._clients)[:len(self._clients) // 4]:
+                del self._clients[key]
+
+    def _key(self, peer):
+        """The address a client is counted under, or None when it is not limited."""
+        if type(peer) is not tuple or not self.active:
+            return None
+        key = self._keys.get(peer[0])
+        if key is None:
+            key = self._key_of(peer[0])
+            if len(self._keys) >= MAX_CLIENT_TABLE:
+                self._keys.clear()
+            self._keys[peer[0]] = key
+        return key or None
+
+    def _key_of(self, host):
+        """'a.b.c.d', or an IPv6 /64 as 'aaaa:bbbb:cccc:dddd::/64'; '' when exempt."""
+        import ipaddress
+        try:
+            address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return ""
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped           # a v4 client of a dual-stack listener
+        if any(address in net for net in self.exempt):
+            return ""
+        return str(address) if address.version == 4 else address.exploded[:19] + "::/64"
+
+
 class DescriptorShortage:
     """A listener that runs out of file descriptors: logged once when that starts and once
     when it ends, however many accepts fail in between."""
@@ -1425,12 +1540,12 @@ class DescriptorShortage:
 
 class _Connection:
     """One client connection of a TCPService."""
-    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "busy",
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "refusal",
                  "session")
 
-    def __init__(self, sock, peer, deadline, busy):
+    def __init__(self, sock, peer, deadline, refusal=None):
         self.sock, self.peer, self.deadline = sock, peer, deadline
-        self.busy = busy               # over the connection cap: answered "busy"
+        self.refusal = refusal         # (text, outcome): its request is read, then refused
         self.inbuf = b""
         self.outbuf = b""
         self.started = time.monotonic()
@@ -1453,13 +1568,15 @@ class TCPService(Service):
     once the connection is closed; the `timeout` then runs from the last complete message.
     Limits: `timeout` seconds to send a request and to take the answer, `max_connections`
     open at once (more get a one-line busy answer), at most `max_pending` answers (default
-    2 × `workers`) waiting for the pool."""
+    2 × `workers`) waiting for the pool, and the per-client `limits` (a ClientLimits: a
+    client over them gets a one-line refusal; a session client is closed)."""
 
     def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 workers=DEFAULT_WORKERS, max_pending=None):
+                 workers=DEFAULT_WORKERS, max_pending=None, limits=None):
         super().__init__()
         self.protocol = protocol
+        self.limits = limits
         self.name = name or protocol.name
         self.requested_address = address
         self.timeout = timeout
@@ -1473,7 +1590,7 @@ class TCPService(Service):
         self._done = []                  # (connection, future) finished by workers
         self._pool = None
         self._in_flight = 0
-        self._busy = 0                   # connections over the cap, waiting for "busy"
+        self._busy = 0                   # connections being refused, their request read
         self._stopping = False
         self._accept_resumes = None      # when out of descriptors: when to try accepting again
         self._shortage = DescriptorShortage(self.name)
@@ -1614,16 +1731,16 @@ class TCPService(Service):
                 return
             if self._shortage.since is not None:
                 self._shortage.over()
-            busy = len(self._conns) - self._busy >= self.max_connections
-            if self._stopping or busy and (session or self._busy >= BUSY_BACKLOG):
-                self._refuse(sock, SERVER_BUSY)
-                self.counts["busy"] = self.counts.get("busy", 0) + 1
+            refusal = self._refusal(peer, session)
+            if refusal is not None and (session or self._busy >= BUSY_BACKLOG):
+                self._refuse(sock, None if session else refusal[0])
+                self.counts[refusal[1]] = self.counts.get(refusal[1], 0) + 1
                 continue
             if sock.family == socket.AF_UNIX:
                 peer = PeerCredentials(sock)
-            self._busy += busy
+            self._busy += refusal is not None
             sock.setblocking(False)
-            conn = _Connection(sock, peer, time.monotonic() + self.timeout, busy)
+            conn = _Connection(sock, peer, time.monotonic() + self.timeout, refusal)
             self._conns[conn] = None
             if session:
                 self._selector.register(sock, selectors.EVENT_READ, conn)
@@ -1635,6 +1752,19 @@ class TCPService(Service):
                 # here already: answered now, the connection never enters the selector.
                 self._serve_connection(conn, selectors.EVENT_READ)
 
+    def _refusal(self, peer, session):
+        """None to serve a new connection, else (the answer, the outcome) that refuses it:
+        stopping, over the connection cap, or over the client's limits (admitted ones are
+        released in _close)."""
+        if self._stopping or len(self._conns) - self._busy >= self.max_connections:
+            return SERVER_BUSY, "busy"
+        refused = self.limits.admit(peer) if self.limits is not None else None
+        if refused == "per-client connections":
+            return TOO_MANY_CONNECTIONS, refused
+        if refused is not None:
+            return TOO_MANY_REQUESTS, refused
+        return None
+
     def _pause_accepting(self):
         """Out of file descriptors: the listener stays readable, so stop watching it for
         ACCEPT_PAUSE seconds (no spinning); new clients wait in the listen backlog."""
@@ -1644,9 +1774,11 @@ class TCPService(Service):
 
     @staticmethod
     def _refuse(sock, text):
+        """Send `text` (if any) on a new connection and close it."""
         try:
             sock.setblocking(False)
-            sock.send(format_reply(text))
+            if text is not None:
+                sock.send(format_reply(text))
         except OSError:
             pass
         sock.close()
@@ -1676,9 +1808,9 @@ class TCPService(Service):
             else:
                 self._wait_for_request(conn)
             return
-        if conn.busy:
-            self._log(conn, request, "busy")
-            self._send(conn, format_reply(SERVER_BUSY))
+        if conn.refusal is not None:
+            self._log(conn, request, conn.refusal[1])
+            self._send(conn, format_reply(conn.refusal[0]))
         elif self.protocol.needs_worker(request):
             self._submit(conn, request)
         else:
@@ -1792,8 +1924,11 @@ class TCPService(Service):
         if conn.session is not None and conn.state != "working":
             conn.session.close()               # one being fed: when its job is done
         conn.state = "closed"
-        self._busy -= conn.busy
         del self._conns[conn]
+        if conn.refusal is not None:
+            self._busy -= 1
+        elif self.limits is not None:
+            self.limits.release(conn.peer)
         if not conn.inbuf.endswith(b"\n"):
             # The peer may have sent more than we read: read it, so close() sends no RST
             # that could destroy the answer before the peer reads it.
@@ -2171,6 +2306,7 @@ def _web_classes():
 
         def setup(self):
             self.timeout = self.server.timeout_seconds
+            self.requests_read = 0
             self.accepted = self.request        # the key of this connection in the server
             context = self.server.ssl_context
             if context is not None:
@@ -2200,7 +2336,20 @@ def _web_classes():
         def parse_request(self):
             complete = super().parse_request()      # calls handle_expect_100 when asked
             self.server.set_deadline(self.accepted, None)
-            return complete and self.framing_ok()
+            return complete and self.framing_ok() and self.within_rate()
+
+        def within_rate(self):
+            """The per-client rate, for each request after the connection's first (that
+            one was counted when the connection was accepted): else 429."""
+            self.requests_read += 1
+            limits = self.server.limits
+            if self.requests_read == 1 or limits is None or limits.request(
+                    self.client_address) is None:
+                return True
+            self.server.count("per-client rate")
+            self.respond(self.server.site.error(429, "Too many requests", TOO_MANY_REQUESTS,
+                                                [("Retry-After", "1")]), close=True)
+            return False
 
         def framing_ok(self):
             """RFC 9112 section 6: one Content-Length of ASCII digits (repeats must agree),
@@ -2311,7 +2460,8 @@ def _web_classes():
         close every keep-alive connection when stopping."""
         daemon_threads = True
 
-        def __init__(self, sock, site, name, timeout, max_connections, ssl_context):
+        def __init__(self, sock, site, name, timeout, max_connections, ssl_context,
+                     limits=None):
             super().__init__(sock.getsockname()[:2], WebHandler, bind_and_activate=False)
             self.socket.close()
             self.socket = sock
@@ -2324,6 +2474,9 @@ def _web_classes():
             self.deadlines = {}       # accepted socket -> when its request must be in
             self.lock = threading.Lock()
             self.shortage = DescriptorShortage(name)
+            self.limits = limits
+            self.peers = {}           # accepted socket -> client address, for the limits
+            self.lingering = []       # (refused socket, when to close it at the latest)
 
         def count(self, outcome):
             with self.lock:
@@ -2345,15 +2498,57 @@ def _web_classes():
         def process_request(self, request, client_address):
             with self.lock:
                 full = len(self.active) >= self.max_connections
-                if not full:
-                    self.active[request] = request
-            if full:
-                self.count(503)
-                _send_and_close(request, b"HTTP/1.1 503 Service Unavailable\r\n"
-                                b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            refused = None if full or self.limits is None else self.limits.admit(
+                client_address)
+            if full or refused:
+                self.count(refused or 503)
+                self.refuse(request, b"429 Too Many Requests" if refused else
+                            b"503 Service Unavailable")
                 return
+            with self.lock:
+                self.active[request] = request
+                self.peers[request] = client_address
             self.set_deadline(request, time.monotonic() + self.timeout_seconds)
             super().process_request(request, client_address)
+
+        def refuse(self, request, status):
+            """A connection we will not serve: `status` with Retry-After on plain HTTP; on
+            the TLS port a TLS alert (or nothing), never plain text.  Then it lingers, its
+            input read and dropped, until the peer closes (at most a second), so that our
+            close does not reset the connection before the peer has read the answer."""
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                if self.ssl_context is not None:
+                    _refuse_tls(request)
+                else:
+                    request.send(b"HTTP/1.1 %s\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                                 b"Connection: close\r\n\r\n" % status)
+                request.shutdown(socket.SHUT_WR)
+            with self.lock:
+                if len(self.lingering) < BUSY_BACKLOG:
+                    self.lingering.append((request, time.monotonic() + 1.0))
+                    return
+            request.close()
+
+        def close_lingering(self):
+            """Close refused connections whose peer has closed, or after their second."""
+            now = time.monotonic()
+            with self.lock:
+                lingering, self.lingering = self.lingering, []
+            for request, until in lingering:
+                try:
+                    while request.recv(RECV_SIZE):
+                        pass
+                    done = True                        # the peer closed
+                except (BlockingIOError, InterruptedError):
+                    done = now > until
+                except OSError:
+                    done = True
+                if done:
+                    request.close()
+                else:
+                    with self.lock:
+                        self.lingering.append((request, until))
 
         def set_deadline(self, request, deadline):
             with self.lock:
@@ -2363,7 +2558,9 @@ def _web_classes():
                     self.deadlines[request] = deadline
 
         def service_actions(self):
-            """Run by serve_forever between polls: drop connections past their deadline."""
+            """Run by serve_forever between polls: drop connections past their deadline, close
+            refused ones."""
+            self.close_lingering()
             now = time.monotonic()
             with self.lock:
                 late = [request for request, deadline in self.deadlines.items()
@@ -2385,6 +2582,9 @@ def _web_classes():
             with self.lock:
                 self.active.pop(request, None)
                 self.deadlines.pop(request, None)
+                peer = self.peers.pop(request, None)
+            if peer is not None and self.limits is not None:
+                self.limits.release(peer)
             super().shutdown_request(request)
 
         def handle_error(self, request, client_address):
@@ -2429,6 +2629,26 @@ class _RequestHeadReader:
 _ASCII_DIGITS = re.compile("[0-9]+")    # str.isdigit() also takes '²' and other scripts' digits
 
 
+_REFUSING_TLS = []                 # a TLS server context with no certificate, made on first use
+
+
+def _refuse_tls(sock):
+    """Refuse a client of the TLS port the way TLS does: a context without a certificate
+    fails the handshake with an alert, if the ClientHello is already here (we do not wait
+    for it).  `sock` (non-blocking) stays open."""
+    import ssl
+    if not _REFUSING_TLS:
+        _REFUSING_TLS.append(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    tls = _REFUSING_TLS[0].wrap_socket(socket.socket(fileno=os.dup(sock.fileno())),
+                                       server_side=True, do_handshake_on_connect=False)
+    try:
+        tls.do_handshake()
+    except (OSError, ValueError):             # ssl.SSLError is an OSError
+        pass
+    finally:
+        tls.close()
+
+
 def _send_and_close(sock, data):
     with contextlib.suppress(OSError):
         sock.setblocking(False)
@@ -2456,9 +2676,10 @@ class WebService(Service):
 
     def __init__(self, site, address=("127.0.0.1", 0), *, sock=None, name="web",
                  cert=None, key=None, timeout=WEB_TIMEOUT,
-                 max_connections=DEFAULT_WEB_MAX_CONNECTIONS):
+                 max_connections=DEFAULT_WEB_MAX_CONNECTIONS, limits=None):
         super().__init__()
         self.site, self.name = site, name
+        self.limits = limits
         self.requested_address = address
         self.cert, self.key = cert, key
         self.ssl_context = make_tls_context(cert, key) if cert else None
@@ -2482,7 +2703,8 @@ class WebService(Service):
         if self._server is None:
             sock = self._sock or bind_tcp(self.requested_address, self.name)
             self._server = _web_classes()(sock, self.site, self.name, self.timeout,
-                                          self.max_connections, self.ssl_context)
+                                          self.max_connections, self.ssl_context,
+                                          self.limits)
             self.address = sock.getsockname()[:2]
 
     def serve(self):
@@ -2888,14 +3110,15 @@ class PBProtocol:
     name = "pb"
     session = True
 
-    def __init__(self, db):
+    def __init__(self, db, limits=None):
         self.db = db
         self.blocking = db.blocking    # then TCPService feeds sessions in its worker pool
         self.root = FingerRoot(db)
         self.pending = ByteBudget(PB_MAX_PENDING_TOTAL)   # unfinished calls, all clients
+        self.limits = limits           # ClientLimits: its rate applies to each call
 
     def new_session(self, peer):
-        return PBSession(self.root, peer, self.pending)
+        return PBSession(self.root, peer, self.pending, self.limits)
 
     @staticmethod
     def log_text(data):
@@ -2926,9 +3149,10 @@ class PBSession:
     PBError means drop the connection (Twisted does the same on a protocol error).  close()
     gives back what its unfinished call held of the shared `budget`."""
 
-    def __init__(self, root, peer=None, budget=None):
+    def __init__(self, root, peer=None, budget=None, limits=None):
         self.root = root
         self.peer = peer
+        self.limits = limits
         self.dialect = None
         self.failures = 0              # CopyableFailure "count": errors sent so far
         self._decoder = BananaDecoder(PB_MAX_CALL, PB_MAX_VALUES)
@@ -2998,6 +3222,8 @@ class PBSession:
         shown = name[:PB_MAX_NAME_SHOWN]
         failure = None
         try:
+            if self.limits is not None and self.limits.request(self.peer) is not None:
+                raise PBRemoteError(_PB_ERROR, TOO_MANY_REQUESTS)
             if command == b"cachemessage":
                 raise PBRemoteError(_PB_ERROR, "No cached objects here")
             if object_id != b"root":
@@ -4309,10 +4535,13 @@ def build_services(options, db=None, sockets=None):
 
 def _listener_service(name, address, sock, db, site, options):
     """The service behind listener `name` (an option name, or 'setter-socket')."""
+    limits = ClientLimits(name, options.per_client_connections, options.per_client_rate,
+                          options.per_client_exempt)
     if name in ("web", "https"):
         return WebService(site, address, sock=sock, name=name, timeout=options.timeout,
                           max_connections=options.web_max_connections,
-                          cert=options.cert if name == "https" else None, key=options.key)
+                          cert=options.cert if name == "https" else None, key=options.key,
+                          limits=limits)
     forwarder = None
     if name in ("setter", "setter-socket"):
         protocol = SetterProtocol(db, options.max_status,
@@ -4321,13 +4550,14 @@ def _listener_service(name, address, sock, db, site, options):
         forwarder = build_forwarder(options)
         protocol = FingerProtocol(db, forwarder=forwarder, forward_all_to=options.proxy_target)
     elif name == "pb":
-        protocol = PBProtocol(db)
+        protocol = PBProtocol(db, limits)
     else:
         # Forwarded queries may take half the workers: local ones never wait for them.
         forwarder = build_forwarder(options, max(options.workers // 2, 1)) \
             if options.forward else None
         protocol = FingerProtocol(db, allow_list=not options.no_list, forwarder=forwarder)
-    service = TCPService(protocol, address, sock=sock, name=name, **_limits(options, protocol))
+    service = TCPService(protocol, address, sock=sock, name=name, limits=limits,
+                         **_limits(options, protocol))
     if forwarder is not None:
         forwarder.listener = service            # what it must not forward to
     return service
@@ -4622,9 +4852,9 @@ def sd_notify(message, environ=None):
 # Modules the server imports on first use; run_server imports them before a chroot or the
 # privilege drop can make the standard library unreadable.
 SERVER_MODULES = ("base64", "concurrent.futures", "concurrent.futures.thread", "email.utils",
-                  "heapq", "html", "html.parser", "importlib", "json", "random", "ssl", "string",
-                  "subprocess", "tempfile", "urllib.error", "urllib.parse", "urllib.request",
-                  "xml.parsers.expat")
+                  "heapq", "html", "html.parser", "importlib", "ipaddress", "json", "random",
+                  "ssl", "string", "subprocess", "tempfile", "urllib.error", "urllib.parse",
+                  "urllib.request", "xml.parsers.expat")
 
 
 def preload_server_modules():
@@ -4787,6 +5017,26 @@ def _count(text):
     return int(text)
 
 
+def _count_or_zero(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("expected a whole number, 0 or more, got %r" % text)
+    return int(text)
+
+
+def _networks(text):
+    """'CIDR,CIDR' or 'none' -> a tuple of network strings (checked)."""
+    import ipaddress
+    if isinstance(text, tuple):
+        return text
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(str(ipaddress.ip_network(net.strip(), strict=False))
+                     for net in text.split(",") if net.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _port_list(text):
     try:
         ports = tuple(int(port) for port in text.split(",") if port.strip())
@@ -4896,6 +5146,18 @@ def build_parser():
                              "(default: %(default)s)")
     limits.add_argument("--workers", type=_count, default=DEFAULT_WORKERS, metavar="N",
                         help="threads for back-ends that may block (default: %(default)s)")
+    limits.add_argument("--per-client-connections", type=_count_or_zero,
+                        default=DEFAULT_PER_CLIENT_CONNECTIONS, metavar="N",
+                        help="connections one client address (IPv6: its /64) may have open "
+                             "on a listener; 0: no limit (default: %(default)s)")
+    limits.add_argument("--per-client-rate", type=_count_or_zero,
+                        default=int(DEFAULT_PER_CLIENT_RATE), metavar="N",
+                        help="requests a second one client address may make on a listener, "
+                             "in bursts of 2 N; 0: no limit (default: %(default)s)")
+    limits.add_argument("--per-client-exempt", type=_networks,
+                        default=",".join(DEFAULT_PER_CLIENT_EXEMPT), metavar="CIDR[,...]",
+                        help="client networks the per-client limits do not apply to, or "
+                             "'none' (default: %(default)s, this machine)")
 
     add_irc_options(parser)
 

@@ -1425,6 +1425,100 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
         self.assertRegex(text, r'finger_open_connections\{service="web"\} 1')
 
 
+class TestPerClientLimits(unittest.TestCase):
+    """--per-client-connections and --per-client-rate; the tests' clients are on loopback,
+    so nothing is exempt here."""
+    remote = ("192.0.2.1", 4000)
+
+    def test_the_table(self):
+        limits = finger.ClientLimits("t", connections=2, rate=1, exempt=())
+        with self.assertLogs("finger", "WARNING") as logs:
+            self.assertEqual([limits.admit(self.remote) for _ in range(3)],
+                             [None, None, "per-client connections"])
+            limits.release(self.remote)
+            self.assertEqual(limits.admit(self.remote), "per-client rate")   # burst of 2
+            self.assertEqual(limits.request(self.remote), "per-client rate")
+        self.assertEqual(len(logs.output), 1)                   # once per episode
+        self.assertIn("192.0.2.1", logs.output[0])
+        same = [("2001:db8::1", 1, 0, 0), ("2001:db8::ffff:2", 2, 0, 0)]
+        limits = finger.ClientLimits("t", connections=1, rate=0, exempt=())
+        self.assertEqual([limits.admit(peer) for peer in same],
+                         [None, "per-client connections"])      # one /64
+        self.assertIsNone(limits.admit(("2001:db8:0:1::1", 3, 0, 0)))
+        self.assertIsNone(limits.admit(("::ffff:192.0.2.1", 4, 0, 0)))
+        self.assertEqual(limits.admit(self.remote), "per-client connections")   # the same v4
+        local = finger.ClientLimits("t", connections=1, rate=1)   # loopback is exempt
+        for peer in [("127.0.0.1", 1), ("::1", 2, 0, 0), ("::ffff:127.0.0.2", 3, 0, 0)] * 3:
+            self.assertIsNone(local.admit(peer))
+        self.assertIsNone(limits.admit("/run/finger/setter.sock"))  # unix peers: not limited
+
+    def test_the_table_is_bounded(self):
+        limits = finger.ClientLimits("t", connections=1, rate=1, exempt=())
+        for number in range(finger.MAX_CLIENT_TABLE + 100):
+            peer = ("10.%d.%d.%d" % (number >> 16, number >> 8 & 255, number & 255), 1)
+            self.assertIsNone(limits.admit(peer))
+            limits.release(peer)
+        self.assertLessEqual(len(limits._clients), finger.MAX_CLIENT_TABLE)
+        self.assertLessEqual(len(limits._keys), finger.MAX_CLIENT_TABLE)
+
+    def test_finger_answers_with_a_refusal_line(self):
+        limits = finger.ClientLimits("finger", connections=2, rate=0, exempt=())
+        service = finger_service(self, limits=limits)
+        idle = [connect(self, service.address) for _ in range(2)]
+        wait_until(lambda: len(service._conns) == 2)
+        self.assertEqual(ask(service.address, b"moshez\r\n"),
+                         b"Too many connections from your address, try again later\r\n")
+        idle[0].close()
+        wait_until(lambda: _try_ask(service.address) == b"Happy and well\r\n")
+        self.assertGreaterEqual(service.counts["per-client connections"], 1)
+        limits.connections, limits.rate = 0, 1
+        replies = [ask(service.address, b"moshez\r\n") for _ in range(3)]
+        self.assertEqual(replies[-1],
+                         b"Too many requests from your address, try again later\r\n")
+
+    def test_web_answers_429_with_retry_after(self):
+        import http.client
+        limits = finger.ClientLimits("web", connections=1, rate=1, exempt=())
+        service = web_service(self, limits=limits)
+        connection = http.client.HTTPConnection(*service.address, timeout=TIMEOUT)
+        self.addCleanup(connection.close)
+        statuses = []
+        for _ in range(3):                      # one token at the accept, one more, none
+            connection.request("GET", "/moshez")
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        self.assertEqual(statuses, [200, 200, 429])
+        self.assertEqual(response.getheader("Retry-After"), "1")
+        refused = ask_or_reset(service.address, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(refused.startswith(b"HTTP/1.1 429 "), refused[:30])   # one open
+        self.assertIn(b"Retry-After: 1", refused)
+
+    def test_pb_calls_over_the_rate_get_an_error(self):
+        limits = finger.ClientLimits("pb", connections=0, rate=1, exempt=())
+        service = finger.TCPService(finger.PBProtocol(finger.MemoryDatabase(PB_USERS), limits),
+                                    (LOCALHOST, 0), limits=limits)
+        start(self, service)
+        client = PBTestClient(self, service.address)
+        self.assertEqual(client.call("getUser", "moshez")[0], "answer")
+        kind, failure = client.call("getUser", "moshez")
+        self.assertEqual((kind, failure["value"]),
+                         ("error", "Too many requests from your address, try again later"))
+
+    def test_the_options(self):
+        options = finger.build_parser().parse_args(
+            ["--serve", "--per-client-connections", "0", "--per-client-rate", "5",
+             "--per-client-exempt", "10.0.0.0/8, 2001:db8::/32"])
+        self.assertEqual((options.per_client_connections, options.per_client_rate,
+                          options.per_client_exempt), (0, 5, ("10.0.0.0/8", "2001:db8::/32")))
+        self.assertEqual(finger.default_options().per_client_exempt,
+                         ("127.0.0.0/8", "::1/128"))
+        self.assertEqual(finger.build_parser().parse_args(
+            ["--per-client-exempt", "none"]).per_client_exempt, ())
+        result = run_finger("--serve", "--per-client-exempt", "10.0.0.300/8")
+        self.assertEqual(result.returncode, 2)
+
+
 def make_certificate(directory, name="server.pem", days=1):
     """A self-signed certificate and key for 127.0.0.1 in one PEM file, made by openssl."""
     path = os.path.join(directory, name)
@@ -1475,6 +1569,20 @@ class TestHTTPS(unittest.TestCase):
             self.assertEqual(stalled.recv(10), b"")
         status, _, _ = http(service.address, "GET", "/", context=self.client_context())
         self.assertEqual(status, 200)
+
+    def test_over_the_cap_tls_fails_like_tls_never_plain_text(self):
+        import ssl
+        service = web_service(self, cert=self.pem, name="https", max_connections=1)
+        held = socket.create_connection(service.address, timeout=TIMEOUT)
+        self.addCleanup(held.close)
+        held = self.client_context().wrap_socket(held, server_hostname="127.0.0.1")
+        wait_until(lambda: service.open_connections() == 1)
+        with self.assertRaises((ssl.SSLError, ConnectionError)) as refused:
+            http(service.address, "GET", "/", context=self.client_context())
+        self.assertNotIsInstance(refused.exception, ssl.SSLCertVerificationError)
+        raw = ask_or_reset(service.address, b"\x16\x03\x01\x00\x05hello")
+        self.assertFalse(raw.startswith(b"HTTP"), raw[:20])
+        self.assertEqual(service.counts.get(503), 2)
 
     def test_reload_picks_up_a_renewed_certificate(self):
         import ssl
