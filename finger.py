@@ -694,13 +694,17 @@ class FileDatabase(MemoryDatabase):
     The file is parsed outside any lock and the new table swapped in at once, so a lookup
     never waits for a parse.  A reload that fails keeps the last good table and is logged
     once per streak of failures.  set_user writes through to the file before it returns;
-    reloads and writes take turns (a writer lock), lookups never wait for either."""
+    reloads and writes take turns (a writer lock), lookups never wait for either.  Writes
+    that arrive while one is being written go to the file together, in one rewrite."""
 
     def __init__(self, path, reload_interval=DEFAULT_RELOAD):
         super().__init__()
         self.path = path
         self.reload_interval = reload_interval
         self.loaded_at = None          # time.time() of the last successful load
+        self.rewrites = 0              # times set_user has rewritten the file
+        self._queued = []              # [name, status, done, error] waiting for a rewrite
+        self._queue_lock = threading.Lock()
         self._signature = None
         self._failing = False
         self._stopping = threading.Event()
@@ -757,18 +761,48 @@ class FileDatabase(MemoryDatabase):
         return True
 
     def set_user(self, name, status):
-        """Write the status through to the file, then serve it; OSError leaves both alone."""
+        """Write the status through to the file, then serve it; OSError leaves both alone.
+
+        The write is queued; whoever holds the writer lock next writes every queued one in
+        one rewrite of the file (a group commit), so a burst of writes to a large file
+        costs a few rewrites, not one each, and each returns once its status is on disk."""
+        write = [name, status, False, None]
+        with self._queue_lock:
+            self._queued.append(write)
         with self._lock, background_job():
+            if not write[2]:                   # not written by the one before us
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                self._write(batch)
+        if write[3] is not None:
+            raise write[3]
+
+    def _write(self, batch):
+        """Rewrite the file with the statuses of `batch` (the last one of a name wins)."""
+        statuses = {}
+        for name, status, _, _ in batch:
+            statuses[name] = status
+        error = None
+        try:
             with open(self.path, "rb") as f:
                 seen = self._signature_of(os.fstat(f.fileno())) == self._signature
-                data = f.read()
-            written = write_file_atomically(self.path, rewrite_users(data, name, status))
+                pieces = [f.read()]
+            for name, status in statuses.items():
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces = rewrite_users(data, name, status)
+            written = write_file_atomically(self.path, pieces)
+            self.rewrites += 1
             # Edits nobody has loaded yet are in the new file too: leave them to the reload.
             # The signature is the new file's as written: an edit made after the rename
             # changes it, so the next reload sees that edit.
             self._signature = self._signature_of(written) if seen else None
-            self._users.set(name, status)
+            for name, status in statuses.items():
+                self._users.set(name, status)
             self._changed()
+        except Exception as failure:       # OSError, or a bug: every writer hears of it
+            error = failure
+        for write in batch:
+            write[2:] = [True, error]
 
     def start(self):
         self._remove_crash_leftovers()

@@ -326,6 +326,24 @@ class TestFileDatabase(unittest.TestCase):
         self.addCleanup(db.stop)
         return path, db
 
+    def test_writes_that_arrive_together_are_written_together(self):
+        path, db = self.database()
+        names = ["user%02d" % number for number in range(40)]
+        threads = [threading.Thread(target=db.set_user, args=(name, "status of " + name))
+                   for name in names]
+        with db._lock:                          # a write in progress: the others queue up
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: len(db._queued) == len(names))
+        for thread in threads:
+            thread.join()
+        self.assertEqual(db.rewrites, 1)
+        with open(path, encoding="utf-8") as f:
+            on_disk, _ = finger.parse_users(f)
+        for name in names:
+            self.assertEqual((on_disk.get(name), db.get_user(name)), ("status of " + name,) * 2)
+        self.assertEqual(on_disk.get("moshez"), "Happy and well")
+
     def test_temp_files_left_by_a_crash_are_removed_at_start(self):
         path, db = self.database()
         directory = os.path.dirname(path)
