@@ -55,12 +55,14 @@ MAX_USERS_LINE_CHARS = 64 * 1024  # users-file lines longer than this are skippe
 DEFAULT_TIMEOUT = 10.0            # seconds a peer has to send its query or take its answer
 DEFAULT_MAX_CONNECTIONS = 4096    # open connections per listener; more get a busy answer
 DEFAULT_RELOAD = 30.0             # seconds between checks of the users file
+SETTER_WORKERS = 64               # setter writes waiting at once, written in one rewrite
 DEFAULT_WORKERS = 8               # threads answering queries for back-ends that may block
 DEFAULT_USERS_FILE = "/etc/users"
 TABLE_SHARDS = 256                # dicts a users table is split over (see UserTable)
 RETIRE_ONE_BY_ONE = 4             # last shards of an old table freed entry by entry
 USERS_DECODE_CHUNK = 1 << 20      # bytes of the users file decoded in one step (text_lines)
 USERS_SEARCH_CHUNK = 64 * 1024    # bytes searched in one step for the line to rewrite
+REWRITE_MAX_MISSES = 1000         # places of a name checked one by one before that search
 BACKGROUND_SWITCH_INTERVAL = 0.0005  # sys.setswitchinterval while a long job runs (below)
 MAX_REPLY_CACHE_BYTES = 4 << 20   # finger replies remembered per version of the users
                                   # table, query lines and replies counted
@@ -532,28 +534,46 @@ def rewrite_users(data, name, status):
     a line is appended); every other byte, comments and order included, stays as it was.
 
     Returns the new file as a list of pieces (views of `data` and the new line), for
-    write_file_atomically: no copy of a large file is made.  The line is looked for from the
-    end, USERS_SEARCH_CHUNK bytes at a time, by a regular expression (no list of a million
-    lines): a write into a large file never holds the other threads up for long."""
-    blank = rb"[ \t\x0b\x0c]*"
-    key = blank + re.escape(name.encode("utf-8")) + blank + b":"
+    write_file_atomically: no copy of a large file is made."""
+    found = _last_line_of(data, name.encode("utf-8"))
     new_line = ("%s: %s" % (name, status)).encode("utf-8")
-    first = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
-    after_break = re.compile(rb"[\r\n](?=" + key + b")")
-    found, end = None, len(data)
-    while found is None and end > first:
-        start = max(data.rfind(b"\n", first, max(end - USERS_SEARCH_CHUNK, first)), first)
-        for match in after_break.finditer(data, start, end):
-            found = match.end()                       # the last one wins
-        end = start
-    if found is None and re.compile(key).match(data, first):
-        found = first                                 # the first line, after any BOM
     view = memoryview(data)
     if found is None:
         ending = b"\n" if data and not data.endswith(b"\n") else b""
         return [view, ending + new_line + b"\n"]
     line_end = _LINE_BREAK.search(data, found)
     return [view[:found], new_line, view[line_end.start():] if line_end else b""]
+
+
+def _last_line_of(data, name):
+    """Where the last line of `data` whose user is `name` (bytes) starts, or None.
+
+    No list of a million lines: the name's bytes are looked for from the end (rfind) and
+    each one found is checked as a line; after REWRITE_MAX_MISSES that are not (a name
+    that is in many statuses), a regular expression goes on, USERS_SEARCH_CHUNK bytes at a
+    time.  So a write into a large file never holds the other threads up for long."""
+    blank = rb"[ \t\x0b\x0c]*"
+    key = blank + re.escape(name) + blank + b":"
+    first = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    line = re.compile(key)
+    end = len(data)
+    for _ in range(REWRITE_MAX_MISSES):
+        at = data.rfind(name, first, end)
+        if at < 0:
+            return None
+        end = max(data.rfind(b"\n", first, at), data.rfind(b"\r", first, at), first - 1) + 1
+        if line.match(data, end):                     # `end`: the start of that line
+            return end
+    after_break = re.compile(rb"[\r\n](?=" + key + b")")
+    while end > first:
+        start = max(data.rfind(b"\n", first, max(end - USERS_SEARCH_CHUNK, first)), first)
+        found = None
+        for match in after_break.finditer(data, start, end):
+            found = match.end()                       # the last one wins
+        if found is not None:
+            return found
+        end = start
+    return first if line.match(data, first) else None
 
 
 # == 3. User databases (back-ends) ============================================================
@@ -4599,11 +4619,14 @@ def _listener_service(name, address, sock, db, site, options):
 
 def _limits(options, protocol):
     """The limits of a TCPService from the options.  Setter requests may all wait for the
-    writer (they are few and short), finger answers at most 2 x workers."""
+    writer (they are few and short), and up to SETTER_WORKERS of them at once, so that
+    writes that arrive together go to the file together; finger answers at most 2 x
+    workers."""
     limits = dict(timeout=options.timeout, max_connections=options.max_connections,
                   workers=options.workers)
     if isinstance(protocol, SetterProtocol):
-        limits["max_pending"] = options.max_connections
+        limits.update(max_pending=options.max_connections,
+                      workers=max(options.workers, SETTER_WORKERS))
     return limits
 
 

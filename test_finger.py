@@ -892,6 +892,11 @@ class TestSetterRules(unittest.TestCase):
         self.assertEqual(new, data + b"\nradix: new\n")
         self.assertEqual(rewrite_users(b"", "a", "b"), b"a: b\n")
 
+    def test_rewrite_finds_a_name_that_is_in_many_statuses(self):
+        data = b"a: first\n" + b"b: a a a\n" * (finger.REWRITE_MAX_MISSES + 10) + b"c: x\n"
+        self.assertEqual(rewrite_users(data, "a", "new"), data.replace(b"a: first", b"a: new"))
+        self.assertTrue(rewrite_users(data, "b", "z").endswith(b"b: a a a\nb: z\nc: x\n"))
+
     def test_rewrite_replaces_the_line_that_wins(self):
         new = rewrite_users(b"a: 1\na: 2\n", "a", "3")
         self.assertEqual(new, b"a: 1\na: 3\n")
@@ -1867,7 +1872,7 @@ class TestForwarding(unittest.TestCase):
         silent.bind((LOCALHOST, 0))
         silent.listen(16)
         port = silent.getsockname()[1]
-        forwarder = finger.Forwarder((port,), timeout=1, max_concurrent=1)
+        forwarder = finger.Forwarder((port,), timeout=0.5, max_concurrent=1)
         protocol = finger.FingerProtocol(finger.MemoryDatabase({"local": "here"}),
                                          forwarder=forwarder)
         service = finger.TCPService(protocol, (LOCALHOST, 0), workers=2)
@@ -2819,7 +2824,7 @@ class TestPBServer(unittest.TestCase):
         self.assertEqual((client.replies, client.received), ({}, []))   # none to pbanswer=0
 
     def test_a_dropped_client_gives_its_unfinished_call_back(self):
-        service = pb_service(self, timeout=1.0)
+        service = pb_service(self, timeout=0.5)
         sock = connect(self, service.address)
         sock.sendall(b"\x02\x82pb\x01\x80" + finger.banana_encode(30000)[:-1] + b"\x82" +
                      b"x" * 20000)
