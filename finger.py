@@ -63,7 +63,8 @@ RETIRE_ONE_BY_ONE = 4             # last shards of an old table freed entry by e
 USERS_DECODE_CHUNK = 1 << 20      # bytes of the users file decoded in one step (text_lines)
 USERS_SEARCH_CHUNK = 64 * 1024    # bytes searched in one step for the line to rewrite
 REWRITE_MAX_MISSES = 1000         # places of a name checked one by one before that search
-BACKGROUND_SWITCH_INTERVAL = 0.0005  # sys.setswitchinterval while a long job runs (below)
+SWITCH_INTERVAL = 0.0005          # sys.setswitchinterval of the server, and of any process
+                                  # while a long job runs (background_job)
 MAX_REPLY_CACHE_BYTES = 4 << 20   # finger replies remembered per version of the users
                                   # table, query lines and replies counted
 MAX_CACHED_REPLY = 64 * 1024      # a longer reply is never remembered
@@ -71,6 +72,8 @@ MAX_QUERY_NAMES = 64              # names in one query; more are answered QUERY_
 REPLY_CHUNK_LINES = 1000          # lines of a list answer formatted in one step
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
+MAX_WARNINGS_PER_SECOND = 10      # warnings about peers one service logs a second, at most
+MAX_ERROR_SHOWN = 200             # characters of an error about a peer that a log line shows
 ACCEPT_PAUSE = 0.1                # seconds a listener waits when out of file descriptors
 RECV_SIZE = 4096
 MAX_SESSION_OUTPUT = 1 << 20      # bytes a session peer may leave unread before it is dropped
@@ -382,8 +385,8 @@ _switch_interval = None
 @contextlib.contextmanager
 def background_job():
     """Around a long CPU-bound job in a thread of its own (parsing a users file, rewriting it,
-    freeing an old table): a thread waiting for the GIL gets it after BACKGROUND_SWITCH_INTERVAL
-    instead of CPython's 5 ms.  A loop thread gives the GIL up at each of the half-dozen
+    freeing an old table): a thread waiting for the GIL gets it after SWITCH_INTERVAL instead
+    of CPython's 5 ms (the server runs with it always: see run_server).  A loop thread gives the GIL up at each of the half-dozen
     system calls of a query and must wait for it after each, so with 5 ms a query would
     take 30 ms while such a job runs.  The job itself must do no I/O inside its long loop:
     every release of the GIL restarts the interval, and the waiting thread waits on."""
@@ -391,7 +394,7 @@ def background_job():
     with _background_lock:
         if _background_jobs == 0:
             _switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(BACKGROUND_SWITCH_INTERVAL, _switch_interval))
+            sys.setswitchinterval(min(SWITCH_INTERVAL, _switch_interval))
         _background_jobs += 1
     try:
         yield
@@ -556,14 +559,20 @@ def _last_line_of(data, name):
     key = blank + re.escape(name) + blank + b":"
     first = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
     line = re.compile(key)
-    end = len(data)
-    for _ in range(REWRITE_MAX_MISSES):
-        at = data.rfind(name, first, end)
+    end, misses = len(data), 0
+    window = max(USERS_SEARCH_CHUNK, 2 * len(name))   # > the name: each step moves back
+    while misses < REWRITE_MAX_MISSES:
+        low = max(end - window, first)
+        at = data.rfind(name, low, end)
         if at < 0:
-            return None
+            if low == first:
+                return None
+            end = low + len(name) - 1                 # a name across the edge: next time
+            continue
         end = max(data.rfind(b"\n", first, at), data.rfind(b"\r", first, at), first - 1) + 1
         if line.match(data, end):                     # `end`: the start of that line
             return end
+        misses += 1
     after_break = re.compile(rb"[\r\n](?=" + key + b")")
     while end > first:
         start = max(data.rfind(b"\n", first, max(end - USERS_SEARCH_CHUNK, first)), first)
@@ -1571,6 +1580,35 @@ class ClientLimits:
         return str(address) if address.version == 4 else address.exploded[:19] + "::/64"
 
 
+class WarningThrottle:
+    """The warnings one service logs about its peers (dropped connections, timeouts): at
+    most MAX_WARNINGS_PER_SECOND a second; past that they are counted, and the count is
+    logged once the second is over.  A peer cannot fill the disk with them."""
+
+    def __init__(self, name):
+        self.name = name
+        self._second = 0.0
+        self._logged = self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def warn(self, message, *args):
+        now = time.monotonic()
+        with self._lock:
+            suppressed = 0
+            if now - self._second >= 1.0:
+                suppressed, self._suppressed = self._suppressed, 0
+                self._second, self._logged = now, 0
+            self._logged += 1
+            allowed = self._logged <= MAX_WARNINGS_PER_SECOND
+            if not allowed:
+                self._suppressed += 1
+        if suppressed:
+            log.warning("%s: %d more warnings like these in a second, not logged", self.name,
+                        suppressed)
+        if allowed:
+            log.warning(message, *args)
+
+
 class DescriptorShortage:
     """A listener that runs out of file descriptors: logged once when that starts and once
     when it ends, however many accepts fail in between."""
@@ -1648,6 +1686,7 @@ class TCPService(Service):
         self._stopping = False
         self._accept_resumes = None      # when out of descriptors: when to try accepting again
         self._shortage = DescriptorShortage(self.name)
+        self._warnings = WarningThrottle(self.name)
         self._selector = None
         self._waker = None
 
@@ -1913,7 +1952,7 @@ class TCPService(Service):
             self._close(conn)
         elif getattr(self.protocol, "blocking", False):
             if self._in_flight >= self.max_pending:
-                log.warning("%s %s: dropped: every worker is busy", self.name,
+                self._warnings.warn("%s %s: dropped: every worker is busy", self.name,
                             format_peer(conn.peer))
                 self._close(conn)
                 return
@@ -1931,7 +1970,8 @@ class TCPService(Service):
         try:
             return conn.session.feed(data)
         except Exception as error:
-            log.warning("%s %s: dropped: %s", self.name, format_peer(conn.peer), error)
+            self._warnings.warn("%s %s: dropped: %s", self.name, format_peer(conn.peer),
+                                str(error)[:MAX_ERROR_SHOWN])
             return None
 
     def _fed(self, conn, reply):
@@ -1957,7 +1997,7 @@ class TCPService(Service):
         was_waiting = bool(conn.outbuf)
         conn.outbuf = pending[sent:]
         if len(conn.outbuf) > MAX_SESSION_OUTPUT:
-            log.warning("%s %s: dropped: it does not read its answers", self.name,
+            self._warnings.warn("%s %s: dropped: it does not read its answers", self.name,
                         format_peer(conn.peer))
             self._close(conn)
         elif bool(conn.outbuf) != was_waiting:
@@ -2111,7 +2151,7 @@ def selectors_wait(fd, timeout):
 
 WEB_TIMEOUT = 10.0                # seconds a web connection may sit between two reads
 DEFAULT_WEB_MAX_CONNECTIONS = 256  # handler threads at once; more get 503
-MAX_RPC_BODY = 1 << 20            # bytes of XML-RPC request; more get 413
+MAX_RPC_BODY = 64 * 1024         # bytes of XML-RPC request (a call is tiny); more get 413
 MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 431
 WEB_CACHE = "public, max-age=30"  # statuses change at most every reload (30 s by default)
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
@@ -2506,7 +2546,8 @@ def _web_classes():
                              "%s %s" % (code, size))
 
         def log_message(self, format, *args):
-            log.warning("%s %s: %s", self.server.name, self.client_address[0], format % args)
+            self.server.warnings.warn("%s %s: %s", self.server.name, self.client_address[0],
+                                      (format % args)[:MAX_ERROR_SHOWN])
 
     class WebServer(http.server.ThreadingHTTPServer):
         """http.server with a cap on connections (one thread each), TLS done in the
@@ -2528,6 +2569,7 @@ def _web_classes():
             self.deadlines = {}       # accepted socket -> when its request must be in
             self.lock = threading.Lock()
             self.shortage = DescriptorShortage(name)
+            self.warnings = WarningThrottle(name)
             self.limits = limits
             self.peers = {}           # accepted socket -> client address, for the limits
             self.lingering = []       # (refused socket, when to close it at the latest)
@@ -2644,8 +2686,8 @@ def _web_classes():
         def handle_error(self, request, client_address):
             error = sys.exc_info()[1]
             if isinstance(error, (OSError, ValueError)):    # TLS failures, resets, timeouts
-                log.warning("%s %s: connection dropped: %s", self.name, client_address[0],
-                            error)
+                self.warnings.warn("%s %s: connection dropped: %s", self.name,
+                                   client_address[0], str(error)[:MAX_ERROR_SHOWN])
             else:
                 log.exception("%s %s: request failed", self.name, client_address[0])
 
@@ -3106,6 +3148,12 @@ def _unjelly(sexp, state):
     raise JellyError("cannot unjelly %r" % tag[:PB_MAX_NAME_SHOWN])
 
 
+def _shown(value):
+    """A value from the peer as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= PB_MAX_NAME_SHOWN else text[:PB_MAX_NAME_SHOWN] + "..."
+
+
 def _hashable(value):
     """A set element or dictionary key from the wire: text, bytes or an int below 2**60.
 
@@ -3247,8 +3295,7 @@ class PBSession:
         """One top-level expression -> the reply (an s-expression, or bytes) or None."""
         if self.dialect is None:
             if sexp not in PB_DIALECTS:
-                raise PBError("unknown dialect %r" % (sexp if isinstance(sexp, bytes) else
-                                                      type(sexp).__name__,))
+                raise PBError("unknown dialect %s" % _shown(sexp))
             self.dialect = sexp
             return [b"version", PB_VERSION]
         if not isinstance(sexp, list) or not sexp:
@@ -3261,7 +3308,7 @@ class PBSession:
             return self._call(command, *fields)
         if command == b"version":
             if fields != [PB_VERSION]:
-                raise PBError("PB version %r, not %d" % (fields, PB_VERSION))
+                raise PBError("PB version %s, not %d" % (_shown(fields), PB_VERSION))
             return None
         if command in (b"decref", b"decache", b"uncache", b"didNotUnderstand"):
             log.debug("pb %s: %r ignored", format_peer(self.peer), command)
@@ -3414,7 +3461,8 @@ class Forwarder:
 
     def _is_ourselves(self, host, port):
         """Whether host:port is our listener: its port, and its address or (a listener on
-        every address) any address of this machine."""
+        every address) any address of this machine; 0.0.0.0 and :: reach this machine,
+        and ::ffff:a.b.c.d is a.b.c.d."""
         own = self.listener.address if self.listener is not None else None
         if own is None or port != own[1]:
             return False
@@ -3422,18 +3470,29 @@ class Forwarder:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
             return False                       # the connect will fail and say so
-        for family, _, _, _, sockaddr in found:
-            if own[0] in ("", "0.0.0.0", "::") and _is_local_address(family, sockaddr[0]) \
-                    or sockaddr[0] == own[0]:
+        everywhere = _plain_address(own[0] or "::")
+        for _, _, _, _, sockaddr in found:
+            address = _plain_address(sockaddr[0])
+            if address.is_unspecified or address == everywhere or (
+                    everywhere.is_unspecified and _is_local_address(address)):
                 return True
         return False
 
 
-def _is_local_address(family, address):
-    """True when `address` is one of this machine's (it can be bound)."""
+def _plain_address(text):
+    """An ipaddress address, an IPv4-mapped IPv6 one as IPv4, without a %zone."""
+    import ipaddress
+    address = ipaddress.ip_address(text.partition("%")[0])
+    return address.ipv4_mapped or address if address.version == 6 else address
+
+
+def _is_local_address(address):
+    """True when `address` (an ipaddress address) is one of this machine's: it can be
+    bound."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
-            probe.bind((address, 0))
+            probe.bind((str(address), 0))
         except OSError:
             return False
     return True
@@ -4939,6 +4998,10 @@ def run_server(options):
     """--serve: build, (daemonize), bind, chroot, drop privileges, start, wait for
     SIGTERM/SIGINT, stop.  Returns the exit code."""
     raise_file_limit()
+    # Each service's loop gives the GIL up at every system call; with CPython's 5 ms switch
+    # interval, one busy thread (a PB client sending calls without pause) would make each
+    # query elsewhere wait 5 ms per call: 100 ms at the p99.  With 0.5 ms, 3 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     preload_server_modules()
     group = build_services(options, sockets=systemd_sockets())
     if not group.services:

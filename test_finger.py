@@ -1860,7 +1860,8 @@ class TestForwarding(unittest.TestCase):
         self.addCleanup(group.stop)
         address = (LOCALHOST, port)
         for query in (b"moshez@127.0.0.1:%d" % port, b"moshez@localhost:%d" % port,
-                      b"moshez@127.0.0.1:%d@127.0.0.1:%d@127.0.0.1:%d" % (port, port, port)):
+                      b"moshez@127.0.0.1:%d@127.0.0.1:%d@127.0.0.1:%d" % (port, port, port),
+                      b"moshez@[::ffff:127.0.0.1]:%d" % port, b"moshez@0.0.0.0:%d" % port):
             with self.subTest(query=query):
                 self.assertEqual(ask(address, query + b"\r\n"),
                                  b"Forwarding to this server itself is not allowed\r\n")
@@ -2836,6 +2837,16 @@ class TestPBServer(unittest.TestCase):
         wait_until(lambda: service.protocol.pending.used > 0)
         self.assertTrue(dropped(sock))
         wait_until(lambda: service.protocol.pending.used == 0)
+
+    def test_warnings_about_peers_are_short_and_few(self):
+        service = pb_service(self)
+        garbage = finger.banana_encode(b"x" * 60000)          # an "unknown dialect"
+        with self.assertLogs("finger", "WARNING") as logs:
+            for _ in range(100):
+                ask_or_reset(service.address, garbage)
+        self.assertLess(len(logs.output), 50)
+        self.assertLess(max(len(line) for line in logs.output), 400)
+        self.assertIn("unknown dialect b'xxx", logs.output[0])
 
     def test_hostile_input_drops_only_that_connection(self):
         service = pb_service(self, timeout=1.0)
