@@ -2407,6 +2407,9 @@ def _web_classes():
             if context is not None:
                 raw = self.request
                 raw.settimeout(self.timeout)
+                # wrap_socket takes raw's descriptor over: during the handshake, only its
+                # number can reach the connection (to drop it at a deadline or at stop)
+                self.server.track(raw, raw.fileno())
                 self.request = context.wrap_socket(raw, server_side=True)
                 self.server.track(raw, self.request)
             super().setup()
@@ -2668,8 +2671,7 @@ def _web_classes():
             for sock in late:
                 if sock is not None:
                     self.count("timeout")
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
+                    _shut_down(sock)
 
         def track(self, request, in_use):
             with self.lock:
@@ -2697,8 +2699,7 @@ def _web_classes():
             with self.lock:
                 active = list(self.active.values())
             for request in active:
-                with contextlib.suppress(OSError):
-                    request.shutdown(socket.SHUT_RDWR)
+                _shut_down(request)
 
     return WebServer
 
@@ -2726,6 +2727,17 @@ class _RequestHeadReader:
 _ASCII_DIGITS = re.compile("[0-9]+")    # str.isdigit() also takes '²' and other scripts' digits
 
 
+def _shut_down(connection):
+    """Shut a connection down both ways, so that the thread reading it sees EOF: a socket,
+    or the descriptor number of one that a TLS handshake holds."""
+    with contextlib.suppress(OSError):
+        if isinstance(connection, int):
+            with socket.socket(fileno=os.dup(connection)) as handle:
+                handle.shutdown(socket.SHUT_RDWR)
+        else:
+            connection.shutdown(socket.SHUT_RDWR)
+
+
 _REFUSING_TLS = []                 # a TLS server context with no certificate, made on first use
 
 
@@ -2736,8 +2748,9 @@ def _refuse_tls(sock):
     import ssl
     if not _REFUSING_TLS:
         _REFUSING_TLS.append(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    tls = _REFUSING_TLS[0].wrap_socket(socket.socket(fileno=os.dup(sock.fileno())),
-                                       server_side=True, do_handshake_on_connect=False)
+    copy = socket.socket(fileno=os.dup(sock.fileno()))
+    copy.setblocking(False)              # else ssl retries a handshake with no data forever
+    tls = _REFUSING_TLS[0].wrap_socket(copy, server_side=True, do_handshake_on_connect=False)
     try:
         tls.do_handshake()
     except (OSError, ValueError):             # ssl.SSLError is an OSError

@@ -1605,7 +1605,22 @@ class TestHTTPS(unittest.TestCase):
         self.assertNotIsInstance(refused.exception, ssl.SSLCertVerificationError)
         raw = ask_or_reset(service.address, b"\x16\x03\x01\x00\x05hello")
         self.assertFalse(raw.startswith(b"HTTP"), raw[:20])
-        self.assertEqual(service.counts.get(503), 2)
+        half = connect(self, service.address)
+        half.sendall(b"\x16\x03\x01")                  # half a ClientHello, held open
+        wait_until(lambda: service.counts.get(503) == 3)
+        held.close()                                    # and the site still serves
+        wait_until(lambda: service.open_connections() == 0)
+        self.assertEqual(http(service.address, "GET", "/", context=self.client_context())[0],
+                         200)
+
+    def test_stop_ends_connections_still_in_their_handshake(self):
+        service = web_service(self, cert=self.pem, name="https")
+        for _ in range(5):
+            connect(self, service.address).sendall(b"\x16\x03\x01")   # half a ClientHello
+        wait_until(lambda: service.open_connections() == 5)
+        service.stop()
+        wait_until(lambda: not [thread for thread in threading.enumerate()
+                                if "process_request_thread" in thread.name])
 
     def test_reload_picks_up_a_renewed_certificate(self):
         import ssl
