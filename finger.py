@@ -63,8 +63,8 @@ RETIRE_ONE_BY_ONE = 4             # last shards of an old table freed entry by e
 USERS_DECODE_CHUNK = 1 << 20      # bytes of the users file decoded in one step (text_lines)
 USERS_SEARCH_CHUNK = 64 * 1024    # bytes searched in one step for the line to rewrite
 REWRITE_MAX_MISSES = 1000         # places of a name checked one by one before that search
-SWITCH_INTERVAL = 0.0005          # sys.setswitchinterval of the server, and of any process
-                                  # while a long job runs (background_job)
+SWITCH_INTERVAL = 0.0005          # sys.setswitchinterval while a long job runs (background_job)
+SERVER_SWITCH_INTERVAL = 0.001    # ... and of the server always (run_server)
 MAX_REPLY_CACHE_BYTES = 4 << 20   # finger replies remembered per version of the users
                                   # table, query lines and replies counted
 MAX_CACHED_REPLY = 64 * 1024      # a longer reply is never remembered
@@ -386,8 +386,7 @@ _switch_interval = None
 def background_job():
     """Around a long CPU-bound job in a thread of its own (parsing a users file, rewriting it,
     freeing an old table): a thread waiting for the GIL gets it after SWITCH_INTERVAL instead
-    of CPython's 5 ms (the server runs with it always: see run_server; this is for programs
-    that use the back-ends).  A loop thread gives the GIL up at each of the half-dozen
+    of CPython's 5 ms (the server always runs with 1 ms, see run_server).  A loop thread gives the GIL up at each of the half-dozen
     system calls of a query and must wait for it after each, so with 5 ms a query would
     take 30 ms while such a job runs.  The job itself must do no I/O inside its long loop:
     every release of the GIL restarts the interval, and the waiting thread waits on."""
@@ -5013,9 +5012,10 @@ def run_server(options):
     SIGTERM/SIGINT, stop.  Returns the exit code."""
     raise_file_limit()
     # Each service's loop gives the GIL up at every system call; with CPython's 5 ms switch
-    # interval, one busy thread (a PB client sending calls without pause) would make each
-    # query elsewhere wait 5 ms per call: 100 ms at the p99.  With 0.5 ms, 3 ms.
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    # interval, one busy thread (a PB client sending calls without pause) made each finger
+    # query wait up to 5 ms per system call: 80-116 ms at the p99.  With 1 ms, 6 ms (0.5 ms
+    # gave 3 ms, but cost the web site's 50 threads 10 ms more at their p99).
+    sys.setswitchinterval(SERVER_SWITCH_INTERVAL)
     preload_server_modules()
     group = build_services(options, sockets=systemd_sockets())
     if not group.services:
