@@ -513,27 +513,23 @@ def event_setter(m, s, server, setter_port, peaks):
     budget = event_budget(m, s)
 
     def write():
-        with socket.create_connection((HOST, setter_port), timeout=s.max_reload_wait) as sock:
-            sock.sendall(SETTER_REQUEST)
-            sock.shutdown(socket.SHUT_WR)
-            answer = b""
-            while True:
-                data = sock.recv(4096)
-                if not data:
-                    return answer
-                answer += data
+        return exchange(setter_port, SETTER_REQUEST, s.max_reload_wait, half_close=True)
     began, ended, answer, _ = event_window(m, "setter", s, server,
                                            s.before_event + budget + s.after_event, write)
     peaks["setter"] = proc_status_kb(server.pid, "VmHWM") / 1024
     if answer != b"OK\r\n":
         raise RuntimeError("the setter answered %r" % answer[:80])
     m["setter.write_s"] = ended - began
-    m["setter.served"] = b"set by the bench" in finger_query(server.port, NAMES % 1)
+    m["setter.served"] = b"set by the bench" in exchange(server.port,
+                                                          (NAMES % 1).encode() + b"\r\n", 10)
 
 
-def finger_query(port, name):
-    with socket.create_connection((HOST, port), timeout=10) as sock:
-        sock.sendall(name.encode() + b"\r\n")
+def exchange(port, request, timeout, half_close=False):
+    """Send `request` to HOST:port (then close our side, if asked) and read to EOF."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         reply = b""
         while True:
             data = sock.recv(4096)
