@@ -2694,11 +2694,15 @@ def _web_classes():
                 log.exception("%s %s: request failed", self.name, client_address[0])
 
         def close_connections(self):
-            """Unblock every connection thread: their reads return EOF and they end."""
+            """Unblock every connection thread: their reads return EOF and they end.  Close
+            the refused ones that still linger."""
             with self.lock:
                 active = list(self.active.values())
+                lingering, self.lingering = self.lingering, []
             for request in active:
                 _shut_down(request)
+            for request, _ in lingering:
+                request.close()
 
     return WebServer
 
