@@ -219,7 +219,7 @@ class QueryLog:
             self._thread.start()
 
     def stop(self):
-        """Write what is queued and stop the writer (the log stays on for inetd's one line)."""
+        """Stop the writer thread and write what is queued."""
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stopping = True
@@ -234,7 +234,7 @@ class QueryLog:
             try:
                 self.flush()
             except Exception:     # never let one bad write end the query log
-                logging.getLogger("finger").exception("writing the query log failed")
+                log.exception("writing the query log failed")
 
     def flush(self):
         """Write every queued line now."""
@@ -245,21 +245,21 @@ class QueryLog:
             dropped, self.dropped = self.dropped, 0
             if not entries and not dropped:
                 return
-            logger = logging.getLogger("finger")
             if dropped:
-                logger.warning("query log: %d lines dropped: the log destination is slower "
-                               "than the queries", dropped)
+                log.warning("query log: %d lines dropped: the log destination is slower "
+                            "than the queries", dropped)
             to_wall_clock = time.time() - time.monotonic()
-            for handler in logger.handlers:
-                if getattr(handler, "stream", None) is not None:
-                    text = self._format(entries, to_wall_clock)
+            text = None
+            for handler in log.handlers:
+                if getattr(handler, "stream", None) is not None:    # a file or stderr
+                    text = text or self._format(entries, to_wall_clock)
                     with handler.lock:
                         handler.stream.write(text)     # the stream of now (SIGHUP reopens)
                         handler.stream.flush()
                 else:
                     for when, line in entries:
-                        record = logger.makeRecord(logger.name, logging.INFO, "", 0, "%s",
-                                                   (line,), None)
+                        record = log.makeRecord(log.name, logging.INFO, "", 0, "%s", (line,),
+                                                None)
                         record.created = when + to_wall_clock
                         record.msecs = (record.created - int(record.created)) * 1000
                         handler.handle(record)
