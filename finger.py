@@ -386,9 +386,9 @@ _switch_interval = None
 def background_job():
     """Around a long CPU-bound job in a thread of its own (parsing a users file, rewriting it,
     freeing an old table): a thread waiting for the GIL gets it after SWITCH_INTERVAL instead
-    of CPython's 5 ms (the server always runs with 1 ms, see run_server).  A loop thread gives the GIL up at each of the half-dozen
-    system calls of a query and must wait for it after each, so with 5 ms a query would
-    take 30 ms while such a job runs.  The job itself must do no I/O inside its long loop:
+    of CPython's 5 ms (the server always runs with 1 ms, see run_server).  A loop thread
+    gives the GIL up at each of the half-dozen system calls of a query and must wait for it
+    after each, so with 5 ms a query would take 30 ms while such a job runs.  The job itself must do no I/O inside its long loop:
     every release of the GIL restarts the interval, and the waiting thread waits on."""
     global _background_jobs, _switch_interval
     with _background_lock:
