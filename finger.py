@@ -388,8 +388,9 @@ def background_job():
     freeing an old table): a thread waiting for the GIL gets it after SWITCH_INTERVAL instead
     of CPython's 5 ms (the server always runs with 1 ms, see run_server).  A loop thread
     gives the GIL up at each of the half-dozen system calls of a query and must wait for it
-    after each, so with 5 ms a query would take 30 ms while such a job runs.  The job itself must do no I/O inside its long loop:
-    every release of the GIL restarts the interval, and the waiting thread waits on."""
+    after each, so with 5 ms a query would take 30 ms while such a job runs.  The job itself
+    must do no I/O inside its long loop: every release of the GIL restarts the interval,
+    and the waiting thread waits on."""
     global _background_jobs, _switch_interval
     with _background_lock:
         if _background_jobs == 0:
@@ -1568,13 +1569,10 @@ class ClientLimits:
 
     def _key_of(self, host):
         """'a.b.c.d', or an IPv6 /64 as 'aaaa:bbbb:cccc:dddd::/64'; '' when exempt."""
-        import ipaddress
         try:
-            address = ipaddress.ip_address(host.partition("%")[0])
+            address = _plain_address(host)          # ::ffff:a.b.c.d counts as a.b.c.d
         except ValueError:
             return ""
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped           # a v4 client of a dual-stack listener
         if any(address in net for net in self.exempt):
             return ""
         return str(address) if address.version == 4 else address.exploded[:19] + "::/64"
