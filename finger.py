@@ -2449,7 +2449,8 @@ def _web_classes():
         def framing_ok(self):
             """RFC 9112 section 6: one Content-Length of ASCII digits (repeats must agree),
             never with Transfer-Encoding, and a body only on POST.  Anything else gets 400
-            and the connection is closed: a body must never be read as a second request."""
+            and the connection is closed: a body must never be read as a second request.
+            Sets `body_length` (None without a Content-Length)."""
             lengths = {value.strip() for value in self.headers.get_all("Content-Length", [])}
             chunked = self.headers.get("Transfer-Encoding") is not None
             if len(lengths) > 1 or lengths and (chunked or not all(
@@ -2457,7 +2458,8 @@ def _web_classes():
                 self.send_error(400, "Bad request", "Content-Length must be one number, "
                                 "without Transfer-Encoding.")
                 return False
-            if self.command != "POST" and (chunked or lengths and int(lengths.pop()) > 0):
+            self.body_length = int(lengths.pop()) if lengths else None
+            if self.command != "POST" and (chunked or self.body_length):
                 self.send_error(400, "Bad request", "A %s request has no body."
                                 % self.command[:20])
                 return False
@@ -2468,7 +2470,7 @@ def _web_classes():
             buffered), and only for a request we will read."""
             if not self.framing_ok():
                 return False
-            if int(self.headers.get("Content-Length", "0").strip() or 0) > MAX_RPC_BODY:
+            if (self.body_length or 0) > MAX_RPC_BODY:
                 return True                         # do_POST answers 413 instead
             self.send_response_only(100)
             self.end_headers()
@@ -2485,15 +2487,15 @@ def _web_classes():
             if self.headers.get("Transfer-Encoding"):
                 return self.respond(self.server.site.error(
                     411, "Length required", "Send a Content-Length, not chunks."), close=True)
-            length = self.headers.get("Content-Length", "").strip()
-            if not length:
+            length = self.body_length                  # checked by framing_ok
+            if length is None:
                 return self.respond(self.server.site.error(
                     411, "Length required", "Send a Content-Length."), close=True)
-            if int(length) > MAX_RPC_BODY:
+            if length > MAX_RPC_BODY:
                 return self.respond(self.server.site.error(
                     413, "Request too large", "At most %d bytes." % MAX_RPC_BODY), close=True)
             self.server.set_deadline(self.accepted, time.monotonic() + self.timeout)
-            body = self.rfile.read(int(length))        # the body too, however slowly sent
+            body = self.rfile.read(length)             # the body too, however slowly sent
             self.server.set_deadline(self.accepted, None)
             self.respond(self.server.site.handle("POST", self.path, body))
 
@@ -2758,13 +2760,6 @@ def _refuse_tls(sock):
         pass
     finally:
         tls.close()
-
-
-def _send_and_close(sock, data):
-    with contextlib.suppress(OSError):
-        sock.setblocking(False)
-        sock.send(data)
-    sock.close()
 
 
 def make_tls_context(cert, key=None):
