@@ -129,6 +129,10 @@ class UsageError(FingerError):
     exit_code = 2
 
 
+class ListRefused(FingerError):
+    """The list of users is private here (--no-list): every front-end answers its own way."""
+
+
 class RequestError(FingerError):
     """A request a protocol refuses; `reply` is sent to the peer before the server closes."""
 
@@ -632,12 +636,16 @@ class UserDatabase:
         get_user(name) -> str or None      None: no such user
         get_user_verbose(name)             the answer to '/W name'; by default get_user(name)
         get_users() -> list of str         sorted names; [] where listing is not possible
+        public_users()                     get_users() for a client: ListRefused when the
+                                           list is private; every front-end asks this one
         set_user(name, status)             writable databases only
     Lifecycle: start() and stop() (idempotent), reload() (SIGHUP and tests).
     Class variable `blocking`: True when a lookup may wait on I/O, so front-ends call it
-    from a worker pool instead of their event loop."""
+    from a worker pool instead of their event loop.  `listable`: False (--no-list) keeps
+    the list from every front-end, names asked for one by one are still answered."""
 
     blocking = False
+    listable = True
 
     def get_user(self, name):
         raise NotImplementedError
@@ -647,6 +655,11 @@ class UserDatabase:
 
     def get_users(self):
         return []
+
+    def public_users(self):
+        if not self.listable:
+            raise ListRefused(LIST_DENIED)
+        return self.get_users()
 
     def set_user(self, name, status):
         raise FingerError("this user database is read-only")
@@ -758,6 +771,10 @@ class FileDatabase(MemoryDatabase):
                                  % (self.path, error.strerror or error)) from None
         for problem in problems:
             log.warning("%s", problem)
+        reserved = sorted(name for name in RESERVED_NAMES if name in users)
+        if reserved:
+            log.warning("%s: users named like the web site's own paths (%s): their web pages "
+                        "are /~NAME", self.path, ", ".join(reserved))
         old = self._swap(users)
         self._signature = self._signature_of(info)
         self.loaded_at = time.time()
@@ -1164,16 +1181,15 @@ class FingerProtocol:
     """RFC 1288 on top of a UserDatabase: turns a query line into a reply.
 
     Used by the event loop (TCPService) and by inetd mode alike; knows nothing about sockets.
-    `allow_list` False refuses the empty query {C}; forwarding {Q2} is refused unless a
-    `forwarder` is given.  With `forward_all_to` (the proxy) every query is forwarded, those
+    The empty query {C} is refused when the database is not `listable`; forwarding {Q2}
+    is refused unless a `forwarder` is given.  With `forward_all_to` (the proxy) every query is forwarded, those
     without @host to that host."""
 
     name = "finger"
     max_request = MAX_QUERY_BYTES
 
-    def __init__(self, db, allow_list=True, forwarder=None, forward_all_to=None):
+    def __init__(self, db, forwarder=None, forward_all_to=None):
         self.db = db
-        self.allow_list = allow_list
         self.forwarder = forwarder
         self.forward_all_to = forward_all_to
         self._replies = {}             # query line -> (reply, outcome), for db.version
@@ -1191,7 +1207,7 @@ class FingerProtocol:
         take long (the list: a large one is built once per version, off the loop)."""
         return self.db.blocking or self.forwarder is not None and (
             self.forward_all_to is not None or b"@" in line) or (
-            self.allow_list and line.strip().upper() in (b"", b"/W"))
+            self.db.listable and line.strip().upper() in (b"", b"/W"))
 
     def parse(self, data, eof):
         """Bytes received so far -> the query line (bytes, without its CRLF or LF), or None
@@ -1253,9 +1269,10 @@ class FingerProtocol:
                 return FORWARDING_DENIED, "denied"
             return self.forwarder.forward(query, self.forward_all_to)
         if not query.names:
-            if not self.allow_list:
+            try:
+                return self._lines(self.db.public_users(), query.verbose), "list"
+            except ListRefused:
                 return LIST_DENIED, "denied"
-            return self._lines(self.db.get_users(), query.verbose), "list"
         if len(query.names) == 1:
             status = self._lookup(query.names[0], query.verbose)
             return (NO_SUCH_USER, "unknown") if status is None else (status, "ok")
@@ -1328,6 +1345,9 @@ class SetterProtocol:
         if not valid_user_name(name):
             return format_reply("Bad user name: letters, digits, '.', '_' and '-', at most "
                                 "%d" % MAX_USER_NAME), "bad request"
+        if name in RESERVED_NAMES:
+            return format_reply("Reserved name: the web site serves /%s itself" % name), \
+                "bad request"
         if len(status) > self.max_status:
             return format_reply("Status too long: at most %d characters"
                                 % self.max_status), "bad request"
@@ -2211,14 +2231,19 @@ class WebSite:
     """The tutorial's UserStatusTree, UserStatus and UserStatusXR as one object that maps a
     request (method, path, body) to a WebResponse.  Knows the database, not the sockets.
 
-    GET /             the users, each a link to its page
-    GET /NAME         that user's status (404 page for an unknown user)
+    GET /             the users, each a link to its page (403 when the list is private)
+    GET /NAME         that user's status (404 page for an unknown user); also /~NAME, which
+                      is the only page of users named like the site's own paths (`routes`)
     GET /api/users    JSON list of names; /api/users/NAME: {"user": ..., "status": ...}
     GET /metrics      Prometheus text, when `metrics` (a function returning it) is given
+    GET /healthz      200 "ok" while the users load, 503 when the last load failed
     POST /RPC2        XML-RPC: getUser(name), getUsers(), system.listMethods, methodHelp
     Nothing is ever read from disk for a URL."""
 
     methods = ("GET", "HEAD", "POST")
+    # First path segments the site serves itself -> the method serving them.  They are never
+    # a user's page: the setter refuses them as names (RESERVED_NAMES).
+    routes = {"api": "_api", "RPC2": "_rpc2", "metrics": "_metrics", "healthz": "_healthz"}
 
     def __init__(self, db, templates=None, metrics=None, title="Users"):
         self.db = db
@@ -2239,13 +2264,16 @@ class WebSite:
     def rpc_get_user(self, name):
         """getUser(name): the user's status, or 'No such user'."""
         if not isinstance(name, str):
-            raise TypeError("getUser takes a user name (a string)")
+            raise _RPCFault(RPC_INVALID_PARAMS, "getUser takes a user name (a string)")
         status = self.db.get_user(name)
         return NO_SUCH_USER if status is None else defang(status)
 
     def rpc_get_users(self):
         """getUsers(): the list of user names."""
-        return list(self.db.get_users())
+        try:
+            return list(self.db.public_users())
+        except ListRefused:
+            raise _RPCFault(RPC_APPLICATION_ERROR, LIST_DENIED) from None
 
     # -- routing
 
@@ -2261,57 +2289,96 @@ class WebSite:
     def _route(self, method, target, body):
         from urllib.parse import unquote
         path = target.split("?", 1)[0].split("#", 1)[0]
-        if path == "/RPC2":
-            if method != "POST":
-                return self.error(405, "Method not allowed", "XML-RPC takes POST.",
-                                  [("Allow", "POST")])
-            return self.xmlrpc(body)
-        if method == "POST":
+        first, _, rest = path[1:].partition("/")
+        route = self.routes.get(first)
+        if method == "POST" and route != "_rpc2":
             return self.error(405, "Method not allowed", "Only /RPC2 takes POST.",
                               [("Allow", "GET, HEAD")])
+        if route is not None:
+            return getattr(self, route)(method, rest, body)
         if path == "/":
             return self.users_page()
-        if path == "/metrics" and self.metrics is not None:
-            return WebResponse(200, "text/plain; version=0.0.4; charset=utf-8",
-                               self.metrics().encode("utf-8"), [("Cache-Control", "no-store")])
-        if path in ("/api/users", "/api/users/"):
-            return self.json(200, list(self.db.get_users()))
-        api_prefix = "/api/users/"
         try:
-            name = unquote(path[len(api_prefix):] if path.startswith(api_prefix)
-                           else path[1:], errors="strict")
+            name = unquote(path[1:], errors="strict")
+        except UnicodeDecodeError:
+            name = ""
+        if name.startswith("~"):
+            name = name[1:]
+        if not _safe_segment(name):
+            return self.not_found()
+        return self.user_page(name)
+
+    # Each route: (method, the rest of the path after its segment, body) -> WebResponse.
+
+    def _rpc2(self, method, rest, body):
+        if rest:
+            return self.not_found()
+        if method != "POST":
+            return self.error(405, "Method not allowed", "XML-RPC takes POST.",
+                              [("Allow", "POST")])
+        return self.xmlrpc(body)
+
+    def _metrics(self, method, rest, body):
+        if self.metrics is None or rest:
+            return self.not_found()
+        return WebResponse(200, "text/plain; version=0.0.4; charset=utf-8",
+                           self.metrics().encode("utf-8"), [("Cache-Control", "no-store")])
+
+    def _healthz(self, method, rest, body):
+        if rest:
+            return self.not_found()
+        ok = self.db.health()[1]
+        return WebResponse(200 if ok else 503, "text/plain; charset=utf-8",
+                           b"ok\n" if ok else b"the last load of the users failed\n",
+                           [("Cache-Control", "no-store")])
+
+    def _api(self, method, rest, body):
+        """/api/users (the names) and /api/users/NAME (one user), as JSON."""
+        from urllib.parse import unquote
+        if rest in ("users", "users/"):
+            try:
+                return self.json(200, list(self.db.public_users()))
+            except ListRefused:
+                return self.json(403, {"error": LIST_DENIED})
+        try:
+            name = unquote(rest[len("users/"):], errors="strict") \
+                if rest.startswith("users/") else ""
         except UnicodeDecodeError:
             name = ""
         if not _safe_segment(name):
-            return self.error(404, "Not found", "There is no such page.")
-        if path.startswith(api_prefix):
-            status = self.db.get_user(name)
-            if status is None:
-                return self.json(404, {"error": NO_SUCH_USER, "user": name})
-            return self.json(200, {"user": name, "status": defang(status)})
-        return self.user_page(name)
+            return self.json(404, {"error": "Not found"})
+        status = self.db.get_user(name)
+        if status is None:
+            return self.json(404, {"error": NO_SUCH_USER, "user": name})
+        return self.json(200, {"user": name, "status": defang(status)})
 
     # -- responses
 
     def users_page(self):
         """The list of users; rendered once per version of a database that has one."""
+        try:
+            names = self.db.public_users()
+        except ListRefused:
+            return self.error(403, LIST_DENIED, "The list of users is not public here; "
+                              "a user's page is at /NAME.")
         version = getattr(self.db, "version", None)
         cached = self._users_page
         if version is not None and cached is not None and cached[0] == version:
             return cached[1]
-        response = self._render_users_page()
+        response = self._render_users_page(names)
         if version is not None and version == self.db.version:
             self._users_page = version, response
         return response
 
-    def _render_users_page(self):
+    def _render_users_page(self, names):
         from html import escape
         from urllib.parse import quote
         items = []
-        for name in self.db.get_users():
+        for name in names:
             status = self.db.get_user(name)
+            page = ("~" if name in RESERVED_NAMES or name.startswith("~") else "") + name
             items.append('<li><a href="/%s">%s</a> <span class="status">%s</span></li>\n' % (
-                escape(quote(name, safe="")), escape(name), escape(defang(status or ""))))
+                escape(quote(page, safe="~")), escape(name), escape(defang(status or ""))))
         return self.page(200, "users.html", title=escape(self.title), users="".join(items),
                          count=str(len(items)))
 
@@ -2321,6 +2388,9 @@ class WebSite:
         if status is None:
             return self.error(404, NO_SUCH_USER, "There is no user %s here." % escape(name))
         return self.page(200, "user.html", user=escape(name), status=escape(defang(status)))
+
+    def not_found(self):
+        return self.error(404, "Not found", "There is no such page.")
 
     def error(self, code, title, message, headers=()):
         """An error page; `message` is HTML, already escaped."""
@@ -2341,11 +2411,65 @@ class WebSite:
                            json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n")
 
     def xmlrpc(self, body):
+        """An XML-RPC call -> its answer, or a fault with one of the codes of the XML-RPC
+        interoperability list (RPC_*) and a short message, never a Python traceback."""
+        from xml.parsers.expat import ExpatError
+        from xmlrpc.client import Fault, dumps, loads
         if declares_dtd(body):
             return self.error(400, "Bad request", "XML-RPC requests have no DTD.")
-        answer = self.rpc._marshaled_dispatch(body)
-        return WebResponse(200, "text/xml; charset=utf-8", answer,
+        try:
+            try:
+                params, method = loads(body)
+            except ExpatError:
+                raise _RPCFault(RPC_PARSE_ERROR, "not well-formed XML") from None
+            except Exception:          # xmlrpc.client's or a value's own error
+                raise _RPCFault(RPC_INVALID_REQUEST, "not an XML-RPC call") from None
+            answer = dumps((self._rpc_call(method, params),), methodresponse=True,
+                           encoding="utf-8")
+        except _RPCFault as fault:
+            answer = dumps(Fault(fault.code, str(fault)), encoding="utf-8")
+        return WebResponse(200, "text/xml; charset=utf-8", answer.encode("utf-8"),
                            [("Cache-Control", "no-store")])
+
+    def _rpc_call(self, method, params):
+        """Call a registered method with arguments that fit it."""
+        import inspect
+        function = self.rpc.funcs.get(method) if isinstance(method, str) else None
+        if function is None:
+            raise _RPCFault(RPC_METHOD_NOT_FOUND, "no method %.100r; system.listMethods "
+                            "gives them" % (method,))
+        try:
+            inspect.signature(function).bind(*params)
+        except TypeError:
+            raise _RPCFault(RPC_INVALID_PARAMS, "%s: wrong arguments; system.methodHelp "
+                            "says which" % method) from None
+        try:
+            return self.rpc._dispatch(method, params)
+        except _RPCFault:
+            raise
+        except Exception:
+            log.exception("web: XML-RPC %s failed", method)
+            raise _RPCFault(RPC_INTERNAL_ERROR, INTERNAL_ERROR) from None
+
+
+# The first path segments of the web site: names the setter refuses and a load warns about.
+RESERVED_NAMES = frozenset(WebSite.routes)
+
+# XML-RPC fault codes, from the interoperability list of the xmlrpc-epi specification.
+RPC_PARSE_ERROR = -32700
+RPC_INVALID_REQUEST = -32600
+RPC_METHOD_NOT_FOUND = -32601
+RPC_INVALID_PARAMS = -32602
+RPC_INTERNAL_ERROR = -32603
+RPC_APPLICATION_ERROR = -32500
+
+
+class _RPCFault(Exception):
+    """An XML-RPC call fails with `code` (an RPC_* code) and a message for the caller."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
 
 
 class _DTDFound(Exception):
@@ -3202,7 +3326,10 @@ class FingerRoot:
         return defang(NO_SUCH_USER if status is None else status)
 
     def remote_getUsers(self):
-        return [defang(name) for name in self._ask(self.db.get_users)]
+        try:
+            return [defang(name) for name in self._ask(self.db.public_users)]
+        except ListRefused:
+            raise PBRemoteError(_PB_ERROR, LIST_DENIED) from None
 
     @staticmethod
     def _ask(lookup, *args):
@@ -3210,6 +3337,8 @@ class FingerRoot:
         INTERNAL_ERROR (as on the finger port)."""
         try:
             return lookup(*args)
+        except ListRefused:
+            raise
         except Exception:
             log.exception("pb: back-end failed in %s%.100r", lookup.__name__, args)
             raise PBRemoteError(_INTERNAL, INTERNAL_ERROR) from None
@@ -4642,6 +4771,7 @@ def build_services(options, db=None, sockets=None):
     if "https" in wanted and not options.cert:
         raise UsageError("--https needs --cert FILE (PEM with the certificate and key)")
     db = build_database(options) if db is None else db
+    db.listable = not options.no_list         # the one place the list is made private
     site = None
     if "web" in wanted or "https" in wanted:
         site = WebSite(db, load_templates(options.templates))
@@ -4678,7 +4808,7 @@ def _listener_service(name, address, sock, db, site, options):
         # Forwarded queries may take half the workers: local ones never wait for them.
         forwarder = build_forwarder(options, max(options.workers // 2, 1)) \
             if options.forward else None
-        protocol = FingerProtocol(db, allow_list=not options.no_list, forwarder=forwarder)
+        protocol = FingerProtocol(db, forwarder=forwarder)
     service = TCPService(protocol, address, sock=sock, name=name, limits=limits,
                          **_limits(options, protocol))
     if forwarder is not None:
@@ -5116,7 +5246,8 @@ def run_inetd(options):
     db = build_database(options)
     forwarder = build_forwarder(options) if options.forward else None
     query_log.enabled = options.log_queries
-    serve_inetd(FingerProtocol(db, allow_list=not options.no_list, forwarder=forwarder),
+    db.listable = not options.no_list
+    serve_inetd(FingerProtocol(db, forwarder=forwarder),
                 options.timeout)
     query_log.flush()
     return 0

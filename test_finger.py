@@ -121,9 +121,8 @@ def finger_service(test, db=None, **options):
     """A running finger TCPService on 127.0.0.1:0 with a memory database."""
     db = db if db is not None else finger.MemoryDatabase(
         {"moshez": "Happy and well", "shawn": "alive"})
-    allow_list = options.pop("allow_list", True)
-    service = finger.TCPService(finger.FingerProtocol(db, allow_list=allow_list),
-                                (LOCALHOST, 0), **options)
+    db.listable = options.pop("listable", True)
+    service = finger.TCPService(finger.FingerProtocol(db), (LOCALHOST, 0), **options)
     start(test, service)
     return service
 
@@ -538,7 +537,8 @@ class TestFingerServer(unittest.TestCase):
         self.assertTrue(protocol.respond(b"")[0].startswith(b"u00000  new\r\nu00001  "))
         address = finger_service(self, db).address
         self.assertEqual(ask(address, b"\r\n"), protocol.respond(b"")[0])
-        self.assertFalse(finger.FingerProtocol(db, allow_list=False).needs_worker(b""))
+        db.listable = False
+        self.assertFalse(finger.FingerProtocol(db).needs_worker(b""))
 
     def test_several_names_and_the_user_list(self):
         address = finger_service(self).address
@@ -548,7 +548,7 @@ class TestFingerServer(unittest.TestCase):
         self.assertEqual(ask(address, b"/W\r\n"), b"moshez  Happy and well\r\nshawn  alive\r\n")
 
     def test_list_refused_with_rfc_wording(self):
-        address = finger_service(self, allow_list=False).address
+        address = finger_service(self, listable=False).address
         self.assertEqual(ask(address, b"\r\n"), b"Finger online user list denied\r\n")
         self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")
 
