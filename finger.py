@@ -296,6 +296,10 @@ def split_host_port(text, default_port):
         port = rest[1:] if rest else None
     elif text.count(":") == 1:
         host, port = text.split(":")
+    elif _looks_like_port(text):
+        address, _, port = text.rpartition(":")
+        raise ValueError("write [%s]:%s for port %s of %s, or [%s] for the address "
+                         "(IPv6 addresses take brackets)" % (address, port, port, address, text))
     if port is None or port == "":
         if port == "" or default_port is None:
             raise ValueError("no port in %r" % text)
@@ -303,6 +307,19 @@ def split_host_port(text, default_port):
     if not port.isdigit() or int(port) > 65535:
         raise ValueError("bad port %r" % port)
     return host, int(port)
+
+
+def _looks_like_port(text):
+    """Whether a bare IPv6 text may end in a port: '::1:7979' is [::1]:7979 or an address."""
+    import ipaddress
+    address, _, tail = text.rpartition(":")
+    if not tail.isdigit() or not tail.isascii():
+        return False
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_listen(text):
@@ -2892,13 +2909,44 @@ def make_tls_context(cert, key=None):
     import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    where = "--cert %s%s" % (cert, " --key %s" % key if key else "")
     try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as error:
-        raise UsageError("--cert %s%s: cannot load the certificate: %s" % (
-            cert, " --key %s" % key if key else "", getattr(error, "strerror", None) or error)
-        ) from None
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except ssl.SSLError as error:
+        raise UsageError("%s: %s" % (where, _pem_problem(cert, key, error))) from None
+    except UsageError as error:
+        raise UsageError("%s: %s" % (where, error)) from None
+    except OSError as error:
+        raise UsageError("%s: %s" % (where, error.strerror or error)) from None
     return context
+
+
+def _no_passphrase():
+    """The passphrase callback of make_tls_context: a server started unattended has none
+    (without a callback OpenSSL would ask on the terminal)."""
+    raise UsageError("the key is encrypted; give the server a key without a passphrase "
+                     "(openssl pkey -in KEY -out PLAIN.key)")
+
+
+def _pem_problem(cert, key, error):
+    """What is wrong with a certificate and key OpenSSL refused, in a sentence."""
+    def text_of(path):
+        try:
+            with open(path, "rb") as f:
+                return f.read(1 << 20)
+        except OSError:
+            return b""
+    cert_text = text_of(cert)
+    key_text = text_of(key) if key else cert_text
+    if b"-----BEGIN CERTIFICATE-----" not in cert_text:
+        return "%s holds no certificate (a PEM block BEGIN CERTIFICATE)" % cert
+    if b"PRIVATE KEY-----" not in key_text:
+        return ("%s holds no private key; give its file with --key FILE, or append it to "
+                "the certificate file" % (key or cert))
+    if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+        return "the private key does not belong to the certificate"
+    return "cannot load the certificate and key (OpenSSL: %s)" % (
+        getattr(error, "reason", None) or error)
 
 
 class WebService(Service):
@@ -4599,13 +4647,11 @@ def _irc_server(text):
 
 def add_irc_options(parser):
     """The IRC bot's options, in their own group of build_parser's parser."""
-    irc = parser.add_argument_group(
-        "IRC bot", "the tutorial's IRCReplyBot: answers a private message NAME with "
-        "'Status of NAME: STATUS'; the SASL password comes from $%s or --irc-password-file"
-        % IRC_PASSWORD_ENV)
+    irc = parser.add_argument_group("IRC bot")
     irc.add_argument("--irc", type=_irc_server, metavar="HOST[:PORT]",
-                     help="run the bot on this IRC server (port %d, or %d with --irc-tls)"
-                     % (IRC_PORT, IRC_TLS_PORT))
+                     help="run the tutorial's IRCReplyBot on this IRC server (port %d, or %d "
+                          "with --irc-tls): it answers a private message NAME with 'Status "
+                          "of NAME: STATUS'" % (IRC_PORT, IRC_TLS_PORT))
     irc.add_argument("--irc-nick", default=IRC_DEFAULT_NICK, metavar="NICK",
                      help="the bot's nick; another is tried when it is taken "
                           "(default: %(default)s)")
@@ -4616,7 +4662,7 @@ def add_irc_options(parser):
     irc.add_argument("--irc-cafile", metavar="FILE",
                      help="--irc-tls: trust only the CA certificates in this PEM file")
     irc.add_argument("--irc-account", metavar="NAME",
-                     help="log in by SASL PLAIN as NAME (password: $%s or "
+                     help="log in by SASL PLAIN as NAME (password: $%s, or "
                           "--irc-password-file)" % IRC_PASSWORD_ENV)
     irc.add_argument("--irc-password-file", metavar="FILE",
                      help="file whose first line is the SASL password (never the command "
@@ -4760,14 +4806,7 @@ def build_services(options, db=None, sockets=None):
     elsewhere (systemd socket activation), served whatever the options say.  Returns a
     ServiceGroup; start() binds and runs it."""
     sockets = dict(sockets or {})
-    wanted = {name: getattr(options, name) for name in LISTENERS}
-    wanted["setter-socket"] = options.setter_socket
-    unknown = sorted(set(sockets) - set(wanted))
-    if unknown:
-        raise UsageError("passed sockets named %s; the names finger.py knows: %s"
-                         % (", ".join(unknown), ", ".join(wanted)))
-    wanted = {name: address for name, address in wanted.items()
-              if address is not None or name in sockets}
+    wanted = wanted_listeners(options, sockets)
     if "https" in wanted and not options.cert:
         raise UsageError("--https needs --cert FILE (PEM with the certificate and key)")
     db = build_database(options) if db is None else db
@@ -4784,6 +4823,87 @@ def build_services(options, db=None, sockets=None):
     if site is not None:
         site.metrics = functools.partial(render_metrics, group)
     return group
+
+
+def wanted_listeners(options, sockets=()):
+    """{listener name: address or None} of the listeners to run: those the options turn on
+    and those `sockets` (systemd's) name, which then need no address."""
+    wanted = {name: getattr(options, name) for name in LISTENERS}
+    wanted["setter-socket"] = options.setter_socket
+    unknown = sorted(set(sockets) - set(wanted))
+    if unknown:
+        raise UsageError("passed sockets named %s; the names finger.py knows: %s"
+                         % (", ".join(unknown), ", ".join(wanted)))
+    return {name: address for name, address in wanted.items()
+            if address is not None or name in sockets}
+
+
+# Options that do something only beside another: (options, whether they apply given the
+# options and the listeners that run, what they need).  Given without it, they are warned
+# about, not refused.
+OPTIONS_NEEDING = (
+    (("--cert", "--key"), lambda o, run: "https" in run, "--https"),
+    (("--templates", "--web-max-connections"), lambda o, run: {"web", "https"} & set(run),
+     "--web or --https"),
+    (("--max-status",), lambda o, run: {"setter", "setter-socket"} & set(run),
+     "--setter or --setter-socket"),
+    (("--users", "--reload"), lambda o, run: o.backend == "file", "--backend file"),
+    (("--status",), lambda o, run: o.backend == "memory", "--backend memory"),
+    (("--web-prefix",), lambda o, run: o.backend == "web", "--backend web"),
+    (("--command",), lambda o, run: o.backend == "command", "--backend command"),
+    (("--list-plan-users",), lambda o, run: o.backend == "plan", "--backend plan"),
+    (("--proxy-target",), lambda o, run: "proxy" in run or o.backend == "proxy",
+     "--proxy or --backend proxy"),
+    (("--forward-ports",), lambda o, run: o.forward or "proxy" in run or o.backend == "proxy",
+     "--forward, --proxy or --backend proxy"),
+    (("--prefix",), lambda o, run: o.syslog, "--syslog"),
+    (("--irc-nick", "--irc-channel", "--irc-tls", "--irc-cafile", "--irc-account",
+      "--irc-password-file"), lambda o, run: o.irc, "--irc"),
+    (("--irc-cafile",), lambda o, run: o.irc_tls, "--irc-tls"),
+    (tuple("--" + name for name in LISTENERS) + (
+        "--setter-socket", "--irc", "--user", "--group", "--daemon", "--pidfile", "--rundir",
+        "--chroot", "--stop-timeout", "--max-connections", "--workers",
+        "--per-client-connections", "--per-client-rate", "--per-client-exempt"),
+     lambda o, run: o.serve, "--serve (inetd runs one query and its own user)"),
+)
+
+
+def configuration_warnings(options, identity, sockets=()):
+    """What in `options` will not work as meant, one sentence each with the fix: options
+    that do nothing here, and files the server cannot use once it runs as `identity` (see
+    resolve_identity).  --serve logs them; --check-config counts them as problems."""
+    given = getattr(options, "given", ())
+    run = wanted_listeners(options, sockets) if options.serve else {}
+    warnings = []
+    for names, applies, needs in OPTIONS_NEEDING:
+        idle = [name for name in names if name in given]
+        if idle and not applies(options, run):
+            warnings.append("%s: ignored, %s only with %s" % (
+                ", ".join(idle), "it applies" if len(idle) == 1 else "they apply", needs))
+    if "--timeout" in given and (options.serve or options.inetd):
+        warnings.append("--timeout is the client's option; the server's is --request-timeout "
+                        "(taken as it this time)")
+    who = identity[0] if identity else pwd_name(os.geteuid())
+    for option in ("cert", "key") if "https" in run else ():
+        path = getattr(options, option)
+        if path and os.path.exists(path) and not may_access(path, identity, os.R_OK):
+            warnings.append("--%s %s: %s cannot read it, so SIGHUP cannot reload it; fix: "
+                            "chgrp the file to a group of %s and chmod g+r it"
+                            % (option, path, who, who))
+    if options.backend == "file" and os.path.exists(options.users):
+        if not may_access(options.users, identity, os.R_OK):
+            warnings.append("users file %s: %s cannot read it, so it is loaded at start only, "
+                            "never again; fix: chmod o+r it, or --user its owner"
+                            % (options.users, who))
+        if {"setter", "setter-socket"} & set(run):
+            why = replace_problem(options.users, identity)
+            if why:
+                warnings.append(
+                    "setter: %s cannot replace %s (%s); every status set would fail. Fix: "
+                    "chown %s the directory (the setter writes a new file there and renames "
+                    "it; e.g. /var/lib/finger/users), or --user the directory's owner, or "
+                    "--setter off" % (who, options.users, why, who))
+    return warnings
 
 
 def _listener_service(name, address, sock, db, site, options):
@@ -4870,8 +4990,10 @@ def default_options(**overrides):
 
 # == 10. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
 
+CAP_NET_BIND_SERVICE = 10        # the capability bit that allows ports below 1024
 MAX_OPEN_FILES = 1 << 20          # the soft limit raise_file_limit asks for at most (Linux's
                                   # default fs.nr_open)
+SYSLOG_SOCKET = "/dev/log"
 SD_LISTEN_FDS_START = 3           # systemd passes activated sockets from this descriptor on
 UNPRIVILEGED_USER = "nobody"      # who root becomes without --user (the tutorial used uid 1)
 DEFAULT_STOP_TIMEOUT = 5.0        # seconds SIGTERM may take, in-flight answers included
@@ -4910,19 +5032,42 @@ def setup_logging(options, to_stderr=True):
         handler = ReopenableFileHandler(os.path.abspath(options.logfile), encoding="utf-8")
         handler.setFormatter(DefangingFormatter(LOG_FORMAT))
     elif options.syslog or not to_stderr:
-        if not os.path.exists("/dev/log"):
-            handler = logging.NullHandler()
-        else:
-            from logging.handlers import SysLogHandler
-            handler = SysLogHandler("/dev/log", SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(DefangingFormatter(
-                options.prefix + "[%(process)d]: %(message)s"))
+        try:
+            handler = syslog_handler(options.prefix)
+        except UsageError:
+            if options.syslog:
+                raise
+            handler = logging.NullHandler()   # inetd, no syslog: stderr is the client's
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(DefangingFormatter(LOG_FORMAT))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+
+
+def syslog_handler(prefix):
+    """A handler sending to the syslog daemon at SYSLOG_SOCKET; UsageError without one."""
+    from logging.handlers import SysLogHandler
+    problem = syslog_problem()
+    if problem:
+        raise UsageError(problem)
+    handler = SysLogHandler(SYSLOG_SOCKET, SysLogHandler.LOG_DAEMON)
+    handler.setFormatter(DefangingFormatter(prefix + "[%(process)d]: %(message)s"))
+    return handler
+
+
+def syslog_problem():
+    """Why --syslog would log nothing (no daemon listening at SYSLOG_SOCKET), or None."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(SYSLOG_SOCKET)
+                return None
+            except OSError as error:
+                reason = error.strerror or str(error)
+    return ("--syslog: no syslog daemon listens at %s (%s); use --logfile FILE, or neither "
+            "to log to stderr (which systemd's journal keeps)" % (SYSLOG_SOCKET, reason))
 
 
 def reopen_logs():
@@ -4950,6 +5095,58 @@ def resolve_identity(user=None, group=None):
     except KeyError:
         raise UsageError("--user %s --group %s: no such user or group" % (name, group)) from None
     return name, entry.pw_uid, gid
+
+
+def pwd_name(uid):
+    """The user name of `uid`, or the number as text."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def may_access(path, identity, mode):
+    """Whether the server, once it runs as `identity` (resolve_identity's answer; None: as
+    now), may access `path` with `mode` (os.R_OK, os.W_OK, os.X_OK or'ed).  For another
+    user, the permission bits of the path and of every directory above it (no ACLs)."""
+    if identity is None:
+        return os.access(path, mode)
+    name, uid, gid = identity
+    if uid == 0:
+        return True
+    groups = set(os.getgrouplist(name, gid))
+    path = os.path.abspath(path)
+    checks = [(path, mode)]
+    parent = os.path.dirname(path)
+    while True:
+        checks.append((parent, os.X_OK))
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    for where, wanted in checks:
+        try:
+            info = os.stat(where)
+        except OSError:
+            return False
+        shift = 6 if info.st_uid == uid else 3 if info.st_gid in groups else 0
+        if (info.st_mode >> shift) & wanted != wanted:
+            return False
+    return True
+
+
+def replace_problem(path, identity):
+    """Why the server, running as `identity`, could not replace the file `path` the way
+    write_file_atomically does (a new file in its directory, renamed over it); None if it
+    can."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    if not may_access(directory, identity, os.W_OK | os.X_OK):
+        return "it may not write in the directory %s" % directory
+    uid = os.geteuid() if identity is None else identity[1]
+    info, dir_info = os.stat(path), os.stat(directory)
+    if (dir_info.st_mode & stat.S_ISVTX and uid not in (0, info.st_uid, dir_info.st_uid)):
+        return "the directory %s is sticky and the file is not its" % directory
+    return None
 
 
 def drop_privileges(identity):
@@ -5134,6 +5331,51 @@ def raise_file_limit():
                         error)
 
 
+def file_problems(options):
+    """Problems with the files the process options name: the log file, the pidfile's
+    directory, the chroot (the users file and the certificate are checked by building)."""
+    problems = []
+    if options.syslog:
+        problems.append(syslog_problem())
+    if options.logfile and not os.access(options.logfile if os.path.exists(options.logfile)
+                                         else os.path.dirname(options.logfile), os.W_OK):
+        problems.append("--logfile %s: not writable" % options.logfile)
+    if options.pidfile and not os.access(os.path.dirname(options.pidfile), os.W_OK | os.X_OK):
+        problems.append("--pidfile %s: its directory is not writable" % options.pidfile)
+    if options.chroot and not os.path.isdir(options.chroot):
+        problems.append("--chroot %s: not a directory" % options.chroot)
+    return [problem for problem in problems if problem]
+
+
+def port_problems(options):
+    """Listeners on ports this process may not bind: below 1024 without root or
+    CAP_NET_BIND_SERVICE (or below net.ipv4.ip_unprivileged_port_start)."""
+    if os.geteuid() == 0 or _has_capability(CAP_NET_BIND_SERVICE):
+        return []
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            lowest = int(f.read())
+    except (OSError, ValueError):
+        lowest = 1024
+    return ["--%s %s: a port below %d needs root or CAP_NET_BIND_SERVICE; take a higher "
+            "port, or start as root (the server drops to --user after binding)"
+            % (name, format_address(address), lowest)
+            for name, address in wanted_listeners(options).items()
+            if name != "setter-socket" and address and 0 < address[1] < lowest]
+
+
+def _has_capability(bit):
+    """Whether this process has capability `bit` in its effective set (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def run_server(options):
     """--serve: build, (daemonize), bind, chroot, drop privileges, start, wait for
     SIGTERM/SIGINT, stop.  Returns the exit code."""
@@ -5144,10 +5386,13 @@ def run_server(options):
     # gave 3 ms, but cost the web site's 50 threads 10 ms more at their p99).
     sys.setswitchinterval(SERVER_SWITCH_INTERVAL)
     preload_server_modules()
-    group = build_services(options, sockets=systemd_sockets())
+    sockets = systemd_sockets()
+    group = build_services(options, sockets=sockets)
     if not group.services:
         raise UsageError("every listener is off: nothing to serve")
     identity = resolve_identity(options.user, options.group)
+    for warning in configuration_warnings(options, identity, sockets):
+        log.warning("%s", warning)
     report = daemonize(options.rundir) if options.daemon else None
     if options.log_queries:            # its thread after the fork of --daemon
         query_log.start()
@@ -5166,6 +5411,8 @@ def run_server(options):
             service.on_failure = lambda: (failures.append(1), stopping.set())
         group.start()
     except (FingerError, OSError) as error:
+        if options.pidfile:
+            remove_pidfile(options.pidfile)
         if report:
             report(error)
         raise
@@ -5244,6 +5491,8 @@ def _reload_all(group):
 def run_inetd(options):
     """--inetd: one query on stdin, its answer on stdout."""
     db = build_database(options)
+    for warning in configuration_warnings(options, None):
+        log.warning("%s", warning)
     forwarder = build_forwarder(options) if options.forward else None
     query_log.enabled = options.log_queries
     db.listable = not options.no_list
@@ -5317,32 +5566,73 @@ def _status_pair(text):
     return name, clean_status(status)
 
 
-def build_parser():
-    """The one parser of finger.py, client and server."""
-    parser = argparse.ArgumentParser(
-        prog="finger.py", allow_abbrev=False,
-        description="RFC 1288 finger client and server (the Twisted finger tutorial's "
-                    "services, stdlib only).",
-        epilog="client: finger.py moshez@127.0.0.1:7979   "
-               "server: finger.py --serve --users users.example --finger 127.0.0.1:7979")
-    parser.add_argument("queries", nargs="*", metavar="QUERY",
-                        help="user, user@host, @host or user@host1@host2; host may be "
-                             "host:port or [v6]:port (default: list localhost's users)")
-    parser.add_argument("-l", dest="verbose", action="store_true",
-                        help="ask for the long form (sends /W)")
-    parser.add_argument("--timeout", type=_positive_number, default=DEFAULT_TIMEOUT,
-                        metavar="SECONDS", help="client: whole-exchange timeout; server: "
-                        "time a peer has to send its query (default: %(default)s)")
-    parser.add_argument("--set", metavar="STATUS",
-                        help="set your own status through the server's unix-socket setter "
-                             "(--setter-socket, default %s)" % DEFAULT_SETTER_SOCKET)
-    parser.add_argument("--version", action="version", version="finger.py " + __version__)
+CLIENT_USAGE = """finger.py [-l] [--timeout SECONDS] [QUERY ...]
+       finger.py --set STATUS
+       finger.py --serve --help     (the server's options)"""
+CLIENT_EPILOG = """examples:
+  finger.py moshez@example.org
+  finger.py -l @[::1]:7979
+  finger.py --set "Hacking on finger.py"
+"""
+SERVER_USAGE = """finger.py --serve [OPTIONS]          run the services
+       finger.py --inetd [OPTIONS]          answer one query on stdin (inetd)
+       finger.py --check-config [OPTIONS]   check them, serve nothing
+       finger.py --help                     (the client's options)"""
+SERVER_EPILOG = """examples:
+  finger.py --serve --users users.example --finger 127.0.0.1:7979 --web off
+  finger.py --serve --config /etc/finger.ini
+  finger.py --check-config --config /etc/finger.ini
+  finger.py --print-config --users /etc/users > /etc/finger.ini
+"""
 
+
+class OptionParser(argparse.ArgumentParser):
+    """argparse with a usage error of one line and a hint, instead of the whole usage."""
+
+    hint = "finger.py --help"
+
+    def error(self, message):
+        self.exit(2, "finger.py: error: %s\ntry '%s'\n" % (message, self.hint))
+
+
+def build_parser(server=False):
+    """The one parser of finger.py, client and server.  They parse alike; `server` picks
+    the help: the server's options in groups, or only the client's."""
+    parser = OptionParser(
+        prog="finger.py", allow_abbrev=False, usage=SERVER_USAGE if server else CLIENT_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=("The finger.py server: the Twisted finger tutorial's services, stdlib "
+                     "only." if server else "RFC 1288 finger client (the server: finger.py "
+                     "--serve --help)."),
+        epilog=SERVER_EPILOG if server else CLIENT_EPILOG)
+    parser.hint = "finger.py --serve --help" if server else "finger.py --help"
+    client = [
+        parser.add_argument("queries", nargs="*", metavar="QUERY",
+                            help="user, user@host, @host or user@host1@host2; host may be "
+                                 "host:port or [v6]:port (default: list localhost's users)"),
+        parser.add_argument("-l", dest="verbose", action="store_true",
+                            help="ask for the long form (sends /W)"),
+        parser.add_argument("--timeout", type=_positive_number, default=DEFAULT_TIMEOUT,
+                            metavar="SECONDS", help="limit for the whole exchange: "
+                            "connecting, asking, reading (default: %(default)s)"),
+        parser.add_argument("--set", metavar="STATUS",
+                            help="set your own status through the server's unix-socket "
+                                 "setter (--setter-socket PATH, default %s)"
+                                 % DEFAULT_SETTER_SOCKET)]
+    both = [parser._actions[0],        # -h, --help
+            parser.add_argument("--version", action="version",
+                                version="finger.py " + __version__)]
     modes = parser.add_argument_group("server modes")
     modes.add_argument("--serve", action="store_true", help="run the services")
     modes.add_argument("--inetd", action="store_true",
                        help="answer one finger query on stdin/stdout (inetd, systemd "
                             "Accept=yes)")
+    modes.add_argument("--check-config", action="store_true",
+                       help="check the options, the --config file, the files as the user "
+                            "the server runs as, the certificate and the back-end; print "
+                            "every problem; exit 0 (none) or 2, serving nothing")
+    modes.add_argument("--print-config", action="store_true",
+                       help="print the effective configuration as a --config file, and exit")
 
     listeners = parser.add_argument_group("listeners, each [HOST:]PORT, [V6]:PORT or off")
     for name, (default, what) in LISTENERS.items():
@@ -5390,7 +5680,9 @@ def build_parser():
     data.add_argument("--templates", metavar="DIR",
                       help="users.html and user.html replacing the built-in pages")
     data.add_argument("--no-list", action="store_true",
-                      help="refuse the empty query (the list of users)")
+                      help="keep the list of users private on every front-end: the empty "
+                           "finger query, /, /api/users, XML-RPC and PB getUsers; a user "
+                           "asked for by name is still answered")
     data.add_argument("--status", action="append", type=_status_pair, default=[],
                       metavar="USER=TEXT", help="--backend memory: a status to start with "
                       "(repeatable)")
@@ -5399,6 +5691,10 @@ def build_parser():
                            "%(default)s)")
 
     limits = parser.add_argument_group("limits")
+    limits.add_argument("--request-timeout", dest="timeout", type=_positive_number,
+                        default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="time a client has to send its query and take its answer; "
+                             "between two reads on the web (default: %(default)s)")
     limits.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
                         metavar="N", help="open connections per listener (default: "
                         "%(default)s)")
@@ -5427,8 +5723,6 @@ def build_parser():
     process.add_argument("--config", metavar="FILE",
                          help="read options from an INI file, section [finger], keys the long "
                               "option names; the command line overrides it")
-    process.add_argument("--print-config", action="store_true",
-                         help="print the effective configuration as such a file, and exit")
     process.add_argument("--user", metavar="NAME",
                          help="drop to this user after binding (root's default: %s)"
                               % UNPRIVILEGED_USER)
@@ -5455,11 +5749,15 @@ def build_parser():
                          help="one log line per query on every listener: service, client, "
                               "what it asked, outcome, time taken (never a status); off by "
                               "default, as in.fingerd without -l")
+    for action in parser._actions:     # argparse has no public list of its actions
+        if action not in both and (action in client) == server:
+            action.help = argparse.SUPPRESS
     return parser
 
 
-# Options that are not configuration: modes and one-shot actions.
-NOT_CONFIGURABLE = {"help", "version", "serve", "inetd", "set", "config", "print-config"}
+# Options that are not configuration: modes, one-shot actions and the client's.
+NOT_CONFIGURABLE = {"help", "version", "serve", "inetd", "set", "config", "print-config",
+                    "check-config", "timeout"}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -5503,7 +5801,12 @@ def config_arguments(path, parser):
         where = "%s:%d: %s" % (path, _line_of(text, key), key)
         action = known.get(key)
         if action is None:
-            raise UsageError("%s: unknown key (keys are long option names, e.g. users)" % where)
+            import difflib
+            close = difflib.get_close_matches(key, list(known) + ["timeout"], 1)
+            hint = ("did you mean %s?" % ("request-timeout" if close[0] == "timeout"
+                                          else close[0])) if close else \
+                "keys are long option names, e.g. users"
+            raise UsageError("%s: unknown key; %s" % (where, hint))
         arguments += _config_value(action, "--" + key, value.strip(), where)
     return arguments
 
@@ -5559,10 +5862,17 @@ def format_config(options, parser):
     return "\n".join(lines) + "\n"
 
 
+# Words that choose a server mode (a --config file is the server's), and the options the
+# client takes; any other option without a server mode is a mistake.
+SERVER_WORDS = ("--serve", "--inetd", "--check-config", "--print-config", "--config")
+CLIENT_OPTIONS = ("-l", "--timeout", "--set", "--setter-socket", "-h", "--help", "--version")
+
+
 def main(argv=None):
     """Run finger.py with `argv` (default sys.argv[1:]); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    server = any(word.partition("=")[0] in SERVER_WORDS for word in argv)
+    parser = build_parser(server)
     config_file = _config_file(argv)
     try:
         arguments = config_arguments(config_file, parser) if config_file else []
@@ -5570,18 +5880,28 @@ def main(argv=None):
         print("finger.py: error: %s" % error, file=sys.stderr)
         return error.exit_code
     options = parser.parse_intermixed_args(arguments + argv)
+    options.given = given_options(parser, arguments + argv)
     if options.print_config:
         sys.stdout.write(format_config(options, parser))
         return 0
-    if options.set is not None:
-        return run_set(options.set, options.setter_socket, options.timeout)
-    if not (options.serve or options.inetd):
+    if not server:
+        misplaced = [name for name in options.given if name not in CLIENT_OPTIONS]
+        if misplaced:
+            parser.error("%s %s the server's: did you mean finger.py --serve?" % (
+                ", ".join(misplaced), "is" if len(misplaced) == 1 else "are"))
+        if options.set is not None:
+            return run_set(options.set, options.setter_socket, options.timeout)
         return run_client(options.queries, options.verbose, options.timeout)
     if options.queries:
         parser.error("queries are for the client; --serve and --inetd take none")
+    if not (options.serve or options.inetd or options.check_config):
+        parser.error("--config is the server's: add --serve, --inetd or --check-config")
     _absolute_paths(options)
-    setup_logging(options, to_stderr=not (options.inetd and _stderr_is_stdout()))
+    options.serve = options.serve or options.check_config and not options.inetd
     try:
+        if options.check_config:
+            return run_check_config(options)
+        setup_logging(options, to_stderr=not (options.inetd and _stderr_is_stdout()))
         return run_inetd(options) if options.inetd else run_server(options)
     except FingerError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
@@ -5589,6 +5909,56 @@ def main(argv=None):
     except OSError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
         return 1
+
+
+def given_options(parser, words):
+    """The options named in `words` (command-line words), as they were spelt."""
+    actions = parser._option_string_actions    # argparse has no public table of them
+    given, value_next = [], False
+    for word in words:
+        if value_next:
+            value_next = False
+            continue
+        if word == "--":
+            break
+        option, equals, _ = word.partition("=")
+        action = actions.get(option)
+        if action is not None:
+            given.append(option)
+            value_next = action.nargs != 0 and not equals
+    return given
+
+
+def run_check_config(options):
+    """--check-config: every problem of the configuration on stderr, one line each; exit 2
+    when there is any (warnings count), else 0 and one line on what would run."""
+    problems = []
+    try:
+        identity = resolve_identity(options.user, options.group)
+    except FingerError as error:
+        problems.append(str(error))
+        identity = None
+    try:
+        group = build_services(options) if options.serve else None
+        if options.inetd:
+            build_database(options)
+    except (FingerError, OSError) as error:
+        problems.append(str(error))
+        group = None
+    problems += file_problems(options)
+    if options.serve:
+        problems += port_problems(options)
+    problems += configuration_warnings(options, identity)
+    for problem in problems:
+        print("finger.py: %s" % problem, file=sys.stderr)
+    if problems:
+        print("finger.py: --check-config: %d problem%s" % (
+            len(problems), "" if len(problems) == 1 else "s"), file=sys.stderr)
+        return 2
+    what = ", ".join(service.name for service in group) if group else "inetd"
+    print("finger.py: the configuration is fine: %s, as %s" % (
+        what, identity[0] if identity else pwd_name(os.geteuid())))
+    return 0
 
 
 # Options naming files: made absolute at start, since --daemon and --rundir change directory.
