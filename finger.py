@@ -5086,7 +5086,6 @@ def resolve_identity(user=None, group=None):
             raise UsageError("--user/--group: only root can change user or group")
         return None
     if user == "root" and not group:
-        log.warning("staying root (--user root): a bug in finger.py would be a root bug")
         return None
     name = user or UNPRIVILEGED_USER
     try:
@@ -5391,6 +5390,8 @@ def run_server(options):
     if not group.services:
         raise UsageError("every listener is off: nothing to serve")
     identity = resolve_identity(options.user, options.group)
+    if os.geteuid() == 0 and identity is None:
+        log.warning("staying root (--user root): a bug in finger.py would be a root bug")
     for warning in configuration_warnings(options, identity, sockets):
         log.warning("%s", warning)
     report = daemonize(options.rundir) if options.daemon else None
@@ -5933,6 +5934,12 @@ def run_check_config(options):
     """--check-config: every problem of the configuration on stderr, one line each; exit 2
     when there is any (warnings count), else 0 and one line on what would run."""
     problems = []
+    # What building logs at WARNING or above (skipped lines of the users file, a password
+    # file others may read, ...) is a problem too.
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: problems.append(record.getMessage())
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
     try:
         identity = resolve_identity(options.user, options.group)
     except FingerError as error:
@@ -5945,6 +5952,7 @@ def run_check_config(options):
     except (FingerError, OSError) as error:
         problems.append(str(error))
         group = None
+    log.removeHandler(handler)
     problems += file_problems(options)
     if options.serve:
         problems += port_problems(options)

@@ -132,6 +132,13 @@ def run_finger(*args, timeout=15, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def run_finger_all(*commands):
+    """run_finger for each argument list of `commands`, at once; the results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: run_finger(*args), commands))
+
+
 class ServerProcess:
     """`finger.py --serve ...` in a child process; learns its ports from the log."""
 
@@ -4273,6 +4280,7 @@ class TestDaemon(unittest.TestCase):
             result = run_finger(*args)
         self.assertEqual(result.returncode, 1)
         self.assertIn("cannot listen", result.stderr)
+        self.assertFalse(os.path.exists(self.pidfile))       # no pidfile with a dead PID
 
     def test_pidfile_of_a_live_process_refuses_and_a_stale_one_is_replaced(self):
         args = self.daemon_args()
@@ -4456,6 +4464,299 @@ class TestConfigFile(unittest.TestCase):
         result = run_finger("--serve", "--config", "/nonexistent.ini")
         self.assertEqual(result.returncode, 2)
         self.assertIn("/nonexistent.ini", result.stderr)
+
+
+class TestPrivacyOptions(unittest.TestCase):
+    """--no-list keeps the list from every front-end; names asked one by one still work."""
+
+    def test_no_list_holds_on_every_front_end(self):
+        import json
+        import xmlrpc.client
+        server = ServerProcess(self, "--users", readable_users(self), "--finger", "127.0.0.1:0",
+                               "--web", "127.0.0.1:0", "--pb", "127.0.0.1:0", "--setter",
+                               "off", "--no-list")
+        finger_address = server.address("finger")
+        web = server.address("web")
+        pb = server.address("pb")
+        self.assertEqual(ask(finger_address, b"\r\n"), b"Finger online user list denied\r\n")
+        self.assertEqual(ask(finger_address, b"/W\r\n"), b"Finger online user list denied\r\n")
+        self.assertEqual(ask(finger_address, b"moshez\r\n"), b"Happy and well\r\n")
+        status, _, body = http(web, "GET", "/")
+        self.assertEqual(status, 403)
+        self.assertNotIn(b"moshez", body)
+        self.assertNotIn(b"shawn", body)
+        status, _, body = http(web, "GET", "/api/users")
+        self.assertEqual((status, json.loads(body)), (403, {"error": finger.LIST_DENIED}))
+        self.assertEqual(http(web, "GET", "/moshez")[0], 200)
+        self.assertEqual(http(web, "GET", "/api/users/moshez")[0], 200)
+        with xmlrpc.client.ServerProxy("http://%s:%d/RPC2" % web) as proxy:
+            with self.assertRaises(xmlrpc.client.Fault) as caught:
+                proxy.getUsers()
+            self.assertEqual(caught.exception.faultCode, finger.RPC_APPLICATION_ERROR)
+            self.assertEqual(proxy.getUser("shawn"), "alive")
+        client = PBTestClient(self, pb)
+        kind, failure = client.call("getUsers")
+        self.assertEqual(kind, "error")
+        self.assertIn(finger.LIST_DENIED, str(failure))
+        self.assertEqual(client.call("getUser", "moshez"), ("answer", "Happy and well"))
+
+    def test_the_list_is_served_without_the_option(self):
+        db = finger.MemoryDatabase({"moshez": "Happy and well"})
+        site = finger.WebSite(db)
+        self.assertEqual(site.handle("GET", "/api/users").body, b'["moshez"]\n')
+        db.listable = False
+        self.assertEqual(site.handle("GET", "/api/users").status, 403)
+        with self.assertRaises(finger.ListRefused):
+            db.public_users()
+        self.assertEqual(db.get_users(), ["moshez"])       # the server's own use
+
+
+class TestReservedNames(unittest.TestCase):
+    """User names and the web site's own paths never collide."""
+
+    def test_every_path_the_site_serves_is_reserved(self):
+        self.assertEqual(finger.RESERVED_NAMES, {"api", "RPC2", "metrics", "healthz"})
+        site = finger.WebSite(finger.MemoryDatabase({name: "a user" for name in
+                                                     finger.RESERVED_NAMES}),
+                              metrics=lambda: "finger_users 4\n")
+        for name in finger.RESERVED_NAMES:
+            self.assertNotIn(b"a user", site.handle("GET", "/" + name).body, name)
+            page = site.handle("GET", "/~" + name)
+            self.assertEqual(page.status, 200, name)
+            self.assertIn(b"a user", page.body)
+            self.assertIn(b'href="/~%s"' % name.encode(), site.handle("GET", "/").body)
+        self.assertIn(b'href="/moshez"', finger.WebSite(finger.MemoryDatabase(
+            {"moshez": "x"})).handle("GET", "/").body)
+
+    def test_the_setter_refuses_them_and_a_load_warns(self):
+        path = write_file(self, "moshez: hi\nmetrics: old\n")
+        with self.assertLogs(finger.log, "WARNING") as logs:
+            db = finger.FileDatabase(path)
+        self.assertIn("metrics", "\n".join(logs.output))
+        self.assertIn("/~NAME", "\n".join(logs.output))
+        address = setter_service(self, db).address
+        for name in sorted(finger.RESERVED_NAMES):
+            reply = set_over(address, b"%s\r\nsome status\r\n" % name.encode())
+            self.assertTrue(reply.startswith(b"Reserved name"), reply)
+        self.assertEqual(set_over(address, b"metrics2\r\nfine\r\n"), b"OK\r\n")
+        self.assertEqual(db.get_user("metrics"), "old")
+        self.assertNotIn("RPC2", db.get_users())
+
+    def test_healthz_follows_the_last_load(self):
+        path = write_file(self, "moshez: hi\n")
+        db = finger.FileDatabase(path, reload_interval=0)
+        site = finger.WebSite(db)
+        self.assertEqual((site.handle("GET", "/healthz").status,
+                          site.handle("GET", "/healthz").body), (200, b"ok\n"))
+        os.unlink(path)
+        with self.assertLogs(finger.log, "ERROR"):
+            db.reload(force=True)
+        self.assertEqual(site.handle("GET", "/healthz").status, 503)
+
+
+class TestXMLRPCFaults(unittest.TestCase):
+    """Faults carry the interoperability codes and a short message, no Python internals."""
+
+    def fault(self, body):
+        import xmlrpc.client
+        site = finger.WebSite(finger.MemoryDatabase({"moshez": "Happy and well"}))
+        response = site.handle("POST", "/RPC2", body if isinstance(body, bytes)
+                               else body.encode())
+        self.assertEqual(response.status, 200)
+        with self.assertRaises(xmlrpc.client.Fault) as caught:
+            xmlrpc.client.loads(response.body)
+        fault = caught.exception
+        for internal in ("<class", "Traceback", "TypeError", "positional", "Error"):
+            self.assertNotIn(internal, fault.faultString)
+        return fault.faultCode
+
+    def test_codes(self):
+        from xmlrpc.client import dumps
+        self.assertEqual(self.fault(dumps((), "getUser")), finger.RPC_INVALID_PARAMS)
+        self.assertEqual(self.fault(dumps(("a", "b"), "getUser")), finger.RPC_INVALID_PARAMS)
+        self.assertEqual(self.fault(dumps((42,), "getUser")), finger.RPC_INVALID_PARAMS)
+        self.assertEqual(self.fault(dumps((), "getUsers\u00e9")), finger.RPC_METHOD_NOT_FOUND)
+        self.assertEqual(self.fault(dumps((), "__init__")), finger.RPC_METHOD_NOT_FOUND)
+        self.assertEqual(self.fault(b"<methodCall><methodName>x"), finger.RPC_PARSE_ERROR)
+        self.assertEqual(self.fault(b"<methodResponse/>"), finger.RPC_INVALID_REQUEST)
+        self.assertEqual((finger.RPC_PARSE_ERROR, finger.RPC_INVALID_REQUEST,
+                          finger.RPC_METHOD_NOT_FOUND, finger.RPC_INVALID_PARAMS,
+                          finger.RPC_INTERNAL_ERROR), (-32700, -32600, -32601, -32602, -32603))
+
+    def test_a_failing_back_end_is_an_internal_error(self):
+        import xmlrpc.client
+        site = finger.WebSite(BrokenDatabase())
+        with self.assertLogs(finger.log, "ERROR"):
+            body = site.handle("POST", "/RPC2", xmlrpc.client.dumps(("x",), "getUser")
+                               .encode()).body
+        with self.assertRaises(xmlrpc.client.Fault) as caught:
+            xmlrpc.client.loads(body)
+        self.assertEqual((caught.exception.faultCode, caught.exception.faultString),
+                         (finger.RPC_INTERNAL_ERROR, finger.INTERNAL_ERROR))
+
+
+class TestCommandLineErrors(unittest.TestCase):
+    """Usage errors are one line and a hint; each audience gets its own help."""
+
+    def test_server_options_without_a_mode(self):
+        commands = (["--users", "users.example", "--finger", "127.0.0.1:7979"], ["--no-list"],
+                    ["--cert=x.pem", "moshez"])
+        for args, result in zip(commands, run_finger_all(*commands)):
+            self.assertEqual(result.returncode, 2, args)
+            self.assertIn("did you mean finger.py --serve?", result.stderr)
+            self.assertEqual(result.stdout, "")
+        result = run_finger("--config", write_file(self, "[finger]\nweb = off\n"))
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("add --serve", result.stderr)
+
+    def test_a_usage_error_is_one_line_and_a_hint(self):
+        cases = ((["--serve", "--finger", "::1:7979"], "finger.py --serve --help"),
+                 (["--no-such-option"], "finger.py --help"),
+                 (["--timeout", "-1", "x"], "finger.py --help"))
+        for (args, hint), result in zip(cases, run_finger_all(*(args for args, _ in cases))):
+            self.assertEqual(result.returncode, 2)
+            lines = result.stderr.splitlines()
+            self.assertEqual(len(lines), 2, result.stderr)
+            self.assertTrue(lines[0].startswith("finger.py: error: "))
+            self.assertEqual(lines[1], "try '%s'" % hint)
+        self.assertIn("[::1]:7979", run_finger("--serve", "--finger", "::1:7979").stderr)
+        result = run_finger("moshez@::1:7979")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("[::1]:7979", result.stderr)
+
+    def test_client_and_server_help(self):
+        client, server, server_too = (result.stdout for result in run_finger_all(
+            ["--help"], ["--serve", "--help"], ["--help", "--serve"]))
+        self.assertEqual(server_too, server)
+        self.assertIn("--timeout SECONDS", client)
+        self.assertIn("--serve --help", client)
+        for option in ("--users", "--finger", "--no-list", "--irc", "--request-timeout"):
+            self.assertNotIn(option, client)
+            self.assertIn(option, server)
+        self.assertNotIn("--timeout", server)
+        self.assertNotIn("QUERY", server)
+        self.assertIn("\n  finger.py --serve --users users.example", server)   # own line
+        self.assertIn("\n  finger.py moshez@example.org\n", client)
+        for group in ("listeners", "data", "limits", "IRC bot", "process"):
+            self.assertIn("\n%s" % group, server)
+        self.assertLess(len(client.splitlines()), 30)
+
+    def test_an_unknown_config_key_suggests_the_right_one(self):
+        path = write_file(self, "[finger]\ntimeout = 3\n")
+        result = run_finger("--serve", "--config", path)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("did you mean request-timeout?", result.stderr)
+
+
+def check_config(test, *args):
+    """finger.py --check-config ARGS -> (exit code, stderr)."""
+    result = run_finger("--check-config", *args)
+    return result.returncode, result.stderr
+
+
+class TestCheckConfig(unittest.TestCase):
+    """--check-config and the warnings --serve logs at start."""
+
+    def setUp(self):
+        self.users = readable_users(self, USERS)
+        self.port = free_port()
+        self.readme = ["--users", self.users, "--finger", "127.0.0.1:%d" % self.port,
+                       "--web", "off", "--user", pwd.getpwuid(os.geteuid()).pw_name]
+
+    def test_the_readme_example_passes(self):
+        result = run_finger("--check-config", *self.readme)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("finger, setter", result.stdout)
+        with self.assertRaises(OSError):
+            ask((LOCALHOST, self.port), b"moshez\r\n")       # nothing was served
+
+    def test_broken_cases_exit_2_with_one_line_each(self):
+        cases = [
+            (["--cert", "x.pem"], "--cert: ignored, it applies only with --https"),
+            (["--status", "moshez=x"], "--status: ignored, it applies only with --backend "
+                                       "memory"),
+            (["--web-prefix", "http://x/"], "--web-prefix: ignored"),
+            (["--irc-nick", "bot"], "--irc-nick: ignored, it applies only with --irc"),
+            (["--users", "/nonexistent/users"], "cannot read users file"),
+            (["--backend", "nosuch"], "--backend nosuch: unknown"),
+        ]
+        if not os.path.exists(finger.SYSLOG_SOCKET):
+            cases.append((["--syslog"], "no syslog daemon listens at"))
+        results = run_finger_all(*(["--check-config", *self.readme, *extra]
+                                   for extra, _ in cases))
+        for (extra, message), result in zip(cases, results):
+            code, err = result.returncode, result.stderr
+            self.assertEqual(code, 2, (extra, err))
+            self.assertIn(message, err)
+            self.assertTrue(all(line.startswith("finger.py: ") for line in err.splitlines()),
+                            err)
+
+    @unittest.skipUnless(os.geteuid() == 0, "running as another user needs root")
+    def test_setter_that_cannot_replace_the_users_file(self):
+        directory = os.path.dirname(self.users)        # root's, 0755
+        args = ["--users", self.users, "--finger", "127.0.0.1:%d" % self.port, "--web",
+                "off", "--setter", "127.0.0.1:0", "--user", "nobody"]
+        code, err = check_config(self, *args)
+        self.assertEqual(code, 2)
+        self.assertIn("setter: nobody cannot replace %s" % self.users, err)
+        self.assertIn(directory, err)
+        self.assertIn("--setter off", err)
+        self.assertEqual(check_config(self, *args[:4], "--web", "off", "--setter", "off",
+                                      "--user", "nobody")[0], 0)
+        os.chown(directory, pwd.getpwnam("nobody").pw_uid, -1)
+        self.assertEqual(check_config(self, *args)[0], 0)
+        os.chown(directory, 0, -1)
+        os.chmod(self.users, 0o600)
+        code, err = check_config(self, *args[:4], "--web", "off", "--setter", "off",
+                                 "--user", "nobody")
+        self.assertIn("nobody cannot read it", err)
+
+    @unittest.skipUnless(os.geteuid() == 0, "running as another user needs root")
+    def test_serve_warns_at_start(self):
+        server = ServerProcess(self, "--users", self.users, "--finger", "127.0.0.1:0",
+                               "--web", "off", "--setter", "127.0.0.1:0", "--user", "nobody",
+                               "--cert", "x.pem")
+        server.expect(r"WARNING --cert: ignored, it applies only with --https")
+        server.expect(r"WARNING setter: nobody cannot replace")
+        server.address("finger")
+
+    def test_syslog_without_a_daemon_exits_2(self):
+        if os.path.exists(finger.SYSLOG_SOCKET):
+            self.skipTest("a syslog daemon is running")
+        result = run_finger("--serve", *self.readme, "--syslog")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no syslog daemon", result.stderr)
+
+    @unittest.skipUnless(shutil.which("openssl"), "needs openssl to make certificates")
+    def test_certificate_problems_are_sentences(self):
+        directory = os.path.dirname(self.users)
+        with open(make_certificate(directory, "both.pem")) as f:
+            pem = f.read()
+        cert_only = os.path.join(directory, "cert.pem")
+        with open(cert_only, "w") as f:
+            f.write(pem[pem.index("-----BEGIN CERTIFICATE-----"):])
+        code, err = check_config(self, *self.readme, "--https", "127.0.0.1:0", "--cert",
+                                 cert_only)
+        self.assertEqual(code, 2)
+        self.assertIn("holds no private key; give its file with --key FILE", err)
+        self.assertNotIn("PEM lib", err)
+        one, two = os.path.join(directory, "both.pem"), make_certificate(directory, "two.pem")
+        with open(two) as f:
+            text = f.read()
+        key = os.path.join(directory, "two.key")
+        with open(key, "w") as f:
+            f.write(text[text.index("-----BEGIN PRIVATE KEY-----"):])
+        with self.assertRaises(finger.UsageError) as caught:
+            finger.make_tls_context(one, key)
+        self.assertNotIn("_ssl.c", str(caught.exception))
+        self.assertIn("the private key does not belong to the certificate",
+                      str(caught.exception))
+        encrypted = os.path.join(directory, "encrypted.key")
+        subprocess.run(["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:x", "-out",
+                        encrypted], check=True, capture_output=True, timeout=60)
+        with self.assertRaises(finger.UsageError) as caught:     # never asks on a terminal
+            finger.make_tls_context(one, encrypted)
+        self.assertIn("the key is encrypted", str(caught.exception))
 
 
 class TestPackaging(unittest.TestCase):
