@@ -5963,7 +5963,9 @@ def run_check_config(options):
         print("finger.py: --check-config: %d problem%s" % (
             len(problems), "" if len(problems) == 1 else "s"), file=sys.stderr)
         return 2
-    what = ", ".join(service.name for service in group) if group else "inetd"
+    what = ("inetd" if options.inetd else
+            ", ".join(service.name for service in group) or "no listener of its own (systemd "
+            "passes the sockets at start)")
     print("finger.py: the configuration is fine: %s, as %s" % (
         what, identity[0] if identity else pwd_name(os.geteuid())))
     return 0

@@ -616,10 +616,12 @@ class TestFingerServer(unittest.TestCase):
     def test_no_complete_line_within_timeout_closes(self):
         service = finger_service(self, timeout=0.2)
         sock = connect(self, service.address)
-        sock.sendall(b"mosh")                      # a slowloris: never finishes the line
-        started = time.monotonic()
-        self.assertEqual(sock.recv(100), b"")
-        self.assertLess(time.monotonic() - started, TIMEOUT)
+        with query_log_on(self) as logs:
+            sock.sendall(b"mosh")                      # a slowloris: never finishes the line
+            started = time.monotonic()
+            self.assertEqual(sock.recv(100), b"")
+            self.assertLess(time.monotonic() - started, TIMEOUT)
+        self.assertIn('"mosh" timeout', "\n".join(logs.output))   # logged with what arrived
         self.assertEqual(service.counts.get("timeout"), 1)
         self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
 
@@ -4770,7 +4772,10 @@ class TestPackaging(unittest.TestCase):
         script = os.path.join(root, "opt/finger/bin/finger.py")
         self.assertTrue(os.access(script, os.X_OK))
         with open(os.path.join(root, "opt/finger/lib/systemd/system/finger.service")) as f:
-            self.assertIn("ExecStart=/usr/bin/python3 /opt/finger/bin/finger.py", f.read())
+            unit = f.read()
+        self.assertIn("ExecStart=/usr/bin/python3 /opt/finger/bin/finger.py", unit)
+        self.assertIn("ExecStartPre=/usr/bin/python3 /opt/finger/bin/finger.py --check-config",
+                      unit)
         subprocess.run(make + ["uninstall"], check=True, capture_output=True, timeout=60)
         self.assertFalse(os.path.exists(script))
         self.assertFalse(os.path.exists(os.path.join(root, "opt/finger/share/doc/finger-py")))
@@ -4802,11 +4807,14 @@ class TestInetd(unittest.TestCase):
         users = write_file(self, USERS)
         reader, writer = os.pipe()
         try:
-            result = run_finger("--inetd", "--users", users, "--timeout", "0.3", stdin=reader)
+            os.write(writer, b"mosh")                  # never a whole line
+            result = run_finger("--inetd", "--users", users, "--request-timeout", "0.3",
+                                "--log-queries", stdin=reader)
         finally:
             os.close(reader)
             os.close(writer)
         self.assertEqual((result.returncode, result.stdout), (0, ""))
+        self.assertIn('finger inetd stdin "mosh" timeout', result.stderr)  # what arrived
 
 
 # == the client ================================================================================
@@ -5181,6 +5189,7 @@ class TestPackagingInterop(unittest.TestCase):
         result = subprocess.run(["dpkg", "-i", os.path.join(HERE, "build", deb)],
                                 capture_output=True, text=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("the configuration is fine", result.stdout)     # postinst checked it
         self.assertTrue(os.access("/usr/bin/finger.py", os.X_OK))
         self.assertTrue(os.path.exists("/lib/systemd/system/finger.socket"))
         self.assertEqual(pwd.getpwnam("finger").pw_shell, "/usr/sbin/nologin")

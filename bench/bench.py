@@ -242,7 +242,7 @@ def stop_process(proc):
 # than the default 10 s a peer has to send its query.  Everything else is the default:
 # log level info, --reload 30, no query log.
 FINGER_ONLY = ["--web", "off", "--setter", "off",
-               "--max-connections", "20000", "--timeout", "120"]
+               "--max-connections", "20000", "--request-timeout", "120"]
 
 
 def finger_server(users, tmp, cpu, options=FINGER_ONLY, port=None):
