@@ -1199,8 +1199,8 @@ class FingerProtocol:
 
     Used by the event loop (TCPService) and by inetd mode alike; knows nothing about sockets.
     The empty query {C} is refused when the database is not `listable`; forwarding {Q2}
-    is refused unless a `forwarder` is given.  With `forward_all_to` (the proxy) every query is forwarded, those
-    without @host to that host."""
+    is refused unless a `forwarder` is given.  With `forward_all_to` (the proxy) every
+    query is forwarded, those without @host to that host."""
 
     name = "finger"
     max_request = MAX_QUERY_BYTES
@@ -5895,6 +5895,9 @@ def main(argv=None):
         return run_client(options.queries, options.verbose, options.timeout)
     if options.queries:
         parser.error("queries are for the client; --serve and --inetd take none")
+    misplaced = [name for name in options.given if name in ("-l", "--set")]
+    if misplaced:
+        parser.error("%s: the client's, not the server's" % ", ".join(misplaced))
     if not (options.serve or options.inetd or options.check_config):
         parser.error("--config is the server's: add --serve, --inetd or --check-config")
     _absolute_paths(options)
