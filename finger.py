@@ -298,8 +298,9 @@ def split_host_port(text, default_port):
         host, port = text.split(":")
     elif _looks_like_port(text):
         address, _, port = text.rpartition(":")
-        raise ValueError("write [%s]:%s for port %s of %s, or [%s] for the address "
-                         "(IPv6 addresses take brackets)" % (address, port, port, address, text))
+        raise ValueError("IPv6 addresses take brackets: write [%s]:%s for port %s of %s%s" % (
+            address, port, port, address,
+            "" if default_port is None else ", or [%s] for that address" % text))
     if port is None or port == "":
         if port == "" or default_port is None:
             raise ValueError("no port in %r" % text)
@@ -2176,7 +2177,10 @@ def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
 
 
 def selectors_wait(fd, timeout):
-    """True when `fd` becomes readable within `timeout` seconds."""
+    """True when `fd` becomes readable within `timeout` seconds.  A regular file (stdin
+    redirected from one) is always readable, and epoll refuses it."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return True
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
         return bool(selector.select(timeout))
@@ -2280,8 +2284,6 @@ class WebSite:
 
     def rpc_get_user(self, name):
         """getUser(name): the user's status, or 'No such user'."""
-        if not isinstance(name, str):
-            raise _RPCFault(RPC_INVALID_PARAMS, "getUser takes a user name (a string)")
         status = self.db.get_user(name)
         return NO_SUCH_USER if status is None else defang(status)
 
@@ -2451,15 +2453,19 @@ class WebSite:
     def _rpc_call(self, method, params):
         """Call a registered method with arguments that fit it."""
         import inspect
-        function = self.rpc.funcs.get(method) if isinstance(method, str) else None
+        if not isinstance(method, str):
+            raise _RPCFault(RPC_INVALID_REQUEST, "a call without a methodName")
+        function = self.rpc.funcs.get(method)
         if function is None:
             raise _RPCFault(RPC_METHOD_NOT_FOUND, "no method %.100r; system.listMethods "
-                            "gives them" % (method,))
+                            "gives them" % method)
         try:
             inspect.signature(function).bind(*params)
+            if not all(isinstance(param, str) for param in params):
+                raise TypeError                 # every method here takes strings only
         except TypeError:
-            raise _RPCFault(RPC_INVALID_PARAMS, "%s: wrong arguments; system.methodHelp "
-                            "says which" % method) from None
+            raise _RPCFault(RPC_INVALID_PARAMS, "%s: wrong arguments (strings only); "
+                            "system.methodHelp says which" % method) from None
         try:
             return self.rpc._dispatch(method, params)
         except _RPCFault:
@@ -4847,16 +4853,21 @@ OPTIONS_NEEDING = (
      "--web or --https"),
     (("--max-status",), lambda o, run: {"setter", "setter-socket"} & set(run),
      "--setter or --setter-socket"),
-    (("--users", "--reload"), lambda o, run: o.backend == "file", "--backend file"),
-    (("--status",), lambda o, run: o.backend == "memory", "--backend memory"),
-    (("--web-prefix",), lambda o, run: o.backend == "web", "--backend web"),
-    (("--command",), lambda o, run: o.backend == "command", "--backend command"),
-    (("--list-plan-users",), lambda o, run: o.backend == "plan", "--backend plan"),
+    (("--users", "--reload"), lambda o, run: _backend_is(o, "file"),
+     "--backend file (or a plugin)"),
+    (("--status",), lambda o, run: _backend_is(o, "memory"), "--backend memory (or a plugin)"),
+    (("--web-prefix",), lambda o, run: _backend_is(o, "web"), "--backend web (or a plugin)"),
+    (("--command",), lambda o, run: _backend_is(o, "command"),
+     "--backend command (or a plugin)"),
+    (("--list-plan-users",), lambda o, run: _backend_is(o, "plan"),
+     "--backend plan (or a plugin)"),
     (("--proxy-target",), lambda o, run: "proxy" in run or o.backend == "proxy",
      "--proxy or --backend proxy"),
     (("--forward-ports",), lambda o, run: o.forward or "proxy" in run or o.backend == "proxy",
      "--forward, --proxy or --backend proxy"),
-    (("--prefix",), lambda o, run: o.syslog, "--syslog"),
+    (("--backend-timeout",), lambda o, run: o.backend in ("command", "web", "proxy")
+     or o.forward or "proxy" in run, "--backend command, web or proxy, --forward or --proxy"),
+    (("--prefix",), lambda o, run: o.syslog or o.inetd, "--syslog (or --inetd)"),
     (("--irc-nick", "--irc-channel", "--irc-tls", "--irc-cafile", "--irc-account",
       "--irc-password-file"), lambda o, run: o.irc, "--irc"),
     (("--irc-cafile",), lambda o, run: o.irc_tls, "--irc-tls"),
@@ -4866,6 +4877,11 @@ OPTIONS_NEEDING = (
         "--per-client-connections", "--per-client-rate", "--per-client-exempt"),
      lambda o, run: o.serve, "--serve (inetd runs one query and its own user)"),
 )
+
+
+def _backend_is(options, name):
+    """Whether the back-end is `name`, or a plugin (it is given every option)."""
+    return options.backend == name or ":" in options.backend
 
 
 def configuration_warnings(options, identity, sockets=()):
@@ -4895,14 +4911,11 @@ def configuration_warnings(options, identity, sockets=()):
             warnings.append("users file %s: %s cannot read it, so it is loaded at start only, "
                             "never again; fix: chmod o+r it, or --user its owner"
                             % (options.users, who))
-        if {"setter", "setter-socket"} & set(run):
-            why = replace_problem(options.users, identity)
-            if why:
-                warnings.append(
-                    "setter: %s cannot replace %s (%s); every status set would fail. Fix: "
-                    "chown %s the directory (the setter writes a new file there and renames "
-                    "it; e.g. /var/lib/finger/users), or --user the directory's owner, or "
-                    "--setter off" % (who, options.users, why, who))
+        problem = replace_problem(options.users, identity) \
+            if {"setter", "setter-socket"} & set(run) else None
+        if problem:
+            warnings.append("setter: %s cannot replace %s: %s; every status set would fail. "
+                            "Fix: %s" % ((who, options.users) + problem))
     return warnings
 
 
@@ -5114,7 +5127,7 @@ def may_access(path, identity, mode):
     if uid == 0:
         return True
     groups = set(os.getgrouplist(name, gid))
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     checks = [(path, mode)]
     parent = os.path.dirname(path)
     while True:
@@ -5135,16 +5148,21 @@ def may_access(path, identity, mode):
 
 def replace_problem(path, identity):
     """Why the server, running as `identity`, could not replace the file `path` the way
-    write_file_atomically does (a new file in its directory, renamed over it); None if it
-    can."""
+    write_file_atomically does (a new file in its directory, renamed over it), and the
+    fix; None if it can."""
     path = os.path.realpath(path)
     directory = os.path.dirname(path)
+    who = identity[0] if identity else pwd_name(os.geteuid())
     if not may_access(directory, identity, os.W_OK | os.X_OK):
-        return "it may not write in the directory %s" % directory
+        return ("it may not write in the directory %s, where the setter writes the new file "
+                "before renaming it over the old one" % directory,
+                "chown %s that directory (e.g. keep the file in /var/lib/finger/), or --user "
+                "the directory's owner, or --setter off" % who)
     uid = os.geteuid() if identity is None else identity[1]
     info, dir_info = os.stat(path), os.stat(directory)
     if (dir_info.st_mode & stat.S_ISVTX and uid not in (0, info.st_uid, dir_info.st_uid)):
-        return "the directory %s is sticky and the file is not its" % directory
+        return ("%s is sticky, and only the file's owner may rename over it" % directory,
+                "chown %s the file, or move it to a directory of its own" % who)
     return None
 
 
@@ -5412,6 +5430,8 @@ def run_server(options):
             service.on_failure = lambda: (failures.append(1), stopping.set())
         group.start()
     except (FingerError, OSError) as error:
+        if options.daemon or options.logfile or options.syslog:   # else stderr says it
+            log.error("cannot start: %s", error)
         if options.pidfile:
             remove_pidfile(options.pidfile)
         if report:
@@ -5513,14 +5533,19 @@ def _listen_option(text):
                                          % error) from None
 
 
-def _positive_number(text):
+def _seconds(text, zero=False):
+    """A number of seconds above 0 (or, with `zero`, 0 or more) for argparse."""
     try:
         value = float(text)
     except ValueError:
         value = -1
-    if not value > 0:
-        raise argparse.ArgumentTypeError("expected a number of seconds above 0, got %r" % text)
+    if not (value >= 0 if zero else value > 0):        # NaN is neither
+        raise argparse.ArgumentTypeError("expected a number of seconds %s, got %r" % (
+            "0 or more" if zero else "above 0", text))
     return value
+
+
+_seconds_or_zero = functools.partial(_seconds, zero=True)
 
 
 def _count(text):
@@ -5613,7 +5638,7 @@ def build_parser(server=False):
                                  "host:port or [v6]:port (default: list localhost's users)"),
         parser.add_argument("-l", dest="verbose", action="store_true",
                             help="ask for the long form (sends /W)"),
-        parser.add_argument("--timeout", type=_positive_number, default=DEFAULT_TIMEOUT,
+        parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
                             metavar="SECONDS", help="limit for the whole exchange: "
                             "connecting, asking, reading (default: %(default)s)"),
         parser.add_argument("--set", metavar="STATUS",
@@ -5651,7 +5676,8 @@ def build_parser(server=False):
     data = parser.add_argument_group("data")
     data.add_argument("--users", default=DEFAULT_USERS_FILE, metavar="FILE",
                       help="users file, lines 'user: status' (default: %(default)s)")
-    data.add_argument("--reload", type=float, default=DEFAULT_RELOAD, metavar="SECONDS",
+    data.add_argument("--reload", type=_seconds_or_zero, default=DEFAULT_RELOAD,
+                      metavar="SECONDS",
                       help="check the users file for changes this often; 0: never "
                            "(default: %(default)s)")
     data.add_argument("--backend", default="file", metavar="NAME",
@@ -5662,7 +5688,7 @@ def build_parser(server=False):
     data.add_argument("--command", default="finger", metavar="PROGRAM",
                       help="--backend command: the program run as PROGRAM -- NAME "
                            "(default: %(default)s)")
-    data.add_argument("--backend-timeout", type=_positive_number,
+    data.add_argument("--backend-timeout", type=_seconds,
                       default=DEFAULT_BACKEND_TIMEOUT, metavar="SECONDS",
                       help="limit for a command, web lookup or forwarded query (default: "
                            "%(default)s)")
@@ -5692,7 +5718,7 @@ def build_parser(server=False):
                            "%(default)s)")
 
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--request-timeout", dest="timeout", type=_positive_number,
+    limits.add_argument("--request-timeout", dest="timeout", type=_seconds,
                         default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="time a client has to send its query and take its answer; "
                              "between two reads on the web (default: %(default)s)")
@@ -5740,7 +5766,7 @@ def build_parser(server=False):
     process.add_argument("--rundir", metavar="DIR", help="change to this directory")
     process.add_argument("--chroot", metavar="DIR",
                          help="chroot here after binding (see README: what it needs)")
-    process.add_argument("--stop-timeout", type=_positive_number, default=DEFAULT_STOP_TIMEOUT,
+    process.add_argument("--stop-timeout", type=_seconds, default=DEFAULT_STOP_TIMEOUT,
                          metavar="SECONDS", help="at SIGTERM, how long answers in flight may "
                          "take before the process exits without them (default: %(default)s)")
     process.add_argument("--log-level", default="info",
@@ -5758,7 +5784,7 @@ def build_parser(server=False):
 
 # Options that are not configuration: modes, one-shot actions and the client's.
 NOT_CONFIGURABLE = {"help", "version", "serve", "inetd", "set", "config", "print-config",
-                    "check-config", "timeout"}
+                    "check-config"}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -5774,7 +5800,8 @@ def _configurable_options(parser):
 
 def config_arguments(path, parser):
     """The options of an INI file, as command-line arguments to put before the real ones.
-    An unknown key or a bad value is a UsageError naming the file, the line and the key."""
+    Unknown keys and bad values are a UsageError naming the file, the line and the key of
+    each, one line apiece."""
     import configparser
     try:
         with open(path, encoding="utf-8") as f:
@@ -5797,18 +5824,21 @@ def config_arguments(path, parser):
         raise UsageError("%s:%d: unknown section [%s]; options go in [finger]"
                          % (path, _line_of(text, "[" + extra[0]), extra[0]))
     known = _configurable_options(parser)
-    arguments = []
+    arguments, problems = [], []
     for key, value in config.items("finger") if config.has_section("finger") else ():
         where = "%s:%d: %s" % (path, _line_of(text, key), key)
         action = known.get(key)
-        if action is None:
-            import difflib
-            close = difflib.get_close_matches(key, list(known) + ["timeout"], 1)
-            hint = ("did you mean %s?" % ("request-timeout" if close[0] == "timeout"
-                                          else close[0])) if close else \
-                "keys are long option names, e.g. users"
-            raise UsageError("%s: unknown key; %s" % (where, hint))
-        arguments += _config_value(action, "--" + key, value.strip(), where)
+        try:
+            if action is None:
+                import difflib
+                close = difflib.get_close_matches(key, list(known), 1)
+                raise UsageError("%s: unknown key; %s" % (where, "did you mean %s?" % close[0]
+                                 if close else "keys are long option names, e.g. users"))
+            arguments += _config_value(action, "--" + key, value.strip(), where)
+        except UsageError as error:
+            problems.append(str(error))
+    if problems:
+        raise UsageError("\nfinger.py: error: ".join(problems))
     return arguments
 
 
@@ -5845,7 +5875,11 @@ def format_config(options, parser):
     """The effective configuration as a --config file."""
     lines = ["# finger.py %s configuration: python3 finger.py --serve --config FILE" % __version__,
              "[finger]"]
+    # One key per option: the last spelling added (--request-timeout, not the client's).
+    keys = {action.dest: key for key, action in _configurable_options(parser).items()}
     for key, action in _configurable_options(parser).items():
+        if keys[action.dest] != key:
+            continue
         value = getattr(options, action.dest)
         if key in LISTENERS:
             value = "off" if value is None else format_address(value)
@@ -5878,16 +5912,17 @@ def main(argv=None):
     try:
         arguments = config_arguments(config_file, parser) if config_file else []
     except UsageError as error:
-        print("finger.py: error: %s" % error, file=sys.stderr)
+        print("finger.py: error: %s\ntry '%s'" % (error, parser.hint), file=sys.stderr)
         return error.exit_code
     options = parser.parse_intermixed_args(arguments + argv)
-    options.given = given_options(parser, arguments + argv)
+    options.given = given_options(parser, argv) + _config_changes(parser, arguments)
     if options.print_config:
         sys.stdout.write(format_config(options, parser))
         return 0
     if not server:
         misplaced = [name for name in options.given if name not in CLIENT_OPTIONS]
         if misplaced:
+            parser.hint = "finger.py --serve --help"
             parser.error("%s %s the server's: did you mean finger.py --serve?" % (
                 ", ".join(misplaced), "is" if len(misplaced) == 1 else "are"))
         if options.set is not None:
@@ -5909,6 +5944,8 @@ def main(argv=None):
         return run_inetd(options) if options.inetd else run_server(options)
     except FingerError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
+        if isinstance(error, UsageError):
+            print("try '%s'" % parser.hint, file=sys.stderr)
         return error.exit_code
     except OSError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
@@ -5931,6 +5968,15 @@ def given_options(parser, words):
             given.append(option)
             value_next = action.nargs != 0 and not equals
     return given
+
+
+def _config_changes(parser, arguments):
+    """The options a config file (as `arguments`) sets to other than their defaults: a file
+    written by --print-config names them all."""
+    configured = parser.parse_intermixed_args(arguments)
+    actions = parser._option_string_actions
+    return [name for name in given_options(parser, arguments)
+            if getattr(configured, actions[name].dest) != actions[name].default]
 
 
 def run_check_config(options):

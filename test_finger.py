@@ -1982,7 +1982,8 @@ class TestPlugins(unittest.TestCase):
             with self.subTest(spec=spec):
                 result = run_finger("--serve", "--backend", spec, env=env)
                 self.assertEqual(result.returncode, 2)
-                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertEqual(result.stderr.splitlines()[1:],  # one line, and the hint
+                                 ["try 'finger.py --serve --help'"], result.stderr)
                 self.assertIn(error, result.stderr)
 
 
@@ -4283,6 +4284,7 @@ class TestDaemon(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("cannot listen", result.stderr)
         self.assertFalse(os.path.exists(self.pidfile))       # no pidfile with a dead PID
+        self.assertIn("cannot start: ", _read(self.logfile))   # and the log says why
 
     def test_pidfile_of_a_live_process_refuses_and_a_stale_one_is_replaced(self):
         args = self.daemon_args()
@@ -4581,6 +4583,10 @@ class TestXMLRPCFaults(unittest.TestCase):
         self.assertEqual(self.fault(dumps((), "__init__")), finger.RPC_METHOD_NOT_FOUND)
         self.assertEqual(self.fault(b"<methodCall><methodName>x"), finger.RPC_PARSE_ERROR)
         self.assertEqual(self.fault(b"<methodResponse/>"), finger.RPC_INVALID_REQUEST)
+        self.assertEqual(self.fault(b"<methodCall><params/></methodCall>"),
+                         finger.RPC_INVALID_REQUEST)
+        self.assertEqual(self.fault(dumps(([1],), "system.methodHelp")),
+                         finger.RPC_INVALID_PARAMS)
         self.assertEqual((finger.RPC_PARSE_ERROR, finger.RPC_INVALID_REQUEST,
                           finger.RPC_METHOD_NOT_FOUND, finger.RPC_INVALID_PARAMS,
                           finger.RPC_INTERNAL_ERROR), (-32700, -32600, -32601, -32602, -32603))
@@ -4643,11 +4649,18 @@ class TestCommandLineErrors(unittest.TestCase):
             self.assertIn("\n%s" % group, server)
         self.assertLess(len(client.splitlines()), 30)
 
-    def test_an_unknown_config_key_suggests_the_right_one(self):
-        path = write_file(self, "[finger]\ntimeout = 3\n")
+    def test_config_errors_are_all_told_with_the_nearest_key(self):
+        path = write_file(self, "[finger]\nusres = x\nfinger = ::1:79\nreload = -1\n"
+                                "request-timeout = 3\n")
         result = run_finger("--serve", "--config", path)
         self.assertEqual(result.returncode, 2)
-        self.assertIn("did you mean request-timeout?", result.stderr)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn(":2: usres: unknown key; did you mean users?", lines[0])
+        self.assertIn(":3: finger: ", lines[1])
+        self.assertIn("[::1]:79", lines[1])
+        self.assertIn(":4: reload: expected a number of seconds 0 or more", lines[2])
+        self.assertEqual(lines[3], "try 'finger.py --serve --help'")
 
 
 def check_config(test, *args):
@@ -4664,6 +4677,11 @@ class TestCheckConfig(unittest.TestCase):
         self.port = free_port()
         self.readme = ["--users", self.users, "--finger", "127.0.0.1:%d" % self.port,
                        "--web", "off", "--user", pwd.getpwuid(os.geteuid()).pw_name]
+
+    def test_a_printed_configuration_passes(self):
+        printed = run_finger("--print-config", *self.readme).stdout
+        result = run_finger("--check-config", "--config", write_file(self, printed, "ini"))
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
 
     def test_the_readme_example_passes(self):
         result = run_finger("--check-config", *self.readme)
@@ -4701,6 +4719,7 @@ class TestCheckConfig(unittest.TestCase):
         code, err = check_config(self, *args)
         self.assertEqual(code, 2)
         self.assertIn("setter: nobody cannot replace %s" % self.users, err)
+        self.assertIn("chown nobody that directory", err)
         self.assertIn(directory, err)
         self.assertIn("--setter off", err)
         self.assertEqual(check_config(self, *args[:4], "--web", "off", "--setter", "off",
@@ -4712,6 +4731,41 @@ class TestCheckConfig(unittest.TestCase):
         code, err = check_config(self, *args[:4], "--web", "off", "--setter", "off",
                                  "--user", "nobody")
         self.assertIn("nobody cannot read it", err)
+
+    @unittest.skipUnless(os.geteuid() == 0, "running as another user needs root")
+    def test_what_the_run_as_user_reaches_through_links_and_sticky_directories(self):
+        nobody = ("nobody", pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+        hidden = tempfile.mkdtemp()                          # root's, 0700
+        self.addCleanup(shutil.rmtree, hidden)
+        target = os.path.join(hidden, "users")
+        with open(target, "w") as f:
+            f.write(USERS)
+        os.chmod(target, 0o644)
+        link = os.path.join(os.path.dirname(self.users), "link")
+        os.symlink(target, link)
+        self.assertTrue(finger.may_access(self.users, nobody, os.R_OK))
+        self.assertFalse(finger.may_access(link, nobody, os.R_OK))
+        sticky = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, sticky)
+        os.chmod(sticky, 0o1777)
+        in_sticky = os.path.join(sticky, "users")
+        with open(in_sticky, "w") as f:
+            f.write(USERS)
+        reason, fix = finger.replace_problem(in_sticky, nobody)
+        self.assertIn("sticky", reason)
+        self.assertEqual(fix, "chown nobody the file, or move it to a directory of its own")
+        os.chown(in_sticky, nobody[1], nobody[2])
+        self.assertIsNone(finger.replace_problem(in_sticky, nobody))
+
+    def test_a_plugin_may_use_any_option(self):
+        directory = os.path.dirname(self.users)
+        with open(os.path.join(directory, "fileplugin.py"), "w") as f:
+            f.write("import finger\n"
+                    "def Plugin(options):\n"
+                    "    return finger.FileDatabase(options.users)\n")
+        result = run_finger("--check-config", *self.readme, "--setter", "off", "--backend",
+                            "fileplugin:Plugin", env=dict(os.environ, PYTHONPATH=directory))
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
 
     @unittest.skipUnless(os.geteuid() == 0, "running as another user needs root")
     def test_serve_warns_at_start(self):
@@ -4802,6 +4856,11 @@ class TestInetd(unittest.TestCase):
             theirs.close()
             ours.settimeout(TIMEOUT)
             self.assertEqual(ours.recv(1000), b"Happy and well\r\n")
+
+    def test_a_query_from_a_regular_file(self):
+        with open(write_file(self, "moshez\r\n", "query")) as query:  # epoll refuses files
+            result = run_finger("--inetd", "--users", write_file(self, USERS), stdin=query)
+        self.assertEqual((result.returncode, result.stdout), (0, "Happy and well\n"))
 
     def test_timeout_with_no_query(self):
         users = write_file(self, USERS)
