@@ -2192,6 +2192,7 @@ WEB_TIMEOUT = 10.0                # seconds a web connection may sit between two
 DEFAULT_WEB_MAX_CONNECTIONS = 256  # handler threads at once; more get 503
 MAX_RPC_BODY = 64 * 1024         # bytes of XML-RPC request (a call is tiny); more get 413
 MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 431
+DEFAULT_HSTS = 365 * 24 * 3600    # Strict-Transport-Security max-age on HTTPS (one year)
 WEB_CACHE = "public, max-age=30"  # statuses change at most every reload (30 s by default)
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
                            "form-action 'none'; frame-ancestors 'none'")
@@ -2663,7 +2664,7 @@ def _web_classes():
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
             self.send_header("Referrer-Policy", "no-referrer")
-            headers = dict(response.headers)
+            headers = dict(self.server.headers + response.headers)
             headers.setdefault("Cache-Control", WEB_CACHE if response.status < 400
                                else "no-store")
             for key, value in headers.items():
@@ -2706,7 +2707,7 @@ def _web_classes():
         daemon_threads = True
 
         def __init__(self, sock, site, name, timeout, max_connections, ssl_context,
-                     limits=None):
+                     limits=None, headers=()):
             super().__init__(sock.getsockname()[:2], WebHandler, bind_and_activate=False)
             self.socket.close()
             self.socket = sock
@@ -2714,6 +2715,7 @@ def _web_classes():
             self.timeout_seconds = timeout
             self.max_connections = max_connections
             self.ssl_context = ssl_context
+            self.headers = list(headers)  # sent on every response (HSTS)
             self.counts = {}
             self.active = {}          # accepted socket -> the socket in use (TLS wraps it)
             self.deadlines = {}       # accepted socket -> when its request must be in
@@ -2956,17 +2958,21 @@ def _pem_problem(cert, key, error):
 
 
 class WebService(Service):
-    """The web site on one listener, plain or TLS; `reload()` re-reads the certificate."""
+    """The web site on one listener, plain or TLS; `reload()` re-reads the certificate.
+    Over TLS, `hsts` seconds (0: none) is the Strict-Transport-Security max-age."""
 
     def __init__(self, site, address=("127.0.0.1", 0), *, sock=None, name="web",
                  cert=None, key=None, timeout=WEB_TIMEOUT,
-                 max_connections=DEFAULT_WEB_MAX_CONNECTIONS, limits=None):
+                 max_connections=DEFAULT_WEB_MAX_CONNECTIONS, limits=None,
+                 hsts=DEFAULT_HSTS):
         super().__init__()
         self.site, self.name = site, name
         self.limits = limits
         self.requested_address = address
         self.cert, self.key = cert, key
         self.ssl_context = make_tls_context(cert, key) if cert else None
+        self.headers = [("Strict-Transport-Security", "max-age=%d" % hsts)] \
+            if cert and hsts else []
         self.timeout = timeout
         self.max_connections = max_connections
         self._sock = sock
@@ -2988,7 +2994,7 @@ class WebService(Service):
             sock = self._sock or bind_tcp(self.requested_address, self.name)
             self._server = _web_classes()(sock, self.site, self.name, self.timeout,
                                           self.max_connections, self.ssl_context,
-                                          self.limits)
+                                          self.limits, self.headers)
             self.address = sock.getsockname()[:2]
 
     def serve(self):
@@ -4848,7 +4854,7 @@ def wanted_listeners(options, sockets=()):
 # options and the listeners that run, what they need).  Given without it, they are warned
 # about, not refused.
 OPTIONS_NEEDING = (
-    (("--cert", "--key"), lambda o, run: "https" in run, "--https"),
+    (("--cert", "--key", "--hsts"), lambda o, run: "https" in run, "--https"),
     (("--templates", "--web-max-connections"), lambda o, run: {"web", "https"} & set(run),
      "--web or --https"),
     (("--max-status",), lambda o, run: {"setter", "setter-socket"} & set(run),
@@ -4927,7 +4933,7 @@ def _listener_service(name, address, sock, db, site, options):
         return WebService(site, address, sock=sock, name=name, timeout=options.timeout,
                           max_connections=options.web_max_connections,
                           cert=options.cert if name == "https" else None, key=options.key,
-                          limits=limits)
+                          limits=limits, hsts=options.hsts)
     forwarder = None
     if name in ("setter", "setter-socket"):
         protocol = SetterProtocol(db, options.max_status,
@@ -5669,6 +5675,10 @@ def build_parser(server=False):
                            help="--https: PEM file with the certificate (and the key)")
     listeners.add_argument("--key", metavar="FILE",
                            help="--https: PEM file with the key, if not in --cert")
+    listeners.add_argument("--hsts", type=_count_or_zero, default=DEFAULT_HSTS,
+                           metavar="SECONDS", help="--https: the Strict-Transport-Security "
+                           "max-age; 0: none; never sent on plain HTTP (default: %(default)s, "
+                           "a year)")
     listeners.add_argument("--setter-socket", metavar="PATH",
                            help="also take statuses on this unix socket, where local users "
                                 "may set only their own (default: off)")

@@ -1583,6 +1583,22 @@ class TestHTTPS(unittest.TestCase):
         status, _, body = http(service.address, "GET", "/moshez", context=self.client_context())
         self.assertEqual((status, b"Happy and well" in body), (200, True))
 
+    def test_strict_transport_security_on_https_only(self):
+        https = web_service(self, cert=self.pem, name="https")
+        _, headers, _ = http(https.address, "GET", "/", context=self.client_context())
+        self.assertEqual(headers.get("Strict-Transport-Security"),
+                         "max-age=%d" % finger.DEFAULT_HSTS)
+        _, headers, _ = http(https.address, "GET", "/nobody", context=self.client_context())
+        self.assertIn("Strict-Transport-Security", headers)               # errors too
+        short = web_service(self, cert=self.pem, name="https", hsts=60)
+        _, headers, _ = http(short.address, "GET", "/", context=self.client_context())
+        self.assertEqual(headers.get("Strict-Transport-Security"), "max-age=60")
+        off = web_service(self, cert=self.pem, name="https", hsts=0)
+        self.assertNotIn("Strict-Transport-Security",
+                         http(off.address, "GET", "/", context=self.client_context())[1])
+        plain = web_service(self, hsts=60)
+        self.assertNotIn("Strict-Transport-Security", http(plain.address, "GET", "/")[1])
+
     def test_old_tls_plain_http_and_stalled_handshakes_are_dropped(self):
         import ssl
         service = web_service(self, cert=self.pem, name="https", timeout=0.5)
