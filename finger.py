@@ -2192,6 +2192,8 @@ WEB_TIMEOUT = 10.0                # seconds a web connection may sit between two
 DEFAULT_WEB_MAX_CONNECTIONS = 256  # handler threads at once; more get 503
 MAX_RPC_BODY = 64 * 1024         # bytes of XML-RPC request (a call is tiny); more get 413
 MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 431
+API_PAGE = 1000                   # users in one /api/users answer unless ?limit= says
+API_MAX_PAGE = 10000              # ... and at most, whatever ?limit= says
 DEFAULT_HSTS = 365 * 24 * 3600    # Strict-Transport-Security max-age on HTTPS (one year)
 WEB_CACHE = "public, max-age=30"  # statuses change at most every reload (30 s by default)
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
@@ -2256,7 +2258,8 @@ class WebSite:
     GET /             the users, each a link to its page (403 when the list is private)
     GET /NAME         that user's status (404 page for an unknown user); also /~NAME, which
                       is the only page of users named like the site's own paths (`routes`)
-    GET /api/users    JSON list of names; /api/users/NAME: {"user": ..., "status": ...}
+    GET /api/users    [{"user": ..., "status": ...}, ...] sorted by name, a page at a time
+                      (?limit=N, ?after=NAME; Link: rel="next"); /api/users/NAME: one
     GET /metrics      Prometheus text, when `metrics` (a function returning it) is given
     GET /healthz      200 "ok" while the users load, 503 when the last load failed
     POST /RPC2        XML-RPC: getUser(name), getUsers(), system.listMethods, methodHelp
@@ -2308,14 +2311,17 @@ class WebSite:
 
     def _route(self, method, target, body):
         from urllib.parse import unquote
-        path = target.split("?", 1)[0].split("#", 1)[0]
+        path, _, query = target.split("#", 1)[0].partition("?")
         first, _, rest = path[1:].partition("/")
         route = self.routes.get(first)
+        if method == "POST" and route == "_api":
+            return self.json(405, {"error": "Method not allowed: /api takes GET and HEAD"},
+                             [("Allow", "GET, HEAD")])
         if method == "POST" and route != "_rpc2":
             return self.error(405, "Method not allowed", "Only /RPC2 takes POST.",
                               [("Allow", "GET, HEAD")])
         if route is not None:
-            return getattr(self, route)(method, rest, body)
+            return getattr(self, route)(method, rest, query, body)
         if path == "/":
             return self.users_page()
         try:
@@ -2328,9 +2334,10 @@ class WebSite:
             return self.not_found()
         return self.user_page(name)
 
-    # Each route: (method, the rest of the path after its segment, body) -> WebResponse.
+    # Each route: (method, the rest of the path after its segment, the query string, body)
+    # -> WebResponse.
 
-    def _rpc2(self, method, rest, body):
+    def _rpc2(self, method, rest, query, body):
         if rest:
             return self.not_found()
         if method != "POST":
@@ -2338,13 +2345,13 @@ class WebSite:
                               [("Allow", "POST")])
         return self.xmlrpc(body)
 
-    def _metrics(self, method, rest, body):
+    def _metrics(self, method, rest, query, body):
         if self.metrics is None or rest:
             return self.not_found()
         return WebResponse(200, "text/plain; version=0.0.4; charset=utf-8",
                            self.metrics().encode("utf-8"), [("Cache-Control", "no-store")])
 
-    def _healthz(self, method, rest, body):
+    def _healthz(self, method, rest, query, body):
         if rest:
             return self.not_found()
         ok = self.db.health()[1]
@@ -2352,12 +2359,13 @@ class WebSite:
                            b"ok\n" if ok else b"the last load of the users failed\n",
                            [("Cache-Control", "no-store")])
 
-    def _api(self, method, rest, body):
-        """/api/users (the names) and /api/users/NAME (one user), as JSON."""
+    def _api(self, method, rest, query, body):
+        """/api/users (the users, a page at a time) and /api/users/NAME (one user), as JSON;
+        every error is JSON too."""
         from urllib.parse import unquote
         if rest in ("users", "users/"):
             try:
-                return self.json(200, list(self.db.public_users()))
+                return self.users_json(query)
             except ListRefused:
                 return self.json(403, {"error": LIST_DENIED})
         try:
@@ -2373,6 +2381,33 @@ class WebSite:
         return self.json(200, {"user": name, "status": defang(status)})
 
     # -- responses
+
+    def users_json(self, query):
+        """A page of the users with their statuses, sorted by name: `limit` of them
+        (API_PAGE, at most API_MAX_PAGE) after the name `after`; a Link header names the
+        next page when there is one."""
+        import bisect
+        from urllib.parse import parse_qs, urlencode
+        try:
+            fields = parse_qs(query, strict_parsing=bool(query), errors="strict")
+            limit = fields.get("limit", [str(API_PAGE)])[-1]
+            after = fields.get("after", [""])[-1]
+        except (ValueError, UnicodeDecodeError):
+            return self.json(400, {"error": "bad query string: ?limit=N&after=NAME"})
+        if not (limit.isascii() and limit.isdigit() and int(limit) > 0):
+            return self.json(400, {"error": "limit: a whole number above 0, at most %d"
+                                   % API_MAX_PAGE})
+        limit = min(int(limit), API_MAX_PAGE)
+        names = self.db.public_users()
+        start = bisect.bisect_right(names, after) if after else 0
+        page = names[start:start + limit]
+        users = [{"user": name, "status": defang(self.db.get_user(name) or "")}
+                 for name in page]
+        headers = []
+        if start + limit < len(names):
+            headers.append(("Link", '</api/users?%s>; rel="next"'
+                            % urlencode({"limit": limit, "after": page[-1]})))
+        return self.json(200, users, headers)
 
     def users_page(self):
         """The list of users; rendered once per version of a database that has one."""
@@ -2425,10 +2460,11 @@ class WebSite:
         return WebResponse(code, "text/html; charset=utf-8", html.encode("utf-8"))
 
     @staticmethod
-    def json(code, value):
+    def json(code, value, headers=()):
         import json
         return WebResponse(code, "application/json; charset=utf-8",
-                           json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n")
+                           json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n",
+                           headers)
 
     def xmlrpc(self, body):
         """An XML-RPC call -> its answer, or a fault with one of the codes of the XML-RPC

@@ -1290,13 +1290,52 @@ class TestWebSite(unittest.TestCase):
         import json
         status, headers, body = http(self.address, "GET", "/api/users")
         self.assertEqual(headers["Content-Type"], "application/json; charset=utf-8")
-        self.assertEqual(json.loads(body), ["caf\u00e9", "evil", "moshez", "shawn"])
+        self.assertEqual([user["user"] for user in json.loads(body)],
+                         ["caf\u00e9", "evil", "moshez", "shawn"])
+        self.assertEqual(json.loads(body)[2], {"user": "moshez", "status": "Happy and well"})
         status, _, body = http(self.address, "GET", "/api/users/moshez")
         self.assertEqual((status, json.loads(body)),
                          (200, {"user": "moshez", "status": "Happy and well"}))
         status, _, body = http(self.address, "GET", "/api/users/nobody")
         self.assertEqual(status, 404)
         self.assertEqual(json.loads(body)["error"], "No such user")
+        for method, path, code in (("POST", "/api/users", 405), ("GET", "/api", 404),
+                                   ("GET", "/api/nothing", 404),
+                                   ("GET", "/api/users?limit=0", 400),
+                                   ("GET", "/api/users?after=%ff", 400)):
+            status, headers, body = http(self.address, method, path, body=b"" if method ==
+                                         "POST" else None)
+            self.assertEqual((status, headers["Content-Type"]),
+                             (code, "application/json; charset=utf-8"), path)
+            self.assertIn("error", json.loads(body))
+
+    def test_json_api_pages(self):
+        import json
+        db = finger.MemoryDatabase({"u%05d" % i: "status %d" % i for i in range(2500)})
+        address = web_service(self, db).address
+        seen, path, pages = [], "/api/users", 0
+        while path:
+            status, headers, body = http(address, "GET", path)
+            self.assertEqual(status, 200)
+            page = json.loads(body)
+            self.assertLessEqual(len(page), finger.API_PAGE)
+            seen += page
+            pages += 1
+            link = headers.get("Link")
+            path = re.match(r'<([^>]+)>; rel="next"', link).group(1) if link else None
+        self.assertEqual(pages, 3)
+        self.assertEqual([user["user"] for user in seen], sorted(db.get_users()))
+        self.assertEqual(seen[1234], {"user": "u01234", "status": "status 1234"})
+        page = json.loads(http(address, "GET", "/api/users?limit=2&after=u00009")[2])
+        self.assertEqual([user["user"] for user in page], ["u00010", "u00011"])
+        self.assertEqual(len(json.loads(http(address, "GET", "/api/users?limit=99999")[2])),
+                         2500)                              # under API_MAX_PAGE: all
+        many = finger.WebSite(finger.MemoryDatabase(
+            {"u%05d" % i: "s" for i in range(finger.API_MAX_PAGE + 1)}))
+        response = many.handle("GET", "/api/users?limit=%d" % (finger.API_MAX_PAGE * 10))
+        self.assertEqual(len(json.loads(response.body)), finger.API_MAX_PAGE)
+        self.assertIn(("Link", '</api/users?limit=%d&after=u%05d>; rel="next"'
+                       % (finger.API_MAX_PAGE, finger.API_MAX_PAGE - 1)), response.headers)
 
     def test_xmlrpc(self):
         import xmlrpc.client
@@ -4523,7 +4562,8 @@ class TestPrivacyOptions(unittest.TestCase):
     def test_the_list_is_served_without_the_option(self):
         db = finger.MemoryDatabase({"moshez": "Happy and well"})
         site = finger.WebSite(db)
-        self.assertEqual(site.handle("GET", "/api/users").body, b'["moshez"]\n')
+        self.assertEqual(site.handle("GET", "/api/users").body,
+                         b'[{"user": "moshez", "status": "Happy and well"}]\n')
         db.listable = False
         self.assertEqual(site.handle("GET", "/api/users").status, 403)
         with self.assertRaises(finger.ListRefused):
