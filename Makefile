@@ -46,7 +46,7 @@ peers:
 	    for attempt in 1 2 3; do \
 	        apt-get update -qq >/dev/null && \
 	        apt-get install -y -qq --no-install-recommends finger fingerd socat \
-	            netcat-openbsd curl openssl chromium ngircd gnutls-bin >/dev/null && break; \
+	            netcat-openbsd curl openssl chromium ngircd inspircd gnutls-bin >/dev/null && break; \
 	        [ $$attempt = 3 ] && exit 1; echo "peers: apt failed, trying again"; sleep 10; \
 	    done; \
 	else echo "peers: not root or no apt-get: Debian packages not installed"; fi
@@ -64,7 +64,7 @@ interop: peers
 	    TWISTED_PYTHON=$(abspath $(TWISTED_VENV))/bin/python \
 	    TWISTED_OLD_PYTHON=$(abspath $(TWISTED_OLD_VENV))/bin/python \
 	    $(PYTHON) test_finger.py TestInterop TestWebInterop TestPackagingInterop \
-	    TestPBInterop TestIRCInterop TestPythonVersions
+	    TestPBInterop TestIRCInterop TestIRCInteropInspircd TestPythonVersions
 
 bench:
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)

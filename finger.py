@@ -3820,17 +3820,32 @@ IRC_READ_BATCH = 64               # reads from the socket per wake-up of the loo
 IRC_DEFAULT_NICKLEN = 9           # RFC 1459's limit, assumed after a 432 until 005 tells
 IRC_NICK_TRIES = 10               # other nicks tried on one connection before giving up
 IRC_FIRST_DELAY = 1.0             # seconds before the first reconnect; doubles each attempt
-IRC_BANNED_ATTEMPTS = 64          # where a ban puts the attempt count: the back-off's cap
 IRC_LOOKUP_AT_BIND = 2.0          # seconds bind() waits for the server's address (chroot)
 IRC_QUIT_GRACE = 0.5              # seconds the QUIT gets to leave and be answered on close()
 IRC_QUIT_MESSAGE = "finger.py stopping"
 IRC_CTCP_ECHO = 64                # characters of a CTCP PING argument echoed back
-# ERROR reasons that mean "do not come back soon": back off to the cap.
-IRC_BANNED = re.compile(r"ban|[kgzd]-?line|throttl|too many|flood", re.IGNORECASE)
+IRC_THROTTLE_DELAY = 20.0         # seconds (plus up to half again) before coming back after
+                                  # "too fast"/"throttled" or a 263 during registration
+IRC_BAN_DELAY = 600.0             # seconds (less up to 20 %) before coming back after a ban
+IRC_CAP_WAIT = 5.0                # seconds CAP LS may go unanswered before SASL is given up
+IRC_JOIN_WAIT = 5.0               # seconds after 001 we wait for the end of the MOTD (and
+                                  # with it the 005 lines) before joining all the same
+IRC_RECLAIM_INTERVAL = 60.0       # seconds between ISONs for the wanted nick (no MONITOR)
+# ERROR reasons: the server throttles reconnections (come back on its terms), or bans us
+# (come back much later).
+IRC_THROTTLED = re.compile(r"throttl|too fast|try again", re.IGNORECASE)
+IRC_BANNED = re.compile(r"ban|[kgzd]-?line|too many|flood", re.IGNORECASE)
 
 _IRC_COMMAND = re.compile(r"[A-Za-z]+\Z|[0-9]{3}\Z")
 _IRC_UNSAFE = re.compile("[\r\n\0]")
-_IRC_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ[]\\~", "abcdefghijklmnopqrstuvwxyz{}|^")
+# CASEMAPPING (005) -> how nicks and channels fold; rfc1459 until the server says otherwise.
+_IRC_CASEMAPS = {
+    "ascii": str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"),
+    "rfc1459": str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ[]\\~", "abcdefghijklmnopqrstuvwxyz{}|^"),
+    "strict-rfc1459": str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ[]\\",
+                                    "abcdefghijklmnopqrstuvwxyz{}|"),
+}
+_IRC_UNICODE_CASEMAPS = ("rfc8265", "precis", "rfc7613")   # Ergo's: Unicode case folding
 _IRC_NICK = re.compile(r"[A-Za-z\[\]\\`^{}|_][A-Za-z0-9\[\]\\`^{}|_-]{0,63}\Z")   # RFC 2812
 _IRC_NOT_NICK_CHARS = re.compile(r"[^A-Za-z0-9\[\]\\`^{}|_-]")
 _IRC_CHANNEL = re.compile(r"[#&+!][^\0\a\r\n ,]{1,199}\Z")                        # RFC 2812
@@ -3876,9 +3891,13 @@ def parse_irc_line(line):
     return IRCMessage(prefix, words[0].upper(), words[1:] + ([trailing] if colon else []))
 
 
-def irc_lower(text):
-    """rfc1459 case mapping, the IRC default: A-Z and []\\~ equal a-z and {}|^."""
-    return text.translate(_IRC_LOWER)
+def irc_lower(text, casemapping="rfc1459"):
+    """`text` folded by an IRC case mapping (005 CASEMAPPING): rfc1459, the default, takes
+    A-Z and []\\~ for a-z and {}|^; strict-rfc1459 leaves ~ and ^ apart; ascii folds A-Z
+    only; rfc8265 (PRECIS) folds Unicode letters.  An unknown mapping folds as rfc1459."""
+    if casemapping in _IRC_UNICODE_CASEMAPS:
+        return text.casefold()
+    return text.translate(_IRC_CASEMAPS.get(casemapping, _IRC_CASEMAPS["rfc1459"]))
 
 
 def _utf8_prefix(data, limit):
@@ -4010,12 +4029,12 @@ def irc_tls_context(cafile=None):
 
 
 class _SessionEnd(Exception):
-    """Ends the connection to the server; the bot reconnects after the back-off (to the cap
-    when `banned`)."""
+    """Ends the connection to the server; the bot reconnects after the back-off, or after
+    the pause `pause` names ("ban" or "throttle").  `logged`: already told at ERROR."""
 
-    def __init__(self, reason, banned=False):
+    def __init__(self, reason, pause=None, logged=False):
         super().__init__(reason)
-        self.banned = banned
+        self.pause, self.logged = pause, logged
 
 
 class _Closing(Exception):
@@ -4031,8 +4050,13 @@ class IRCBot(Service):
     connection that is not welcomed (001) within `register_timeout`; it reconnects with
     attempt-based exponential back-off (`backoff_cap`), reset by 001; it limits its output
     to `burst` lines, then one per `line_interval` seconds; over TLS it checks the
-    certificate and host name.  SASL PLAIN is used when `account` and `password` are given,
-    PASS when `server_password` is.
+    certificate and host name.  SASL PLAIN is used when `account` and `password` are given
+    (with `require_sasl`, the bot disconnects rather than stay without its account), PASS
+    when `server_password` is.  It follows the server's 005: CASEMAPPING for every
+    comparison of nicks and channels, NICKLEN, CHANTYPES, TARGMAX for JOIN, BOT (it sets
+    that mode), MONITOR (to take its nick back when the holder leaves; else ISON every
+    `reclaim_interval` seconds).  A throttled reconnection waits `throttle_delay`, a ban
+    `ban_delay`; a ban, a refused certificate and a failed login are logged once per streak.
 
     Methods for the caller: those of Service (start, stop, ...).  `address` is the server's
     (host, port); `nick` the nick in use; `registered` whether the server welcomed the bot;
@@ -4045,7 +4069,10 @@ class IRCBot(Service):
     def __init__(self, db, host, port=None, *, nick=IRC_DEFAULT_NICK, channels=(), tls=False,
                  cafile=None, account=None, password=None, server_password=None,
                  realname="finger.py bot", keepalive=120.0, keepalive_timeout=60.0,
-                 register_timeout=60.0, burst=5, line_interval=2.0, backoff_cap=60.0):
+                 register_timeout=60.0, burst=5, line_interval=2.0, backoff_cap=60.0,
+                 require_sasl=False, throttle_delay=IRC_THROTTLE_DELAY,
+                 ban_delay=IRC_BAN_DELAY, reclaim_interval=IRC_RECLAIM_INTERVAL,
+                 cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT):
         super().__init__()
         if not _IRC_NICK.match(nick or ""):
             raise UsageError("--irc-nick %r: a nick is a letter or one of []\\`^{}|_ followed "
@@ -4061,6 +4088,8 @@ class IRCBot(Service):
             raise UsageError("the IRC account and password cannot contain NUL")
         if cafile and not tls:
             raise UsageError("--irc-cafile needs --irc-tls")
+        if require_sasl and not account:
+            raise UsageError("--irc-require-sasl needs --irc-account")
         if account and not tls:
             log.warning("irc: SASL PLAIN without --irc-tls sends the password in clear text")
         self.db = db
@@ -4074,6 +4103,11 @@ class IRCBot(Service):
         self.keepalive, self.keepalive_timeout = keepalive, keepalive_timeout
         self.register_timeout, self.backoff_cap = register_timeout, backoff_cap
         self.burst, self.line_interval = burst, line_interval
+        self.require_sasl = require_sasl
+        self.throttle_delay, self.ban_delay = throttle_delay, ban_delay
+        self.reclaim_interval, self.cap_wait, self.join_wait = reclaim_interval, cap_wait, \
+            join_wait
+        self._told = set()            # what was logged at ERROR this streak (reset by 001)
         # Fixed keys: render_metrics may iterate while the bot thread counts.
         self.counts = dict.fromkeys(("ok", "unknown", "error", "dropped", "ctcp"), 0)
         self.nick = nick
@@ -4142,8 +4176,7 @@ class IRCBot(Service):
             while not self._closing.is_set():
                 self._session()
                 self._failures += 1
-                delay = irc_backoff(IRC_BANNED_ATTEMPTS if self._banned else self._failures,
-                                    self.backoff_cap)
+                delay = self._pause()
                 log.info("irc: reconnecting to %s in %.1f s (attempt %d)",
                          format_address(self.address), delay, self._failures + 1)
                 self._sleep(delay)
@@ -4154,6 +4187,20 @@ class IRCBot(Service):
                 for end in self._wake:
                     end.close()
                 self._wake = None
+
+    def _pause(self):
+        """Seconds to wait before the next connection, after how the last one ended."""
+        import random
+        if self._ended_by == "ban":
+            return self.ban_delay * (1 - 0.2 * random.random())
+        if self._ended_by == "throttle":
+            return self.throttle_delay * (1 + 0.5 * random.random())
+        return irc_backoff(self._failures, self.backoff_cap)
+
+    def _tell_once(self, what, message, *args):
+        """Log at ERROR the first time `what` goes wrong in a streak, at INFO after that."""
+        log.log(logging.INFO if what in self._told else logging.ERROR, message, *args)
+        self._told.add(what)
 
     # -- one connection --------------------------------------------------------------------
 
@@ -4166,8 +4213,17 @@ class IRCBot(Service):
         self._outbuf, self._queue = b"", []
         self._bucket = TokenBucket(self.burst, self.line_interval)
         self._caps, self._cap_pending, self._sasl_started = {}, False, False
-        self._banned = False
-        self._joined = {}             # irc_lower(channel) -> channel
+        self._cap_due = None          # when an unanswered CAP LS means no SASL
+        self._logged_in, self._sasl_failed = False, False
+        self._ended_by = None         # "ban" or "throttle": how the connection ended
+        self.casemapping = "rfc1459"  # until 005 says otherwise
+        self._chantypes, self._join_max = "#&", None
+        self._monitor, self._bot_mode = False, None
+        self._join_due = None         # when to join without the end of the MOTD
+        self._settled = False         # joined, bot mode set, nick reclaim started
+        self._reclaim_due = None      # when to ask ISON for the wanted nick
+        self._reclaimable = True      # False once a 432 has changed the nick's shape
+        self._joined = {}             # folded channel -> channel
         self._last_received, self._ping_sent = time.monotonic(), None
         self._want = (BlockingIOError, InterruptedError)   # "try again later" errors
 
@@ -4187,14 +4243,29 @@ class IRCBot(Service):
                 self._sock = None
                 self.registered = False
         except _SessionEnd as end:
-            log.warning("irc: %s: %s", where, end)
-            self._banned = end.banned
+            log.log(logging.INFO if end.logged else logging.WARNING, "irc: %s: %s", where, end)
+            self._ended_by = end.pause
         except OSError as error:      # ssl.SSLError and socket.timeout included
-            log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
+            if getattr(error, "verify_message", None):
+                self._tell_once("tls", "irc: %s: the server's certificate was refused (%s); %s",
+                                where, error.verify_message, self._tls_fix(error))
+            else:
+                log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
         except _Closing:
             raise                     # close() was called: no error, no reconnect
         except Exception:             # a bug: log it, and reconnect rather than die
             log.exception("irc: %s: the connection failed", where)
+
+    def _tls_fix(self, error):
+        """What to do about a certificate the TLS check refused."""
+        if "hostname" in error.verify_message.lower() or "IP address mismatch" in \
+                error.verify_message:
+            return ("connect by a name the certificate carries (--irc %s is not one of them)"
+                    % self.host)
+        if self.cafile:
+            return "--irc-cafile %s holds no CA that signed it" % self.cafile
+        return ("name the CA that signed it with --irc-cafile FILE (a self-signed server: "
+                "its own certificate)")
 
     def _lookup(self, deadline):
         """The server's addresses.  getaddrinfo runs in a helper thread so that close() need
@@ -4328,12 +4399,21 @@ class IRCBot(Service):
                         more = self._receive()
 
     def _timer(self, now, deadline):
-        """Seconds until something is due; ends the session when a deadline has passed."""
+        """Seconds until something is due; does what is due now, and ends the session when
+        a deadline has passed."""
+        if self._cap_due is not None and now >= self._cap_due:
+            self._no_sasl("the server did not answer CAP LS within %g s" % self.cap_wait)
         if not self.registered:
             if now >= deadline:
                 raise _SessionEnd("no welcome (001) within %g s" % self.register_timeout)
-            due = deadline - now
-        elif self._ping_sent is not None:
+            due = min(deadline, self._cap_due or deadline) - now
+            return max(due, 0.001)
+        if self._join_due is not None and now >= self._join_due:
+            self._settle()
+        if self._reclaim_due is not None and now >= self._reclaim_due:
+            self._send("ISON", self.wanted_nick)
+            self._reclaim_due = now + self.reclaim_interval
+        if self._ping_sent is not None:
             waited = now - self._ping_sent
             if waited >= self.keepalive_timeout:
                 raise _SessionEnd("no answer to our PING within %g s (silent for %.1f s); "
@@ -4346,6 +4426,9 @@ class IRCBot(Service):
             due = self.keepalive_timeout
         else:
             due = self.keepalive - (now - self._last_received)
+        for when in (self._join_due, self._reclaim_due):
+            if when is not None:
+                due = min(due, when - now)
         return max(due, 0.001)
 
     def _receive(self):
@@ -4458,6 +4541,7 @@ class IRCBot(Service):
         if self.account:
             self._send("CAP", "LS", "302")
             self._cap_pending = True
+            self._cap_due = time.monotonic() + self.cap_wait
         if self._server_password:
             self._send("PASS", self._server_password)
         self._send("NICK", self.nick)
@@ -4472,35 +4556,124 @@ class IRCBot(Service):
         self._send("PONG", message.params[-1] if message.params else "")
 
     def _on_welcome(self, message):
+        if self.account and not (self._logged_in or self._sasl_failed):
+            self._no_sasl("the server welcomed us without answering CAP LS (no IRCv3 "
+                          "capabilities)")
         self.registered = True
         self._failures = 0
+        self._told.clear()
         self._cap_pending = False
         if message.params:
             self.nick = message.params[0]
         log.info("irc: registered on %s as %s", format_address(self.address), self.nick)
-        channels = list(self.channels)
+        self._join_due = time.monotonic() + self.join_wait
+
+    def _on_end_of_motd(self, message):
+        """376 (end of the MOTD) or 422 (no MOTD): registration is over, and the 005 lines
+        with it."""
+        if self.registered:
+            self._settle()
+
+    def _settle(self):
+        """Once registered and the 005 lines read: the bot mode, the channels, and watching
+        for the wanted nick if we are under another one."""
+        self._join_due = None
+        if self._settled:
+            return
+        self._settled = True
+        if self._bot_mode:
+            self._send("MODE", self.nick, "+" + self._bot_mode)
+        channels = []
+        for channel in self.channels:
+            if channel[0] in self._chantypes:
+                channels.append(channel)
+            else:
+                log.warning("irc: %s is no channel name here (CHANTYPES=%s); not joining it",
+                            channel, self._chantypes)
         while channels:                 # as few JOIN lines as fit, through the limiter
             batch = [channels.pop(0)]
-            while channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES:
+            while (channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES
+                   and len(batch) < (self._join_max or len(self.channels))):
                 batch.append(channels.pop(0))
             self._queue.append(format_irc_line("JOIN", ",".join(batch)))
+        if self.nicklen and len(self.wanted_nick) > self.nicklen:
+            self._reclaimable = False          # the server could never give it to us
+        if not self._is_me(self.wanted_nick) and self._reclaimable:
+            if self._monitor:
+                self._send("MONITOR", "+", self.wanted_nick)
+            else:
+                self._reclaim_due = time.monotonic()
 
     def _on_isupport(self, message):
         for token in message.params[1:-1]:
             key, _, value = token.partition("=")
-            if key.upper() == "NICKLEN" and value.isdigit() and int(value) > 0:
+            key = key.upper()
+            if key == "NICKLEN" and value.isdigit() and int(value) > 0:
                 self.nicklen = int(value)
+            elif key == "CASEMAPPING" and value:
+                self.casemapping = value.lower()
+                self._joined = {self._fold(channel): channel
+                                for channel in self._joined.values()}
+            elif key == "CHANTYPES":
+                self._chantypes = value
+            elif key == "TARGMAX":
+                for limit in value.split(","):
+                    command, _, count = limit.partition(":")
+                    if command.upper() == "JOIN" and count.isdigit() and int(count) > 0:
+                        self._join_max = int(count)
+            elif key == "MONITOR":
+                self._monitor = True
+            elif key == "BOT" and value:
+                self._bot_mode = value[0]
+
+    # -- taking the wanted nick back -------------------------------------------------------
+
+    def _reclaim(self):
+        """The wanted nick looks free: ask for it."""
+        if not self._is_me(self.wanted_nick) and self._reclaimable and self.registered:
+            self._send("NICK", self.wanted_nick)
+
+    def _on_ison(self, message):
+        """303: which of the nicks we asked about are online."""
+        online = {self._fold(nick) for nick in (message.params[-1] if message.params
+                                                 else "").split()}
+        if self._fold(self.wanted_nick) not in online:
+            self._reclaim()
+
+    def _on_monitor_offline(self, message):
+        """731: MONITORed nicks that went (or are) offline."""
+        nicks = [target.split("!")[0] for target in (message.params[-1] if message.params
+                                                      else "").split(",")]
+        if self._fold(self.wanted_nick) in map(self._fold, nicks):
+            self._reclaim()
+
+    def _on_quit(self, message):
+        if self._fold(message.nick) == self._fold(self.wanted_nick):
+            self._reclaim()
+
+    def _on_try_again(self, message):
+        """263: the server is too busy for what we asked; during registration, come back
+        later on its terms."""
+        if not self.registered:
+            raise _SessionEnd("the server asks us to try again later: %s"
+                              % (message.params[-1] if message.params else ""),
+                              pause="throttle")
 
     def _on_nick_refused(self, message):
         """433 (in use), 436 (collision), 437 (unavailable) and 432 (erroneous)."""
         if self.registered:
-            log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
+            if len(message.params) > 1 and self._fold(message.params[1]) == \
+                    self._fold(self.wanted_nick):
+                log.debug("irc: %s is still taken", self.wanted_nick)   # reclaim: later
+            else:
+                log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
             return
         if len(self._nicks_tried) > IRC_NICK_TRIES:
             raise _SessionEnd("no nick accepted after %d tries (%s)"
                               % (len(self._nicks_tried), ", ".join(self._nicks_tried)))
         refused = self.nick
         if message.command == "432":       # bad shape or too long: change the shape
+            self._reclaimable = False
             self._nick_limit = self.nicklen or IRC_DEFAULT_NICKLEN
             self._nick_base = reshape_nick(self._nick_base, self._nick_limit)
         limit = self.nicklen or self._nick_limit
@@ -4516,15 +4689,24 @@ class IRCBot(Service):
 
     def _on_error(self, message):
         reason = message.params[-1] if message.params else ""
-        raise _SessionEnd("the server closed the link: ERROR %s" % reason,
-                          banned=bool(IRC_BANNED.search(reason)))
+        if IRC_THROTTLED.search(reason):
+            raise _SessionEnd("the server throttles our connections: ERROR %s" % reason,
+                              pause="throttle")
+        if IRC_BANNED.search(reason):
+            self._banned(reason)
+        raise _SessionEnd("the server closed the link: ERROR %s" % reason)
 
     def _on_refused(self, message):
         """464 (bad server password), 465 (banned): no point in coming back soon."""
         reason = message.params[-1] if message.params else ""
-        what = "refused the server password" if message.command == "464" else "banned us"
-        log.error("irc: %s %s: %s", format_address(self.address), what, reason)
-        raise _SessionEnd("%s %s" % (message.command, reason), banned=True)
+        if message.command == "464":
+            reason = "it refused the server password: " + reason
+        self._banned(reason)
+
+    def _banned(self, reason):
+        self._tell_once("ban", "irc: %s banned us: %s; trying again in about %d minutes",
+                        format_address(self.address), reason, self.ban_delay // 60)
+        raise _SessionEnd("banned: %s" % reason, pause="ban", logged=True)
 
     def _on_not_registered(self, message):
         log.warning("irc: sent a command before 001 (a bug): %s", " ".join(message.params))
@@ -4542,19 +4724,40 @@ class IRCBot(Service):
                 self._caps[name.lower()] = value
             if len(params) >= 4 and params[2] == "*":
                 return                    # more CAP LS lines follow (302)
+            self._cap_due = None
             mechanisms = self._caps.get("sasl")
-            if mechanisms is None or (mechanisms and "PLAIN" not in mechanisms.upper().split(",")):
-                log.warning("irc: %s offers no SASL PLAIN; going on without logging in as %s",
-                            format_address(self.address), self.account)
-                self._cap_end()
+            if mechanisms is None:
+                self._no_sasl("the server offers no SASL (CAP LS: %s)"
+                              % (" ".join(sorted(self._caps)) or "nothing"))
+            elif mechanisms and "PLAIN" not in mechanisms.upper().split(","):
+                self._no_sasl("the server's SASL has no PLAIN (%s)" % mechanisms)
             else:
                 self._send("CAP", "REQ", "sasl")
         elif sub == "ACK" and "sasl" in params[-1].lower().split() and self._cap_pending:
             self._sasl_started = True
             self._send("AUTHENTICATE", "PLAIN")
         elif sub == "NAK":
-            log.warning("irc: the server refused the capability %s", params[-1])
-            self._cap_end()
+            self._no_sasl("the server refused the capability %s" % params[-1])
+
+    def _on_unknown_command(self, message):
+        """421: a server without IRCv3 does not know CAP."""
+        if len(message.params) > 1 and message.params[1].upper() == "CAP" and self.account:
+            self._no_sasl("the server does not know CAP (no IRCv3 capabilities)")
+
+    def _no_sasl(self, why):
+        """The login as `account` cannot happen on this connection: say so once, at ERROR;
+        then go on without it, or (require_sasl) leave and back off."""
+        self._cap_due = None
+        if self._sasl_failed or self._logged_in:
+            return
+        self._sasl_failed = True
+        self._tell_once("sasl", "irc: not logged in as %s on %s: %s; %s", self.account,
+                        format_address(self.address), why,
+                        "disconnecting (--irc-require-sasl)" if self.require_sasl else
+                        "going on without the account (--irc-require-sasl refuses that)")
+        if self.require_sasl:
+            raise _SessionEnd("not logged in as %s" % self.account, logged=True)
+        self._cap_end()
 
     def _on_authenticate(self, message):
         if message.params[:1] != ["+"] or not self._sasl_started:
@@ -4573,35 +4776,47 @@ class IRCBot(Service):
         """903 success, 907 already logged in, 902/904/905/906 failure: CAP END in any case."""
         reason = message.params[-1] if message.params else ""
         if message.command in ("903", "907"):
+            self._logged_in = True
             log.info("irc: SASL login as %s: %s", self.account, reason)
+            self._cap_end()
         else:
-            log.error("irc: SASL login as %s failed (%s): %s", self.account, message.command,
-                      reason)
-        self._cap_end()
+            self._no_sasl("the login was refused (%s %s)" % (message.command, reason))
 
     # -- channels and messages -------------------------------------------------------------
 
+    def _fold(self, text):
+        return irc_lower(text, self.casemapping)
+
     def _is_me(self, nick):
-        return irc_lower(nick) == irc_lower(self.nick)
+        return self._fold(nick) == self._fold(self.nick)
 
     def _on_nick(self, message):
-        if message.params and self._is_me(message.nick):
+        if not message.params:
+            return
+        if self._is_me(message.nick):
             self.nick = message.params[0]
+            if self._is_me(self.wanted_nick) and self.registered:
+                log.info("irc: took the nick %s back", self.nick)
+                self._reclaim_due = None
+                if self._monitor:
+                    self._send("MONITOR", "-", self.wanted_nick)
+        elif self._fold(message.nick) == self._fold(self.wanted_nick):
+            self._reclaim()                # its holder took another nick
 
     def _on_join(self, message):
         if message.params and self._is_me(message.nick):
             for channel in message.params[0].split(","):
-                self._joined[irc_lower(channel)] = channel
+                self._joined[self._fold(channel)] = channel
                 log.info("irc: joined %s", channel)
 
     def _on_part(self, message):
         if message.params and self._is_me(message.nick):
             for channel in message.params[0].split(","):
-                self._joined.pop(irc_lower(channel), None)
+                self._joined.pop(self._fold(channel), None)
 
     def _on_kick(self, message):
         if len(message.params) >= 2 and self._is_me(message.params[1]):
-            self._joined.pop(irc_lower(message.params[0]), None)
+            self._joined.pop(self._fold(message.params[0]), None)
             log.warning("irc: %s kicked us from %s: %s", message.nick, message.params[0],
                         message.params[-1])
 
@@ -4625,7 +4840,7 @@ class IRCBot(Service):
                 self._ctcp(sender, text)
             elif len(text.split()) == 1:
                 self._answer(sender, sender, text.strip())
-        elif irc_lower(target) in self._joined and not text.startswith("\x01"):
+        elif self._fold(target) in self._joined and not text.startswith("\x01"):
             mention = _IRC_MENTION.match(text.strip())
             if mention and self._is_me(mention.group(1)):
                 self._answer(sender, target, mention.group(2), prefix=sender + ": ")
@@ -4672,6 +4887,9 @@ class IRCBot(Service):
         "451": _on_not_registered, "CAP": _on_cap, "AUTHENTICATE": _on_authenticate,
         "902": _on_sasl_done, "903": _on_sasl_done, "904": _on_sasl_done,
         "905": _on_sasl_done, "906": _on_sasl_done, "907": _on_sasl_done,
+        "376": _on_end_of_motd, "422": _on_end_of_motd, "263": _on_try_again,
+        "303": _on_ison, "731": _on_monitor_offline, "QUIT": _on_quit,
+        "421": _on_unknown_command,
         "NICK": _on_nick, "JOIN": _on_join, "PART": _on_part, "KICK": _on_kick,
         "403": _on_cannot_join, "405": _on_cannot_join, "471": _on_cannot_join,
         "473": _on_cannot_join, "474": _on_cannot_join, "475": _on_cannot_join,
@@ -4712,6 +4930,9 @@ def add_irc_options(parser):
     irc.add_argument("--irc-account", metavar="NAME",
                      help="log in by SASL PLAIN as NAME (password: $%s, or "
                           "--irc-password-file)" % IRC_PASSWORD_ENV)
+    irc.add_argument("--irc-require-sasl", action="store_true",
+                     help="with --irc-account: disconnect and try again later rather than "
+                          "stay on the network without the account")
     irc.add_argument("--irc-password-file", metavar="FILE",
                      help="file whose first line is the SASL password (never the command "
                           "line: every user can read that)")
@@ -4750,7 +4971,8 @@ def irc_bot_from_options(options, db, environ=None):
                          "--irc-password-file" % (options.irc_account, IRC_PASSWORD_ENV))
     return IRCBot(db, host, port, nick=options.irc_nick, channels=options.irc_channel,
                   tls=options.irc_tls, cafile=options.irc_cafile,
-                  account=options.irc_account, password=password)
+                  account=options.irc_account, password=password,
+                  require_sasl=options.irc_require_sasl)
 
 
 # == 9. Services and assembly ==================================================================
@@ -4911,7 +5133,7 @@ OPTIONS_NEEDING = (
      or o.forward or "proxy" in run, "--backend command, web or proxy, --forward or --proxy"),
     (("--prefix",), lambda o, run: o.syslog or o.inetd, "--syslog (or --inetd)"),
     (("--irc-nick", "--irc-channel", "--irc-tls", "--irc-cafile", "--irc-account",
-      "--irc-password-file"), lambda o, run: o.irc, "--irc"),
+      "--irc-password-file", "--irc-require-sasl"), lambda o, run: o.irc, "--irc"),
     (("--irc-cafile",), lambda o, run: o.irc_tls, "--irc-tls"),
     (tuple("--" + name for name in LISTENERS) + (
         "--setter-socket", "--irc", "--user", "--group", "--daemon", "--pidfile", "--rundir",
