@@ -1593,7 +1593,8 @@ class TestPerClientLimits(unittest.TestCase):
 def make_certificate(directory, name="server.pem", days=1):
     """A self-signed certificate and key for 127.0.0.1 in one PEM file, made by openssl."""
     path = os.path.join(directory, name)
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", path,
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", path,
                     "-out", path + ".crt", "-days", str(days), "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True,
                    timeout=60)
@@ -3902,7 +3903,8 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
 def make_irc_ca(directory):
     """A self-signed CA certificate for 127.0.0.1 (openssl CLI): (cert.pem, key.pem)."""
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
     return cert, key
