@@ -656,6 +656,7 @@ class UserDatabase:
         get_users() -> list of str         sorted names; [] where listing is not possible
         public_users()                     get_users() for a client: ListRefused when the
                                            list is private; every front-end asks this one
+        count()                            how many users (without listing them, if it can)
         set_user(name, status)             writable databases only
     Lifecycle: start() and stop() (idempotent), reload() (SIGHUP and tests).
     Class variable `blocking`: True when a lookup may wait on I/O, so front-ends call it
@@ -673,6 +674,10 @@ class UserDatabase:
 
     def get_users(self):
         return []
+
+    def count(self):
+        """How many users there are (metrics and /healthz: never their names)."""
+        return len(self.get_users())
 
     def public_users(self):
         if not self.listable:
@@ -730,6 +735,9 @@ class MemoryDatabase(UserDatabase):
             if version == self.version:
                 self._names = version, names
                 return names
+
+    def count(self):
+        return len(self._users)
 
     def set_user(self, name, status):
         with self._lock:
@@ -1436,6 +1444,10 @@ class Service:
 
     def open_connections(self):
         return 0
+
+    def alive(self):
+        """Whether its thread runs (for /healthz)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self):
         if self._thread is None:
@@ -2261,7 +2273,8 @@ class WebSite:
     GET /api/users    [{"user": ..., "status": ...}, ...] sorted by name, a page at a time
                       (?limit=N, ?after=NAME; Link: rel="next"); /api/users/NAME: one
     GET /metrics      Prometheus text, when `metrics` (a function returning it) is given
-    GET /healthz      200 "ok" while the users load, 503 when the last load failed
+    GET /healthz      JSON: the users loaded, the age of the last good load, each service
+                      alive; 503 when the last load failed or a service is down
     POST /RPC2        XML-RPC: getUser(name), getUsers(), system.listMethods, methodHelp
     Nothing is ever read from disk for a URL."""
 
@@ -2270,10 +2283,11 @@ class WebSite:
     # a user's page: the setter refuses them as names (RESERVED_NAMES).
     routes = {"api": "_api", "RPC2": "_rpc2", "metrics": "_metrics", "healthz": "_healthz"}
 
-    def __init__(self, db, templates=None, metrics=None, title="Users"):
+    def __init__(self, db, templates=None, metrics=None, title="Users", services=()):
         self.db = db
         self.templates = templates or load_templates()
         self.metrics = metrics
+        self.services = services       # whose liveness /healthz reports
         self.title = title
         self.rpc = self._make_rpc_dispatcher()
         self._users_page = None        # (db version, WebResponse)
@@ -2352,12 +2366,18 @@ class WebSite:
                            self.metrics().encode("utf-8"), [("Cache-Control", "no-store")])
 
     def _healthz(self, method, rest, query, body):
+        """For a load balancer's check: cheap (no lookup, no list), 200 or 503."""
         if rest:
             return self.not_found()
-        ok = self.db.health()[1]
-        return WebResponse(200 if ok else 503, "text/plain; charset=utf-8",
-                           b"ok\n" if ok else b"the last load of the users failed\n",
-                           [("Cache-Control", "no-store")])
+        loaded_at, loads = self.db.health()
+        services = {service.name: service.alive() for service in self.services}
+        ok = loads and all(services.values())
+        report = {"status": "ok" if ok else "failing", "users": self.db.count(),
+                  "users_file_loads": loads,
+                  "last_load_age_seconds": None if loaded_at is None else
+                  round(max(time.time() - loaded_at, 0.0), 3),
+                  "services": services}
+        return self.json(200 if ok else 503, report, [("Cache-Control", "no-store")])
 
     def _api(self, method, rest, query, body):
         """/api/users (the users, a page at a time) and /api/users/NAME (one user), as JSON;
@@ -5092,6 +5112,7 @@ def build_services(options, db=None, sockets=None):
     group = ServiceGroup(services, [db])
     if site is not None:
         site.metrics = functools.partial(render_metrics, group)
+        site.services = group.services
     return group
 
 
@@ -5243,7 +5264,7 @@ def render_metrics(group):
     for db in group.databases:
         loaded_at, ok = db.health()
         lines += ["# HELP finger_users Users the database lists.", "# TYPE finger_users gauge",
-                  "finger_users %d" % len(db.get_users()),
+                  "finger_users %d" % db.count(),
                   "# HELP finger_last_reload_success Whether the last load of the users "
                   "worked.", "# TYPE finger_last_reload_success gauge",
                   "finger_last_reload_success %d" % ok]

@@ -4887,16 +4887,31 @@ class TestReservedNames(unittest.TestCase):
         self.assertEqual(db.get_user("metrics"), "old")
         self.assertNotIn("RPC2", db.get_users())
 
-    def test_healthz_follows_the_last_load(self):
-        path = write_file(self, "moshez: hi\n")
+    def test_healthz_follows_the_last_load_and_the_services(self):
+        path = write_file(self, "moshez: hi\nshawn: there\n")
         db = finger.FileDatabase(path, reload_interval=0)
-        site = finger.WebSite(db)
-        self.assertEqual((site.handle("GET", "/healthz").status,
-                          site.handle("GET", "/healthz").body), (200, b"ok\n"))
+        service = finger_service(self, db)
+        site = finger.WebSite(db, services=[service])
+        response = site.handle("GET", "/healthz")
+        report = json.loads(response.body)
+        self.assertEqual((response.status, report["status"], report["users"],
+                          report["users_file_loads"], report["services"]),
+                         (200, "ok", 2, True, {"finger": True}))
+        self.assertLess(report["last_load_age_seconds"], 60)
+        self.assertIn(("Cache-Control", "no-store"), response.headers)
         os.unlink(path)
         with self.assertLogs(finger.log, "ERROR"):
             db.reload(force=True)
-        self.assertEqual(site.handle("GET", "/healthz").status, 503)
+        response = site.handle("GET", "/healthz")
+        self.assertEqual((response.status, json.loads(response.body)["users_file_loads"]),
+                         (503, False))
+        replace_file(path, b"moshez: back\n")
+        db.reload(force=True)
+        self.assertEqual(site.handle("GET", "/healthz").status, 200)
+        service.stop()
+        response = site.handle("GET", "/healthz")
+        self.assertEqual((response.status, json.loads(response.body)["services"]),
+                         (503, {"finger": False}))
 
 
 class TestXMLRPCFaults(unittest.TestCase):
