@@ -19,9 +19,10 @@ PREFIX  ?= /usr/local
 BINDIR   = $(PREFIX)/bin
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 DOCDIR   = $(PREFIX)/share/doc/finger-py
+MANDIR   = $(PREFIX)/share/man
 UNITS    = finger.service finger.socket finger-inetd.socket finger-inetd@.service
 
-.PHONY: serve test interop peers bench soak install uninstall deb clean
+.PHONY: serve test interop peers bench soak man install uninstall deb clean
 
 # Serves a copy of users.example (build/users), so statuses set through the setter
 # change the copy, not the example.
@@ -73,12 +74,20 @@ bench:
 soak:
 	$(PYTHON) bench/soak.py $(SOAK_ARGS)
 
-# Installs the script and the unit files (their paths follow PREFIX); DESTDIR for staging.
+# finger.py(1), made from the parsers that make --help.
+MAN_PAGE = $(PYTHON) -c 'import finger, sys; sys.stdout.write(finger.man_page())'
+man:
+	@mkdir -p build
+	$(MAN_PAGE) > build/finger.py.1
+
+# Installs the script, its man page and the unit files (their paths follow PREFIX);
+# DESTDIR for staging.
 install:
 	install -D -m 0755 finger.py $(DESTDIR)$(BINDIR)/finger.py
 	for unit in $(UNITS); do \
 	    sed 's|/usr/local/bin/finger.py|$(BINDIR)/finger.py|' contrib/$$unit \
 	        | install -D -m 0644 /dev/stdin $(DESTDIR)$(UNITDIR)/$$unit; done
+	$(MAN_PAGE) | install -D -m 0644 /dev/stdin $(DESTDIR)$(MANDIR)/man1/finger.py.1
 	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -D -m 0644 users.example $(DESTDIR)$(DOCDIR)/users.example
 	for snippet in inetd.conf xinetd.finger; do \
@@ -86,7 +95,8 @@ install:
 	        | install -D -m 0644 /dev/stdin $(DESTDIR)$(DOCDIR)/$$snippet; done
 
 uninstall:
-	rm -f $(DESTDIR)$(BINDIR)/finger.py $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
+	rm -f $(DESTDIR)$(BINDIR)/finger.py $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS)) \
+	    $(DESTDIR)$(MANDIR)/man1/finger.py.1
 	rm -rf $(DESTDIR)$(DOCDIR)
 
 # A Debian package: the script in /usr/bin, the units in /lib/systemd/system, /etc/users as

@@ -6186,6 +6186,65 @@ def format_config(options, parser):
     return "\n".join(lines) + "\n"
 
 
+def man_page():
+    """finger.py(1) in troff (man(7) macros), from the parsers that make both --help
+    texts: `make man` writes it to build/finger.py.1."""
+    def text(value):
+        value = value.replace("\\", "\\e").replace("-", "\\-")
+        return "\n".join("\\&" + line if line.startswith((".", "'")) else line
+                         for line in value.splitlines())
+
+    def options(parser, skip=()):
+        lines = []
+        for group in parser._action_groups:    # argparse has no public list of them
+            if group.title in skip:
+                continue
+            shown = [action for action in group._group_actions
+                     if action.help is not argparse.SUPPRESS and action.option_strings]
+            if not shown:
+                continue
+            lines.append(".SS %s" % text(group.title.capitalize()))
+            for action in shown:
+                names = ", ".join("\\fB%s\\fR" % text(name) for name in action.option_strings)
+                if action.nargs != 0:
+                    names += " \\fI%s\\fR" % text(action.metavar or (
+                        "{%s}" % ",".join(action.choices) if action.choices
+                        else action.dest.upper()))
+                help_text = action.help % dict(vars(action), prog="finger.py")
+                lines += [".TP", names, text(help_text)]
+        return lines
+
+    client, server = build_parser(), build_parser(server=True)
+    lines = [
+        '.TH FINGER.PY 1 "" "finger.py %s" "User Commands"' % __version__,
+        ".SH NAME", "finger.py \\- RFC 1288 finger client and server (the Twisted finger "
+        "tutorial's services, standard library only)",
+        ".SH SYNOPSIS"]
+    for usage in (CLIENT_USAGE + "\n" + SERVER_USAGE).splitlines():
+        words = re.split(" {2,}", usage.strip())[0].split()   # the form, not its comment
+        if words[0] == "finger.py" and "--help" not in words:
+            lines += [".B finger.py", text(" ".join(words[1:])), ".br"]
+    lines += [".SH DESCRIPTION",
+              "As a client, like finger(1): each QUERY is asked of its host and the answer "
+              "printed after a [host] line, control characters shown as ^X.",
+              ".PP", "As a server, with \\fB\\-\\-serve\\fR: the services of the Twisted "
+              "finger tutorial in one process: RFC 1288 finger, a status setter, a web site "
+              "with JSON and XML-RPC, HTTPS, Perspective Broker, a finger proxy and an IRC "
+              "bot, over user databases read from a file, ~/.plan files, a command or the "
+              "web.",
+              ".SH CLIENT OPTIONS"] + options(client)[1:] + [".SH SERVER OPTIONS"] + \
+        options(server, skip=("options",))
+    lines += [".SH EXAMPLES", ".nf"] + [text(line.strip()) for line in (
+        CLIENT_EPILOG + SERVER_EPILOG).splitlines() if line.startswith("  ")] + [".fi",
+        ".SH FILES", ".TP", text(DEFAULT_USERS_FILE),
+        "the users file: lines \\(lquser: status\\(rq, # comments",
+        ".SH EXIT STATUS", "0 on success; 1 on a network error (client) or a failure to "
+        "start (server); 2 on bad usage or a configuration that \\fB\\-\\-check\\-config"
+        "\\fR refuses.",
+        ".SH SEE ALSO", "finger(1), fingerd(8), RFC 1288; the README of finger.py."]
+    return "\n".join(lines) + "\n"
+
+
 # Words that choose a server mode (a --config file is the server's), and the options the
 # client takes; any other option without a server mode is a mistake.
 SERVER_WORDS = ("--serve", "--inetd", "--check-config", "--print-config", "--config")

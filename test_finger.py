@@ -5186,9 +5186,28 @@ class TestPackaging(unittest.TestCase):
         self.assertIn("ExecStart=/usr/bin/python3 /opt/finger/bin/finger.py", unit)
         self.assertIn("ExecStartPre=/usr/bin/python3 /opt/finger/bin/finger.py --check-config",
                       unit)
+        page = os.path.join(root, "opt/finger/share/man/man1/finger.py.1")
+        with open(page) as f:
+            self.assertTrue(f.read().startswith(".TH FINGER.PY 1 "))
         subprocess.run(make + ["uninstall"], check=True, capture_output=True, timeout=60)
         self.assertFalse(os.path.exists(script))
+        self.assertFalse(os.path.exists(page))
         self.assertFalse(os.path.exists(os.path.join(root, "opt/finger/share/doc/finger-py")))
+
+    def test_man_page_has_every_option_from_the_parsers(self):
+        page = finger.man_page()
+        for parser in (finger.build_parser(), finger.build_parser(server=True)):
+            for action in parser._actions:
+                for name in action.option_strings:
+                    self.assertIn("\\fB%s\\fR" % name.replace("-", "\\-"), page)
+        for line in page.splitlines():        # no text line that troff takes for a request
+            self.assertTrue(not line.startswith((".", "'")) or re.match(
+                r"\.(TH|SH|SS|TP|PP|B|br|nf|fi)( |$)", line), line)
+        if shutil.which("groff"):
+            result = subprocess.run(["groff", "-man", "-Tutf8", "-ww"], input=page,
+                                    capture_output=True, text=True, timeout=30)
+            self.assertEqual(result.stderr, "")
+            self.assertIn("--check-config", result.stdout.replace("\u2010", "-"))
 
 
 # == inetd mode ================================================================================
