@@ -1628,6 +1628,96 @@ class ClientLimits:
         return str(address) if address.version == 4 else address.exploded[:19] + "::/64"
 
 
+# -- the PROXY protocol (HAProxy's proxy-protocol.txt, versions 1 and 2) ---------------------
+
+PROXY_V1_MAX = 107                # bytes of a version 1 header, CRLF included
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_MAX = 16 + 4096          # bytes of a version 2 header we take (addresses and TLVs)
+
+
+class ProxyHeaders:
+    """Who may put a PROXY header in front of a connection: `networks` (CIDR strings; the
+    load balancers).  From them a header is required; from anyone else it is never taken."""
+
+    def __init__(self, networks):
+        import ipaddress
+        self.networks = [ipaddress.ip_network(net, strict=False) for net in networks]
+
+    def expected_from(self, peer):
+        """Whether `peer` ((host, port)) is a balancer that must send a header first."""
+        if type(peer) is not tuple:
+            return False
+        try:
+            address = _plain_address(peer[0])
+        except ValueError:
+            return False
+        return any(address in net for net in self.networks)
+
+
+def parse_proxy_header(data):
+    """The PROXY header at the start of `data` (bytes): None while it is incomplete, else
+    (its length, the client's (host, port), or None for a LOCAL connection or an unknown
+    family: the balancer itself, health checks).  ValueError when it is no such header."""
+    import ipaddress
+    if data[:len(PROXY_V2_SIGNATURE)] == PROXY_V2_SIGNATURE[:len(data)]:
+        if len(data) < 16:
+            return None
+        version, command, family = data[12] >> 4, data[12] & 15, data[13]
+        length = 16 + int.from_bytes(data[14:16], "big")
+        if version != 2 or command > 1 or length > PROXY_V2_MAX:
+            raise ValueError("a PROXY version 2 header we do not take")
+        if len(data) < length:
+            return None
+        body = data[16:length]
+        if command == 0 or family >> 4 not in (1, 2) or family & 15 != 1:
+            return length, None                       # LOCAL, or not TCP over IP
+        size = 4 if family >> 4 == 1 else 16
+        if len(body) < 2 * size + 4:
+            raise ValueError("a PROXY version 2 header too short for its addresses")
+        host = ipaddress.ip_address(body[:size])
+        return length, (str(host), int.from_bytes(body[2 * size:2 * size + 2], "big"))
+    if data[:6] != b"PROXY "[:len(data)]:
+        raise ValueError("no PROXY header")
+    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
+    if end < 0:
+        if len(data) >= PROXY_V1_MAX:
+            raise ValueError("a PROXY version 1 header longer than %d bytes" % PROXY_V1_MAX)
+        return None
+    words = data[:end].decode("ascii", "replace").split(" ")
+    if words[1:2] == ["UNKNOWN"]:
+        return end + 2, None
+    if len(words) != 6 or words[1] not in ("TCP4", "TCP6") or not all(
+            word.isdigit() and word.isascii() and int(word) < 65536 for word in words[4:]):
+        raise ValueError("a malformed PROXY version 1 header")
+    try:
+        host = ipaddress.ip_address(words[2])
+        ipaddress.ip_address(words[3])
+    except ValueError:
+        raise ValueError("a PROXY version 1 header with a bad address") from None
+    if host.version != (4 if words[1] == "TCP4" else 6):
+        raise ValueError("a PROXY version 1 header whose address is not %s" % words[1])
+    return end + 2, (str(host), int(words[4]))
+
+
+def read_proxy_header(sock):
+    """parse_proxy_header on a blocking socket, taking no byte past the header: the client
+    it names, or None.  ValueError when there is none, OSError when reading fails."""
+    taken = b""
+    while True:
+        peeked = sock.recv(PROXY_V2_MAX - len(taken), socket.MSG_PEEK)
+        if not peeked:
+            raise ValueError("closed before its PROXY header")
+        header = parse_proxy_header(taken + peeked)
+        want = len(peeked) if header is None else header[0] - len(taken)
+        while want > 0:                # bytes already here: recv returns them at once
+            chunk = sock.recv(want)
+            if not chunk:
+                raise ValueError("closed inside its PROXY header")
+            taken, want = taken + chunk, want - len(chunk)
+        if header is not None:
+            return header[1]
+
+
 class WarningThrottle:
     """The warnings one service logs about its peers (dropped connections, timeouts): at
     most MAX_WARNINGS_PER_SECOND a second; past that they are counted, and the count is
@@ -1681,11 +1771,12 @@ class DescriptorShortage:
 class _Connection:
     """One client connection of a TCPService."""
     __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "refusal",
-                 "session")
+                 "session", "awaiting_proxy")
 
     def __init__(self, sock, peer, deadline, refusal=None):
         self.sock, self.peer, self.deadline = sock, peer, deadline
         self.refusal = refusal         # (text, outcome): its request is read, then refused
+        self.awaiting_proxy = False    # its PROXY header has yet to come
         self.inbuf = b""
         self.outbuf = b""
         self.started = time.monotonic()
@@ -1709,14 +1800,17 @@ class TCPService(Service):
     Limits: `timeout` seconds to send a request and to take the answer, `max_connections`
     open at once (more get a one-line busy answer), at most `max_pending` answers (default
     2 × `workers`) waiting for the pool, and the per-client `limits` (a ClientLimits: a
-    client over them gets a one-line refusal; a session client is closed)."""
+    client over them gets a one-line refusal; a session client is closed).  Connections
+    from the balancers of `proxy_headers` (ProxyHeaders) start with a PROXY header, whose
+    client is then the peer: for the limits, the protocol and the log."""
 
     def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 workers=DEFAULT_WORKERS, max_pending=None, limits=None):
+                 workers=DEFAULT_WORKERS, max_pending=None, limits=None, proxy_headers=None):
         super().__init__()
         self.protocol = protocol
         self.limits = limits
+        self.proxy_headers = proxy_headers
         self.name = name or protocol.name
         self.requested_address = address
         self.timeout = timeout
@@ -1872,7 +1966,8 @@ class TCPService(Service):
                 return
             if self._shortage.since is not None:
                 self._shortage.over()
-            refusal = self._refusal(peer, session)
+            proxied = self.proxy_headers is not None and self.proxy_headers.expected_from(peer)
+            refusal = self._refusal(None if proxied else peer, session)
             if refusal is not None and (session or self._busy >= BUSY_BACKLOG):
                 self._refuse(sock, None if session else refusal[0])
                 self.counts[refusal[1]] = self.counts.get(refusal[1], 0) + 1
@@ -1882,23 +1977,35 @@ class TCPService(Service):
             self._busy += refusal is not None
             sock.setblocking(False)
             conn = _Connection(sock, peer, time.monotonic() + self.timeout, refusal)
+            conn.awaiting_proxy = proxied
             self._conns[conn] = None
-            if session:
-                self._selector.register(sock, selectors.EVENT_READ, conn)
-                conn.session = self.protocol.new_session(peer)
-                conn.state = "session"
-                self._queue(conn, conn.session.greeting())
+            if proxied:
+                self._serve_connection(conn, selectors.EVENT_READ)   # the header first
+            elif session:
+                self._start_session(conn)
             else:
                 # Clients send their query as soon as they are connected, so it is usually
                 # here already: answered now, the connection never enters the selector.
                 self._serve_connection(conn, selectors.EVENT_READ)
 
+    def _start_session(self, conn):
+        if conn.state == "accepted":
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        conn.session = self.protocol.new_session(conn.peer)
+        conn.state = "session"
+        self._queue(conn, conn.session.greeting())
+
     def _refusal(self, peer, session):
         """None to serve a new connection, else (the answer, the outcome) that refuses it:
         stopping, over the connection cap, or over the client's limits (admitted ones are
-        released in _close)."""
+        released in _close; a `peer` of None: not yet known, the cap only)."""
         if self._stopping or len(self._conns) - self._busy >= self.max_connections:
             return SERVER_BUSY, "busy"
+        return None if peer is None else self._client_refusal(peer)
+
+    def _client_refusal(self, peer):
+        """None when `peer` is within its limits (admitted: released in _close), else the
+        answer and the outcome that refuse it."""
         refused = self.limits.admit(peer) if self.limits is not None else None
         if refused == "per-client connections":
             return TOO_MANY_CONNECTIONS, refused
@@ -1933,6 +2040,14 @@ class TCPService(Service):
         except OSError:
             self._close(conn)
             return
+        if conn.awaiting_proxy:
+            rest = self._proxy_header(conn, data)
+            if rest is None:
+                return
+            if data and not rest:              # the header alone, so far
+                self._wait_for_request(conn)
+                return
+            data = rest
         if conn.session is not None:
             self._feed(conn, data)
             return
@@ -1958,6 +2073,41 @@ class TCPService(Service):
             reply, outcome = self.protocol.respond(request, conn.peer)
             self._log(conn, request, outcome)
             self._send(conn, reply)
+
+    def _proxy_header(self, conn, data):
+        """Read a balancer's PROXY header; once it is whole, the client it names (or, for
+        the balancer's own checks, the balancer) is the peer, admitted by the limits.
+        Returns the data after the header, or None meanwhile or when the connection was
+        dropped."""
+        conn.inbuf += data
+        try:
+            header = parse_proxy_header(conn.inbuf)
+        except ValueError as error:
+            header = error
+        if header is None and data:
+            self._wait_for_request(conn)
+            return None
+        if header is None or isinstance(header, ValueError):
+            self._warnings.warn("%s %s: dropped: %s", self.name, format_peer(conn.peer),
+                                header or "closed before its PROXY header")
+            self.counts["bad proxy header"] = self.counts.get("bad proxy header", 0) + 1
+            self._close(conn)
+            return None
+        length, client = header
+        rest, conn.inbuf = conn.inbuf[length:], b""
+        conn.awaiting_proxy = False
+        conn.peer = client or conn.peer
+        refusal = None if conn.refusal else self._client_refusal(conn.peer)
+        if refusal is not None:
+            conn.refusal = refusal                 # not admitted: nothing to release
+            self._busy += 1
+        if getattr(self.protocol, "session", False):
+            if refusal is not None:
+                self.counts[refusal[1]] = self.counts.get(refusal[1], 0) + 1
+                self._close(conn)
+                return None
+            self._start_session(conn)
+        return rest
 
     def _wait_for_request(self, conn):
         """A connection answered at once has not been registered: wait for the rest."""
@@ -2069,7 +2219,7 @@ class TCPService(Service):
         del self._conns[conn]
         if conn.refusal is not None:
             self._busy -= 1
-        elif self.limits is not None:
+        elif self.limits is not None and not conn.awaiting_proxy:
             self.limits.release(conn.peer)
         if not conn.inbuf.endswith(b"\n"):
             # The peer may have sent more than we read: read it, so close() sends no RST
@@ -2604,6 +2754,12 @@ def _web_classes():
             self.timeout = self.server.timeout_seconds
             self.requests_read = 0
             self.accepted = self.request        # the key of this connection in the server
+            self.refused = None                 # over the client's limits: why
+            proxies = self.server.proxy_headers
+            if proxies is not None and proxies.expected_from(self.client_address):
+                self.request.settimeout(self.timeout)
+                self.client_address = read_proxy_header(self.request) or self.client_address
+                self.refused = self.server.admit(self.accepted, self.client_address)
             context = self.server.ssl_context
             if context is not None:
                 raw = self.request
@@ -2635,7 +2791,17 @@ def _web_classes():
         def parse_request(self):
             complete = super().parse_request()      # calls handle_expect_100 when asked
             self.server.set_deadline(self.accepted, None)
-            return complete and self.framing_ok() and self.within_rate()
+            return (complete and self.framing_ok() and self.within_limits()
+                    and self.within_rate())
+
+        def within_limits(self):
+            """A client that a PROXY header named over its limits: 429 to its request."""
+            if self.refused is None:
+                return True
+            self.server.count(self.refused)
+            self.respond(self.server.site.error(429, "Too many requests", TOO_MANY_REQUESTS,
+                                                [("Retry-After", "1")]), close=True)
+            return False
 
         def within_rate(self):
             """The per-client rate, for each request after the connection's first (that
@@ -2763,7 +2929,7 @@ def _web_classes():
         daemon_threads = True
 
         def __init__(self, sock, site, name, timeout, max_connections, ssl_context,
-                     limits=None, headers=()):
+                     limits=None, headers=(), proxy_headers=None):
             super().__init__(sock.getsockname()[:2], WebHandler, bind_and_activate=False)
             self.socket.close()
             self.socket = sock
@@ -2779,6 +2945,7 @@ def _web_classes():
             self.shortage = DescriptorShortage(name)
             self.warnings = WarningThrottle(name)
             self.limits = limits
+            self.proxy_headers = proxy_headers
             self.peers = {}           # accepted socket -> client address, for the limits
             self.lingering = []       # (refused socket, when to close it at the latest)
 
@@ -2802,8 +2969,9 @@ def _web_classes():
         def process_request(self, request, client_address):
             with self.lock:
                 full = len(self.active) >= self.max_connections
-            refused = None if full or self.limits is None else self.limits.admit(
-                client_address)
+            proxied = (self.proxy_headers is not None
+                       and self.proxy_headers.expected_from(client_address))
+            refused = None if full or proxied else self.admit(request, client_address)
             if full or refused:
                 self.count(refused or 503)
                 self.refuse(request, b"429 Too Many Requests" if refused else
@@ -2811,9 +2979,17 @@ def _web_classes():
                 return
             with self.lock:
                 self.active[request] = request
-                self.peers[request] = client_address
             self.set_deadline(request, time.monotonic() + self.timeout_seconds)
             super().process_request(request, client_address)
+
+        def admit(self, request, client_address):
+            """The per-client limits for a new connection: None (admitted: released when
+            it closes), or why it is refused."""
+            refused = None if self.limits is None else self.limits.admit(client_address)
+            if refused is None:
+                with self.lock:
+                    self.peers[request] = client_address
+            return refused
 
         def refuse(self, request, status):
             """A connection we will not serve: `status` with Retry-After on plain HTTP; on
@@ -3020,7 +3196,7 @@ class WebService(Service):
     def __init__(self, site, address=("127.0.0.1", 0), *, sock=None, name="web",
                  cert=None, key=None, timeout=WEB_TIMEOUT,
                  max_connections=DEFAULT_WEB_MAX_CONNECTIONS, limits=None,
-                 hsts=DEFAULT_HSTS):
+                 hsts=DEFAULT_HSTS, proxy_headers=None):
         super().__init__()
         self.site, self.name = site, name
         self.limits = limits
@@ -3029,6 +3205,7 @@ class WebService(Service):
         self.ssl_context = make_tls_context(cert, key) if cert else None
         self.headers = [("Strict-Transport-Security", "max-age=%d" % hsts)] \
             if cert and hsts else []
+        self.proxy_headers = proxy_headers    # ProxyHeaders: balancers sending PROXY first
         self.timeout = timeout
         self.max_connections = max_connections
         self._sock = sock
@@ -3050,7 +3227,7 @@ class WebService(Service):
             sock = self._sock or bind_tcp(self.requested_address, self.name)
             self._server = _web_classes()(sock, self.site, self.name, self.timeout,
                                           self.max_connections, self.ssl_context,
-                                          self.limits, self.headers)
+                                          self.limits, self.headers, self.proxy_headers)
             self.address = sock.getsockname()[:2]
 
     def serve(self):
@@ -5159,7 +5336,8 @@ OPTIONS_NEEDING = (
     (tuple("--" + name for name in LISTENERS) + (
         "--setter-socket", "--irc", "--user", "--group", "--daemon", "--pidfile", "--rundir",
         "--chroot", "--stop-timeout", "--max-connections", "--workers",
-        "--per-client-connections", "--per-client-rate", "--per-client-exempt"),
+        "--per-client-connections", "--per-client-rate", "--per-client-exempt",
+        "--proxy-protocol"),
      lambda o, run: o.serve, "--serve (inetd runs one query and its own user)"),
 )
 
@@ -5208,11 +5386,12 @@ def _listener_service(name, address, sock, db, site, options):
     """The service behind listener `name` (an option name, or 'setter-socket')."""
     limits = ClientLimits(name, options.per_client_connections, options.per_client_rate,
                           options.per_client_exempt)
+    proxy_headers = ProxyHeaders(options.proxy_protocol) if options.proxy_protocol else None
     if name in ("web", "https"):
         return WebService(site, address, sock=sock, name=name, timeout=options.timeout,
                           max_connections=options.web_max_connections,
                           cert=options.cert if name == "https" else None, key=options.key,
-                          limits=limits, hsts=options.hsts)
+                          limits=limits, hsts=options.hsts, proxy_headers=proxy_headers)
     forwarder = None
     if name in ("setter", "setter-socket"):
         protocol = SetterProtocol(db, options.max_status,
@@ -5228,7 +5407,7 @@ def _listener_service(name, address, sock, db, site, options):
             if options.forward else None
         protocol = FingerProtocol(db, forwarder=forwarder)
     service = TCPService(protocol, address, sock=sock, name=name, limits=limits,
-                         **_limits(options, protocol))
+                         proxy_headers=proxy_headers, **_limits(options, protocol))
     if forwarder is not None:
         forwarder.listener = service            # what it must not forward to
     return service
@@ -6028,6 +6207,12 @@ def build_parser(server=False):
                         default=int(DEFAULT_PER_CLIENT_RATE), metavar="N",
                         help="requests a second one client address may make on a listener, "
                              "in bursts of 2 N; 0: no limit (default: %(default)s)")
+    limits.add_argument("--proxy-protocol", type=_networks, default="none",
+                        metavar="CIDR[,...]",
+                        help="load balancers that put a PROXY header (version 1 or 2) in "
+                             "front of each connection, on every listener: from them it is "
+                             "required, and its client counts as the peer (log, limits); "
+                             "from anyone else it is never taken (default: none)")
     limits.add_argument("--per-client-exempt", type=_networks,
                         default=",".join(DEFAULT_PER_CLIENT_EXEMPT), metavar="CIDR[,...]",
                         help="client networks the per-client limits do not apply to, or "

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1588,6 +1589,139 @@ class TestPerClientLimits(unittest.TestCase):
             ["--per-client-exempt", "none"]).per_client_exempt, ())
         result = run_finger("--serve", "--per-client-exempt", "10.0.0.300/8")
         self.assertEqual(result.returncode, 2)
+
+
+def proxy_v2(client, port=4444, command=1):
+    """A PROXY version 2 header naming `client` (IPv4 or IPv6), or LOCAL (command 0)."""
+    import ipaddress
+    address = ipaddress.ip_address(client)
+    family = 0x11 if address.version == 4 else 0x21
+    body = address.packed * 2 + struct.pack("!HH", port, 79)
+    return finger.PROXY_V2_SIGNATURE + bytes([0x20 | command, family]) + \
+        struct.pack("!H", len(body)) + body
+
+
+class TestProxyProtocol(unittest.TestCase):
+    """--proxy-protocol: a balancer's PROXY header names the client, on every listener;
+    from an address not listed it is never taken."""
+    balancer = finger.ProxyHeaders(["127.0.0.0/8"])
+
+    def test_headers_of_both_versions(self):
+        parse = finger.parse_proxy_header
+        self.assertEqual(parse(b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 79\r\nmoshez\r\n"),
+                         (44, ("192.0.2.1", 56324)))
+        self.assertEqual(parse(b"PROXY TCP6 2001:db8::1 2001:db8::2 1 79\r\n"),
+                         (41, ("2001:db8::1", 1)))
+        self.assertEqual(parse(b"PROXY UNKNOWN\r\n"), (15, None))
+        self.assertEqual(parse(proxy_v2("203.0.113.7") + b"rest"),
+                         (28, ("203.0.113.7", 4444)))
+        self.assertEqual(parse(proxy_v2("2001:db8::7"))[1], ("2001:db8::7", 4444))
+        self.assertEqual(parse(proxy_v2("203.0.113.7", command=0)), (28, None))   # LOCAL
+        for partial in (b"", b"PRO", b"PROXY TCP4 192.0.2.1", proxy_v2("192.0.2.1")[:20]):
+            self.assertIsNone(parse(partial), partial)
+        for bad in (b"moshez\r\n", b"GET / HTTP/1.1\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 "
+                    b"99999\r\n", b"PROXY TCP4 ::1 ::1 1 2\r\n", b"PROXY TCP4 x y 1 2\r\n",
+                    b"PROXY " + b"9" * 200, finger.PROXY_V2_SIGNATURE + b"\x31\x11\x00\x00",
+                    finger.PROXY_V2_SIGNATURE + b"\x21\x11\xff\xff"):
+            with self.assertRaises(ValueError, msg=bad):
+                parse(bad)
+
+    def test_finger_takes_the_client_from_the_header(self):
+        service = finger_service(self, proxy_headers=self.balancer,
+                                 limits=finger.ClientLimits("finger", 1, 0, exempt=()))
+        with query_log_on(self) as logs:
+            self.assertEqual(ask(service.address, b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 79"
+                                 b"\r\nmoshez\r\n"), b"Happy and well\r\n")
+            sock = connect(self, service.address)
+            for byte in proxy_v2("192.0.2.10"):             # a header in many pieces
+                sock.send(bytes([byte]))
+            sock.sendall(b"shawn\r\n")
+            self.assertEqual(read_to_end(sock), b"alive\r\n")
+        shown = "\n".join(logs.output)
+        self.assertIn('192.0.2.9:5000 "moshez" ok', shown)
+        self.assertIn('192.0.2.10:4444 "shawn" ok', shown)
+        held = connect(self, service.address)                 # the client's one connection
+        held.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5001 79\r\n")
+        wait_until(lambda: len(service._conns) == 1 and not next(iter(
+            service._conns)).awaiting_proxy)
+        self.assertEqual(ask(service.address, b"PROXY TCP4 192.0.2.9 127.0.0.1 5002 79\r\n"
+                             b"moshez\r\n"), finger.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+        self.assertEqual(ask(service.address, b"PROXY TCP4 192.0.2.11 127.0.0.1 5003 79\r\n"
+                             b"moshez\r\n"), b"Happy and well\r\n")   # another client
+        self.assertEqual(ask(service.address, b"PROXY UNKNOWN\r\nmoshez\r\n"),
+                         b"Happy and well\r\n")                      # the balancer's check
+
+    def test_the_option_puts_it_on_every_listener(self):
+        server = ServerProcess(self, "--users", readable_users(self), "--finger", "127.0.0.1:0",
+                               "--web", "127.0.0.1:0", "--setter", "127.0.0.1:0",
+                               "--proxy-protocol", "127.0.0.1/32", "--log-queries")
+        finger_address, web, setter = (server.address(name)
+                                       for name in ("finger", "web", "setter"))
+        header = b"PROXY TCP4 192.0.2.20 127.0.0.1 7000 79\r\n"
+        self.assertEqual(ask(finger_address, header + b"moshez\r\n"), b"Happy and well\r\n")
+        self.assertEqual(set_over(setter, header + b"moshez\r\nBehind a balancer\r\n"),
+                         b"OK\r\n")
+        sock = connect(self, web)
+        sock.sendall(header + b"GET /moshez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b"Behind a balancer", read_to_end(sock))
+        self.assertEqual(ask(finger_address, b"moshez\r\n"), b"")       # no header: dropped
+        server.expect(r"setter: 192\.0\.2\.20:7000 set the status of moshez")   # at once
+        server.expect(r'finger 192\.0\.2\.20:7000 "moshez" ok')       # the query log's batch
+        server.expect(r'web 192\.0\.2\.20:7000 "GET /moshez HTTP/1\.1" 200')
+
+    def test_a_balancer_must_send_one_and_nobody_else_may(self):
+        service = finger_service(self, proxy_headers=self.balancer)
+        self.assertEqual(ask(service.address, b"moshez\r\n"), b"")   # no header: dropped
+        self.assertEqual(service.counts.get("bad proxy header"), 1)
+        elsewhere = finger_service(self, proxy_headers=finger.ProxyHeaders(["192.0.2.0/24"]))
+        with query_log_on(self) as logs:
+            reply = ask(elsewhere.address, b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 79\r\n")
+        self.assertNotIn(b"Happy", reply)             # taken for a query, not a header
+        self.assertIn(":finger 127.0.0.1:", logs.output[0])    # the peer, not the header's
+
+    def test_perspective_broker_greets_after_the_header(self):
+        service = pb_service(self, proxy_headers=self.balancer)
+        sock = connect(self, service.address)
+        sock.settimeout(0.2)
+        with self.assertRaises(socket.timeout):                 # nothing before the header
+            sock.recv(100)
+        sock.sendall(b"PROXY TCP6 2001:db8::5 ::1 6000 8889\r\n")
+        sock.settimeout(TIMEOUT)
+        self.assertIn(b"pb", sock.recv(100))                    # the dialect offer
+        pb_conn = next(iter(service._conns))
+        self.assertEqual(pb_conn.peer, ("2001:db8::5", 6000))
+
+    def test_web_and_https_take_the_client_from_the_header(self):
+        web = web_service(self, proxy_headers=self.balancer,
+                          limits=finger.ClientLimits("web", 1, 0, exempt=()))
+        with query_log_on(self) as logs:
+            sock = connect(self, web.address)
+            sock.sendall(proxy_v2("198.51.100.4") + b"GET /moshez HTTP/1.1\r\nHost: x\r\n"
+                         b"Connection: close\r\n\r\n")
+            self.assertIn(b"Happy and well", read_to_end(sock))
+        self.assertIn("198.51.100.4:4444", "\n".join(logs.output))
+        held = connect(self, web.address)
+        held.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 1 80\r\n")
+        wait_until(lambda: web._server.peers)                   # admitted, and held
+        sock = connect(self, web.address)
+        sock.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 2 80\r\nGET / HTTP/1.1\r\n"
+                     b"Host: x\r\n\r\n")
+        self.assertTrue(read_to_end(sock).startswith(b"HTTP/1.1 429 "))
+        sock = connect(self, web.address)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")      # a balancer without header
+        self.assertEqual(read_to_end(sock), b"")
+        if shutil.which("openssl"):
+            directory = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, directory)
+            pem = make_certificate(directory)
+            import ssl
+            https = web_service(self, cert=pem, name="https", proxy_headers=self.balancer)
+            raw = socket.create_connection(https.address, timeout=TIMEOUT)
+            raw.sendall(b"PROXY TCP4 198.51.100.5 127.0.0.1 1 443\r\n")
+            with ssl.create_default_context(cafile=pem + ".crt").wrap_socket(
+                    raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /shawn HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                self.assertIn(b"alive", read_to_end(tls))
 
 
 def make_certificate(directory, name="server.pem", days=1):
