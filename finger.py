@@ -714,6 +714,7 @@ class MemoryDatabase(UserDatabase):
         self._names = None            # sorted names, computed on first use per version
         self._lock = threading.Lock()  # serialises writers; readers never take it
         self.version = 0
+        self.changed_at = time.time()  # of the last change (the web's Last-Modified)
 
     def get_user(self, name):
         table = self._users
@@ -754,6 +755,7 @@ class MemoryDatabase(UserDatabase):
     def _changed(self):
         self._names = None
         self.version += 1
+        self.changed_at = time.time()
 
 
 class FileDatabase(MemoryDatabase):
@@ -2357,7 +2359,8 @@ MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 
 API_PAGE = 1000                   # users in one /api/users answer unless ?limit= says
 API_MAX_PAGE = 10000              # ... and at most, whatever ?limit= says
 DEFAULT_HSTS = 365 * 24 * 3600    # Strict-Transport-Security max-age on HTTPS (one year)
-WEB_CACHE = "public, max-age=30"  # statuses change at most every reload (30 s by default)
+WEB_CACHE = "public, max-age=30"
+GZIP_MIN_BYTES = 1024             # bodies at least this long are gzipped for clients that ask  # statuses change at most every reload (30 s by default)
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
                            "form-action 'none'; frame-ancestors 'none'")
 
@@ -2405,12 +2408,27 @@ def load_templates(directory=None):
 
 
 class WebResponse:
-    """What the site answers: status code, content type, body bytes, extra headers."""
-    __slots__ = ("status", "content_type", "body", "headers")
+    """What the site answers: status code, content type, body bytes, extra headers.  Its
+    entity tag and gzipped body are made on first use, once for a response that is kept
+    (the users page, per version of the users)."""
+    __slots__ = ("status", "content_type", "body", "headers", "_etag", "_gzipped")
 
     def __init__(self, status, content_type, body, headers=()):
         self.status, self.content_type, self.body = status, content_type, body
         self.headers = list(headers)
+        self._etag = self._gzipped = None
+
+    def etag(self):
+        if self._etag is None:
+            import zlib
+            self._etag = '"%08x-%x"' % (zlib.crc32(self.body), len(self.body))
+        return self._etag
+
+    def gzipped(self):
+        if self._gzipped is None:
+            import gzip
+            self._gzipped = gzip.compress(self.body, mtime=0)
+        return self._gzipped
 
 
 class WebSite:
@@ -2464,14 +2482,39 @@ class WebSite:
 
     # -- routing
 
-    def handle(self, method, target, body=b""):
-        """One request -> WebResponse.  `target` is the request target, query included.
+    def handle(self, method, target, body=b"", headers=None):
+        """One request -> WebResponse.  `target` is the request target, query included;
+        `headers` (a mapping) those of the request, for conditional requests and gzip.
         A failing back-end is a 500 page (and one log line with the traceback)."""
         try:
-            return self._route(method, target, body)
+            response = self._route(method, target, body)
         except Exception:
             log.exception("web: answering %s %r failed", method, target[:200])
             return self.error(500, INTERNAL_ERROR, "The user database failed; it is logged.")
+        if method == "GET" and response.status == 200 and headers is not None:
+            response = self._negotiate(response, headers)
+        return response
+
+    def _negotiate(self, response, headers):
+        """A page or JSON answer as this client takes it: 304 when its If-None-Match (or
+        If-Modified-Since) says it has it; gzipped when it accepts gzip and the body is
+        long.  ETag from the body (per encoding), Last-Modified from the last change."""
+        gzip = len(response.body) >= GZIP_MIN_BYTES and _accepts_gzip(
+            headers.get("Accept-Encoding", ""))
+        etag = response.etag()[:-1] + '-gzip"' if gzip else response.etag()
+        extra = [("ETag", etag)]
+        changed_at = getattr(self.db, "changed_at", None)
+        if changed_at is not None:
+            extra.append(("Last-Modified", _http_date(changed_at)))
+        if len(response.body) >= GZIP_MIN_BYTES:
+            extra.append(("Vary", "Accept-Encoding"))
+        if _not_modified(headers, {etag, response.etag()}, changed_at):
+            return WebResponse(304, response.content_type, b"", response.headers + extra)
+        if gzip:
+            extra.append(("Content-Encoding", "gzip"))
+        return WebResponse(200, response.content_type,
+                           response.gzipped() if gzip else response.body,
+                           response.headers + extra)
 
     def _route(self, method, target, body):
         from urllib.parse import unquote
@@ -2732,6 +2775,37 @@ def _safe_segment(name):
             and not _CONTROL_CHARS.search(name) and len(name) <= 256)
 
 
+def _accepts_gzip(accept_encoding):
+    """Whether an Accept-Encoding value takes gzip (or *) with a q above 0."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, parameters = item.partition(";")
+        if coding.strip() in ("gzip", "x-gzip", "*"):
+            quality = parameters.strip()
+            try:
+                return not quality.startswith("q=") or float(quality[2:]) > 0
+            except ValueError:
+                return False
+    return False
+
+
+def _not_modified(headers, etags, changed_at):
+    """RFC 9110 13.1.2-3: If-None-Match naming one of `etags` (weak comparison), or, without
+    it, If-Modified-Since at or after `changed_at`."""
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        wanted = {tag.strip()[2:] if tag.strip().startswith("W/") else tag.strip()
+                  for tag in if_none_match.split(",")}
+        return "*" in wanted or bool(wanted & etags)
+    if_modified_since = headers.get("If-Modified-Since")
+    if if_modified_since is None or changed_at is None:
+        return False
+    from email.utils import parsedate_to_datetime
+    try:
+        return int(changed_at) <= parsedate_to_datetime(if_modified_since).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+
+
 def _http_date(timestamp=None):
     from email.utils import formatdate
     return formatdate(timestamp, usegmt=True)
@@ -2848,10 +2922,11 @@ def _web_classes():
             return True
 
         def do_GET(self):
-            self.respond(self.server.site.handle("GET", self.path))
+            self.respond(self.server.site.handle("GET", self.path, headers=self.headers))
 
         def do_HEAD(self):
-            self.respond(self.server.site.handle("GET", self.path), with_body=False)
+            self.respond(self.server.site.handle("GET", self.path, headers=self.headers),
+                         with_body=False)
 
         def do_POST(self):
             if self.headers.get("Transfer-Encoding"):
@@ -2882,7 +2957,8 @@ def _web_classes():
         def respond(self, response, with_body=True, close=False):
             self.send_response(response.status)
             self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
+            if response.status != 304:         # a 304's length would be the page's
+                self.send_header("Content-Length", str(len(response.body)))
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
             self.send_header("Referrer-Policy", "no-referrer")

@@ -1409,6 +1409,44 @@ class TestWebSite(unittest.TestCase):
                 self.assertEqual(response.status, 200)
                 self.assertFalse(response.will_close)
 
+    def test_conditional_requests_and_gzip(self):
+        import gzip
+        import http.client
+        db = finger.MemoryDatabase({"u%03d" % i: "status %d" % i for i in range(100)})
+        address = web_service(self, db).address
+        connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
+        self.addCleanup(connection.close)
+
+        def get(path, method="GET", **headers):
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+
+        status, headers, plain = get("/")
+        self.assertEqual((status, headers.get("Vary")), (200, "Accept-Encoding"))
+        self.assertNotIn("Content-Encoding", headers)
+        status, zipped_headers, zipped = get("/", **{"Accept-Encoding": "br, gzip;q=0.8"})
+        self.assertEqual(zipped_headers["Content-Encoding"], "gzip")
+        self.assertEqual(gzip.decompress(zipped), plain)
+        self.assertLess(len(zipped), len(plain) // 2)
+        self.assertNotEqual(zipped_headers["ETag"], headers["ETag"])  # one per encoding
+        self.assertNotIn("Content-Encoding", get("/", **{"Accept-Encoding": "gzip;q=0"})[1])
+        status, head_headers, body = get("/", "HEAD", **{"Accept-Encoding": "gzip"})
+        self.assertEqual((body, head_headers["Content-Length"]), (b"", str(len(zipped))))
+        status, not_modified, body = get("/", **{"If-None-Match": 'W/' + headers["ETag"]})
+        self.assertEqual((status, body), (304, b""))
+        self.assertNotIn("Content-Length", not_modified)
+        self.assertEqual(not_modified["ETag"], headers["ETag"])
+        self.assertEqual(get("/", **{"If-Modified-Since": headers["Last-Modified"]})[0], 304)
+        small = get("/u001", **{"Accept-Encoding": "gzip"})
+        self.assertNotIn("Content-Encoding", small[1])                 # under 1 KB
+        self.assertEqual(get("/api/users/u001", **{"If-None-Match": small[1]["ETag"]})[0], 200)
+        db.set_user("u001", "changed")
+        status, headers, body = get("/u001", **{"If-None-Match": small[1]["ETag"]})
+        self.assertEqual(status, 200)                                  # a new version
+        self.assertIn(b"changed", body)
+        self.assertEqual(get("/nobody", **{"If-None-Match": "*"})[0], 404)   # errors: as is
+
     def test_malformed_requests_get_a_clean_error_and_the_site_keeps_serving(self):
         for raw in [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
                     b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
@@ -5808,6 +5846,13 @@ class TestWebInterop(unittest.TestCase):
         headers = self.curl("-X", "DELETE", "-D", "-", "-o", "/dev/null", base + "/moshez")
         self.assertIn("HTTP/1.1 405", headers)
         self.assertIn("Allow: GET, HEAD, POST", headers)
+        plain, zipped = self.curl(base + "/"), self.curl("--compressed", base + "/")
+        self.assertEqual(zipped, plain)                       # curl undid our gzip
+        headers = self.curl("--compressed", "-D", "-", "-o", "/dev/null", base + "/")
+        self.assertIn("content-encoding: gzip", headers.lower())
+        etag = re.search(r"(?im)^etag: (\S+)", headers).group(1)
+        self.assertEqual(self.curl("--compressed", "-H", "If-None-Match: " + etag, "-o",
+                                   "/dev/null", "-w", "%{http_code}", base + "/"), "304")
 
     @_needs("curl", "openssl")
     def test_curl_over_https_with_cacert(self):
