@@ -40,7 +40,8 @@ test:
 # OpenBSD netcat for the tutorial's setter session, curl, openssl and headless Chromium for
 # the web site (a screenshot lands in build/artefacts/), ngircd (and gnutls-bin's certtool)
 # for the IRC bot, Twisted in two venvs for Perspective Broker,
-# and vermin (PyPI, in a venv under build/) to check that finger.py needs no Python above 3.9.
+# vermin (PyPI, in a venv under build/) to check that finger.py needs no Python above 3.9,
+# and prometheus-client (the same venv) whose parser reads /metrics.
 peers:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
@@ -51,8 +52,9 @@ peers:
 	        [ $$attempt = 3 ] && exit 1; echo "peers: apt failed, trying again"; sleep 10; \
 	    done; \
 	else echo "peers: not root or no apt-get: Debian packages not installed"; fi
-	@[ -x $(VENV)/bin/vermin ] || { $(PYTHON) -m venv $(VENV) && \
-	    $(VENV)/bin/pip install --quiet --disable-pip-version-check vermin; }
+	@[ -x $(VENV)/bin/vermin ] && $(VENV)/bin/python -c "import prometheus_client" \
+	    2>/dev/null || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install --quiet \
+	    --disable-pip-version-check vermin prometheus-client; }
 	@$(TWISTED_VENV)/bin/python -c "import twisted.spread.pb" 2>/dev/null || { \
 	    $(PYTHON) -m venv $(TWISTED_VENV) && $(TWISTED_VENV)/bin/pip install --quiet \
 	    --disable-pip-version-check --upgrade twisted; }
@@ -62,6 +64,7 @@ peers:
 
 interop: peers
 	FINGER_INTEROP=1 VERMIN=$(VENV)/bin/vermin FINGER_PYTHONS="$(PYTHONS)" \
+	    PROMETHEUS_PYTHON=$(abspath $(VENV))/bin/python \
 	    TWISTED_PYTHON=$(abspath $(TWISTED_VENV))/bin/python \
 	    TWISTED_OLD_PYTHON=$(abspath $(TWISTED_OLD_VENV))/bin/python \
 	    $(PYTHON) test_finger.py TestInterop TestWebInterop TestPackagingInterop \

@@ -15,6 +15,7 @@ Runs on CPython 3.9 and newer, with the standard library only.
 """
 
 import argparse
+import bisect
 import collections
 import contextlib
 import errno
@@ -1411,6 +1412,37 @@ class SetterProtocol:
             return False
 
 
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)            # seconds: the bounds of /metrics' histogram
+
+
+class LatencyHistogram:
+    """How long a service took to answer, in LATENCY_BUCKETS (a Prometheus histogram).
+    Thread-safe; observe() costs a bisect and two additions."""
+
+    def __init__(self):
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds):
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        with self._lock:
+            self.counts[index] += 1
+            self.total += seconds
+
+    def lines(self, name, service):
+        """The _bucket, _sum and _count lines of `service`."""
+        with self._lock:
+            counts, total = list(self.counts), self.total
+        lines, running = [], 0
+        for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), counts):
+            running += count
+            lines.append('%s_bucket{service="%s",le="%s"} %d' % (name, service, bound, running))
+        return lines + ['%s_sum{service="%s"} %.6f' % (name, service, total),
+                        '%s_count{service="%s"} %d' % (name, service, running)]
+
+
 class Service:
     """A thing that runs in its own thread.
 
@@ -1422,6 +1454,7 @@ class Service:
     name = "service"
     address = None
     on_failure = None      # called (in the service's thread) when serve() dies of an error
+    latency = None         # a LatencyHistogram of its answers, for /metrics
 
     def __init__(self):
         self._thread = None
@@ -1820,6 +1853,8 @@ class TCPService(Service):
         self.workers = workers
         self.max_pending = max_pending or 2 * workers
         self.counts = {}                 # outcome -> number of requests, for reports
+        # Sessions time their messages themselves (PBProtocol), connections are timed here.
+        self.latency = getattr(protocol, "latency", None) or LatencyHistogram()
         self._listener = sock
         self._owns_path = False          # a unix socket file we made, removed at stop
         self._conns = {}                 # _Connection -> None, in order of deadline
@@ -2303,6 +2338,8 @@ class TCPService(Service):
 
     def _log(self, conn, request, outcome):
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if conn.session is None:
+            self.latency.observe(time.monotonic() - conn.started)
         if query_log.enabled:
             query_log.record(self.name, conn.peer, self.protocol.log_text(request), outcome,
                              conn.started)
@@ -2852,6 +2889,7 @@ def _web_classes():
                 self.request.close()
 
         def handle_one_request(self):
+            self.started = time.monotonic()
             # The whole request line and headers must arrive within the timeout, however
             # slowly a peer dribbles them: http.server's timeout is per read only.  And they
             # may take MAX_REQUEST_HEAD bytes in all (http.server allows 100 x 64 KiB).
@@ -2973,6 +3011,7 @@ def _web_classes():
             self.end_headers()
             if with_body:
                 self.wfile.write(response.body)
+            self.server.latency.observe(time.monotonic() - self.started)
             self.server.count(response.status)
             self.log_request(response.status, len(response.body) if with_body else 0)
 
@@ -3282,6 +3321,7 @@ class WebService(Service):
         self.headers = [("Strict-Transport-Security", "max-age=%d" % hsts)] \
             if cert and hsts else []
         self.proxy_headers = proxy_headers    # ProxyHeaders: balancers sending PROXY first
+        self.latency = LatencyHistogram()
         self.timeout = timeout
         self.max_connections = max_connections
         self._sock = sock
@@ -3304,6 +3344,7 @@ class WebService(Service):
             self._server = _web_classes()(sock, self.site, self.name, self.timeout,
                                           self.max_connections, self.ssl_context,
                                           self.limits, self.headers, self.proxy_headers)
+            self._server.latency = self.latency
             self.address = sock.getsockname()[:2]
 
     def serve(self):
@@ -3726,9 +3767,10 @@ class PBProtocol:
         self.root = FingerRoot(db)
         self.pending = ByteBudget(PB_MAX_PENDING_TOTAL)   # unfinished calls, all clients
         self.limits = limits           # ClientLimits: its rate applies to each call
+        self.latency = LatencyHistogram()   # of each call
 
     def new_session(self, peer):
-        return PBSession(self.root, peer, self.pending, self.limits)
+        return PBSession(self.root, peer, self.pending, self.limits, self.latency)
 
     @staticmethod
     def log_text(data):
@@ -3757,12 +3799,14 @@ class PBSession:
     """One PB connection: the server offers its dialects, the client picks one, both send
     ["version", 6], then the client sends calls.  feed(data) -> the bytes to send back;
     PBError means drop the connection (Twisted does the same on a protocol error).  close()
-    gives back what its unfinished call held of the shared `budget`."""
+    gives back what its unfinished call held of the shared `budget`; each call's time goes
+    to `latency` (a LatencyHistogram)."""
 
-    def __init__(self, root, peer=None, budget=None, limits=None):
+    def __init__(self, root, peer=None, budget=None, limits=None, latency=None):
         self.root = root
         self.peer = peer
         self.limits = limits
+        self.latency = latency
         self.dialect = None
         self.failures = 0              # CopyableFailure "count": errors sent so far
         self._decoder = BananaDecoder(PB_MAX_CALL, PB_MAX_VALUES)
@@ -3830,6 +3874,7 @@ class PBSession:
                 else "<%s>" % type(method).__name__)
         shown = name[:PB_MAX_NAME_SHOWN]
         failure = None
+        started = time.monotonic()
         try:
             if self.limits is not None and self.limits.request(self.peer) is not None:
                 raise PBRemoteError(_PB_ERROR, TOO_MANY_REQUESTS)
@@ -3859,7 +3904,10 @@ class PBSession:
             failure = PBRemoteError(_INTERNAL, INTERNAL_ERROR)
         if failure is not None:
             reply = self._encode(self._error(request_id, failure))
-        query_log.record("pb", self.peer, shown, "ok" if failure is None else "error")
+        query_log.record("pb", self.peer, shown, "ok" if failure is None else "error",
+                         started)
+        if self.latency is not None:
+            self.latency.observe(time.monotonic() - started)
         return reply if answer_required else None
 
     def _error(self, request_id, failure):
@@ -5502,15 +5550,38 @@ def _limits(options, protocol):
     return limits
 
 
+# Outcomes that are a connection turned away -> the reason /metrics gives.
+REJECTIONS = {"busy": "cap", 503: "cap", "per-client connections": "per-client connections",
+              "per-client rate": "per-client rate", "timeout": "deadline",
+              "bad proxy header": "bad proxy header"}
+STARTED_AT = time.time()          # process_start_time_seconds (the module's import)
+
+
 def render_metrics(group):
-    """Prometheus text: requests by service and outcome, open connections, users loaded,
-    the last load of the users and whether it worked."""
+    """Prometheus text: requests by service and outcome, connections turned away by
+    reason, a latency histogram per service, open connections, users loaded, the last
+    load of the users and whether it worked, the process's figures and the build.  Never
+    a series per user or per client address."""
     lines = ["# HELP finger_requests_total Requests answered, by service and outcome.",
              "# TYPE finger_requests_total counter"]
     for service in group:
         for outcome, count in sorted(service.counts.items(), key=str):
             lines.append('finger_requests_total{service="%s",outcome="%s"} %d'
                          % (service.name, outcome, count))
+    lines += ["# HELP finger_rejected_total Connections and requests turned away, by "
+              "service and reason.", "# TYPE finger_rejected_total counter"]
+    for service in group:
+        rejected = collections.Counter()
+        for outcome, count in list(service.counts.items()):
+            if outcome in REJECTIONS:
+                rejected[REJECTIONS[outcome]] += count
+        lines += ['finger_rejected_total{service="%s",reason="%s"} %d'
+                  % (service.name, reason, count) for reason, count in sorted(rejected.items())]
+    lines += ["# HELP finger_request_duration_seconds Time to answer, by service.",
+              "# TYPE finger_request_duration_seconds histogram"]
+    for service in group:
+        if service.latency is not None:
+            lines += service.latency.lines("finger_request_duration_seconds", service.name)
     lines += ["# HELP finger_open_connections Connections open now.",
               "# TYPE finger_open_connections gauge"]
     lines += ['finger_open_connections{service="%s"} %d' % (service.name,
@@ -5527,7 +5598,32 @@ def render_metrics(group):
             lines += ["# HELP finger_last_reload_timestamp_seconds When the users were last "
                       "loaded.", "# TYPE finger_last_reload_timestamp_seconds gauge",
                       "finger_last_reload_timestamp_seconds %.3f" % loaded_at]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _process_metrics()) + "\n"
+
+
+def _process_metrics():
+    """The process's figures, named as Prometheus's client libraries name them."""
+    times = os.times()
+    lines = ["# HELP process_cpu_seconds_total User and system CPU time spent.",
+             "# TYPE process_cpu_seconds_total counter",
+             "process_cpu_seconds_total %.2f" % (times.user + times.system),
+             "# HELP process_start_time_seconds When the process started (Unix time).",
+             "# TYPE process_start_time_seconds gauge",
+             "process_start_time_seconds %.3f" % STARTED_AT]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        lines += ["# HELP process_resident_memory_bytes Resident memory size.",
+                  "# TYPE process_resident_memory_bytes gauge",
+                  "process_resident_memory_bytes %d" % resident]
+    with contextlib.suppress(OSError):
+        lines += ["# HELP process_open_fds Open file descriptors.",
+                  "# TYPE process_open_fds gauge",
+                  "process_open_fds %d" % len(os.listdir("/proc/self/fd"))]
+    return lines + ["# HELP finger_build_info The version of finger.py and of Python.",
+                    "# TYPE finger_build_info gauge",
+                    'finger_build_info{version="%s",python="%s"} 1'
+                    % (__version__, ".".join(map(str, sys.version_info[:3])))]
 
 
 def default_options(**overrides):

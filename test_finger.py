@@ -1534,6 +1534,36 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
         self.assertIn("finger_last_reload_success 1", text)
         self.assertRegex(text, r'finger_open_connections\{service="web"\} 1')
 
+    def test_metrics_answer_questions(self):
+        users = write_file(self, USERS)
+        options = finger.default_options(finger="127.0.0.1:0", web="127.0.0.1:0", setter="off",
+                                         pb="127.0.0.1:0", users=users, max_connections=1)
+        with finger.build_services(options) as services:
+            address = services.by_name("finger").address
+            for _ in range(3):
+                ask(address, b"moshez\r\n")
+            PBTestClient(self, services.by_name("pb").address).call("getUser", "moshez")
+            held = connect(self, address)               # the one connection the cap allows
+            wait_until(lambda: services.by_name("finger").open_connections() == 1)
+            self.assertEqual(ask(address, b"shawn\r\n"), finger.SERVER_BUSY.encode() + b"\r\n")
+            held.close()
+            text = http(services.by_name("web").address, "GET", "/metrics")[2].decode()
+        self.assertIn('finger_request_duration_seconds_count{service="finger"} 4', text)
+        self.assertIn('finger_request_duration_seconds_bucket{service="finger",le="+Inf"} 4',
+                      text)
+        self.assertIn('finger_request_duration_seconds_count{service="pb"} 1', text)
+        self.assertIn("# TYPE finger_request_duration_seconds histogram", text)
+        self.assertIn('finger_rejected_total{service="finger",reason="cap"} 1', text)
+        buckets = [int(value) for value in re.findall(
+            r'finger_request_duration_seconds_bucket\{service="finger",le="[^"]+"\} (\d+)', text)]
+        self.assertEqual(buckets, sorted(buckets))                 # cumulative
+        for name in ("process_resident_memory_bytes", "process_open_fds",
+                     "process_cpu_seconds_total", "process_start_time_seconds"):
+            self.assertRegex(text, r"(?m)^%s [0-9.]+$" % name)
+        self.assertIn('finger_build_info{version="%s",python="' % finger.__version__, text)
+        self.assertNotIn("moshez", text)                           # never a user's name
+        self.assertNotIn("127.0.0.1", text)                        # nor a client's address
+
 
 class TestPerClientLimits(unittest.TestCase):
     """--per-client-connections and --per-client-rate; the tests' clients are on loopback,
@@ -5853,6 +5883,29 @@ class TestWebInterop(unittest.TestCase):
         etag = re.search(r"(?im)^etag: (\S+)", headers).group(1)
         self.assertEqual(self.curl("--compressed", "-H", "If-None-Match: " + etag, "-o",
                                    "/dev/null", "-w", "%{http_code}", base + "/"), "304")
+
+    def test_prometheus_parses_the_metrics(self):
+        python = os.environ.get("PROMETHEUS_PYTHON")
+        if not INTEROP or not python:
+            self.skipTest("interop test: make interop installs prometheus-client")
+        users = write_file(self, USERS)
+        options = finger.default_options(finger="127.0.0.1:0", web="127.0.0.1:0", setter="off",
+                                         pb="127.0.0.1:0", users=users)
+        with finger.build_services(options) as services:
+            ask(services.by_name("finger").address, b"moshez\r\n")
+            text = http(services.by_name("web").address, "GET", "/metrics")[2]
+        result = subprocess.run([python, "-c", "import sys\n"
+                                 "from prometheus_client.parser import "
+                                 "text_string_to_metric_families as parse\n"
+                                 "for family in parse(sys.stdin.read()):\n"
+                                 "    print(family.name, family.type, len(family.samples))"],
+                                input=text.decode(), capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        families = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+        self.assertEqual(families["finger_request_duration_seconds"][0], "histogram")
+        self.assertEqual(families["finger_requests"][0], "counter")
+        for name in ("process_resident_memory_bytes", "process_open_fds", "finger_build_info"):
+            self.assertEqual(families[name][0], "gauge")
 
     @_needs("curl", "openssl")
     def test_curl_over_https_with_cacert(self):
