@@ -1718,13 +1718,17 @@ def parse_proxy_header(data):
         if len(data) >= PROXY_V1_MAX:
             raise ValueError("a PROXY version 1 header longer than %d bytes" % PROXY_V1_MAX)
         return None
-    words = data[:end].decode("ascii", "replace").split(" ")
+    if re.search(rb"[^\x20-\x7e]", data[:end]):
+        raise ValueError("a PROXY version 1 header with a control or non-ASCII character")
+    words = data[:end].decode("ascii").split(" ")
     if words[1:2] == ["UNKNOWN"]:
         return end + 2, None
     if len(words) != 6 or words[1] not in ("TCP4", "TCP6") or not all(
             word.isdigit() and word.isascii() and int(word) < 65536 for word in words[4:]):
         raise ValueError("a malformed PROXY version 1 header")
     try:
+        if "%" in words[2] + words[3]:                 # a zone is no client's address
+            raise ValueError
         host = ipaddress.ip_address(words[2])
         ipaddress.ip_address(words[3])
     except ValueError:
@@ -2138,11 +2142,11 @@ class TCPService(Service):
         if refusal is not None:
             conn.refusal = refusal                 # not admitted: nothing to release
             self._busy += 1
-        if getattr(self.protocol, "session", False):
-            if refusal is not None:
+            if getattr(self.protocol, "session", False) or self._busy > BUSY_BACKLOG:
                 self.counts[refusal[1]] = self.counts.get(refusal[1], 0) + 1
-                self._close(conn)
+                self._close(conn)                  # as _accept does: no answer to wait for
                 return None
+        if getattr(self.protocol, "session", False):
             self._start_session(conn)
         return rest
 
@@ -2644,7 +2648,7 @@ class WebSite:
             after = fields.get("after", [""])[-1]
         except (ValueError, UnicodeDecodeError):
             return self.json(400, {"error": "bad query string: ?limit=N&after=NAME"})
-        if not (limit.isascii() and limit.isdigit() and int(limit) > 0):
+        if not (_ASCII_DIGITS.fullmatch(limit) and int(limit) > 0):
             return self.json(400, {"error": "limit: a whole number above 0, at most %d"
                                    % API_MAX_PAGE})
         limit = min(int(limit), API_MAX_PAGE)
@@ -2865,12 +2869,15 @@ def _web_classes():
             self.timeout = self.server.timeout_seconds
             self.requests_read = 0
             self.accepted = self.request        # the key of this connection in the server
-            self.refused = None                 # over the client's limits: why
             proxies = self.server.proxy_headers
             if proxies is not None and proxies.expected_from(self.client_address):
                 self.request.settimeout(self.timeout)
                 self.client_address = read_proxy_header(self.request) or self.client_address
-                self.refused = self.server.admit(self.accepted, self.client_address)
+                refused = self.server.admit(self.accepted, self.client_address)
+                if refused is not None:        # as at accept: turned away at once
+                    self.server.count(refused)
+                    self.server.refuse(self.request, b"429 Too Many Requests", linger=False)
+                    raise _TurnedAway(refused)
             context = self.server.ssl_context
             if context is not None:
                 raw = self.request
@@ -2903,17 +2910,7 @@ def _web_classes():
         def parse_request(self):
             complete = super().parse_request()      # calls handle_expect_100 when asked
             self.server.set_deadline(self.accepted, None)
-            return (complete and self.framing_ok() and self.within_limits()
-                    and self.within_rate())
-
-        def within_limits(self):
-            """A client that a PROXY header named over its limits: 429 to its request."""
-            if self.refused is None:
-                return True
-            self.server.count(self.refused)
-            self.respond(self.server.site.error(429, "Too many requests", TOO_MANY_REQUESTS,
-                                                [("Retry-After", "1")]), close=True)
-            return False
+            return complete and self.framing_ok() and self.within_rate()
 
         def within_rate(self):
             """The per-client rate, for each request after the connection's first (that
@@ -2937,8 +2934,8 @@ def _web_classes():
             chunked = self.headers.get("Transfer-Encoding") is not None
             if len(lengths) > 1 or lengths and (chunked or not all(
                     _ASCII_DIGITS.fullmatch(value) for value in lengths)):
-                self.send_error(400, "Bad request", "Content-Length must be one number, "
-                                "without Transfer-Encoding.")
+                self.send_error(400, "Bad request", "Content-Length must be one number (of "
+                                "at most 18 digits), without Transfer-Encoding.")
                 return False
             self.body_length = int(lengths.pop()) if lengths else None
             if self.command != "POST" and (chunked or self.body_length):
@@ -3106,11 +3103,12 @@ def _web_classes():
                     self.peers[request] = client_address
             return refused
 
-        def refuse(self, request, status):
+        def refuse(self, request, status, linger=True):
             """A connection we will not serve: `status` with Retry-After on plain HTTP; on
             the TLS port a TLS alert (or nothing), never plain text.  Then it lingers, its
             input read and dropped, until the peer closes (at most a second), so that our
-            close does not reset the connection before the peer has read the answer."""
+            close does not reset the connection before the peer has read the answer; or,
+            without `linger` (nothing unread is left), it is closed at once."""
             with contextlib.suppress(OSError):
                 request.setblocking(False)
                 if self.ssl_context is not None:
@@ -3120,7 +3118,7 @@ def _web_classes():
                                  b"Connection: close\r\n\r\n" % status)
                 request.shutdown(socket.SHUT_WR)
             with self.lock:
-                if len(self.lingering) < BUSY_BACKLOG:
+                if linger and len(self.lingering) < BUSY_BACKLOG:
                     self.lingering.append((request, time.monotonic() + 1.0))
                     return
             request.close()
@@ -3183,6 +3181,8 @@ def _web_classes():
 
         def handle_error(self, request, client_address):
             error = sys.exc_info()[1]
+            if isinstance(error, _TurnedAway):               # counted and logged already
+                return
             if isinstance(error, (OSError, ValueError)):    # TLS failures, resets, timeouts
                 self.warnings.warn("%s %s: connection dropped: %s", self.name,
                                    client_address[0], str(error)[:MAX_ERROR_SHOWN])
@@ -3223,7 +3223,11 @@ class _RequestHeadReader:
         return getattr(self.stream, name)
 
 
-_ASCII_DIGITS = re.compile("[0-9]+")    # str.isdigit() also takes '²' and other scripts' digits
+_ASCII_DIGITS = re.compile("[0-9]{1,18}")   # what int() takes quickly; not other scripts' digits
+
+
+class _TurnedAway(Exception):
+    """A web connection refused once its PROXY header named a client over its limits."""
 
 
 def _shut_down(connection):
