@@ -1223,6 +1223,8 @@ class TestWebSite(unittest.TestCase):
                            b"Content-Length: 200\r\n\r\n" + call,
             "not ASCII digits": "POST /RPC2 HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n"
                                 .encode("utf-8") + b"ab",
+            "a length of 5000 digits": b"POST /RPC2 HTTP/1.1\r\nContent-Length: "
+                                       + b"9" * 5000 + b"\r\n\r\n" + call,
             "length and chunks": b"POST /RPC2 HTTP/1.1\r\nContent-Length: 5\r\n"
                                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "a GET with a body": b"GET / HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
@@ -1303,7 +1305,8 @@ class TestWebSite(unittest.TestCase):
         for method, path, code in (("POST", "/api/users", 405), ("GET", "/api", 404),
                                    ("GET", "/api/nothing", 404),
                                    ("GET", "/api/users?limit=0", 400),
-                                   ("GET", "/api/users?after=%ff", 400)):
+                                   ("GET", "/api/users?after=%ff", 400),
+                                   ("GET", "/api/users?limit=" + "9" * 5000, 400)):
             status, headers, body = http(self.address, method, path, body=b"" if method ==
                                          "POST" else None)
             self.assertEqual((status, headers["Content-Type"]),
@@ -1690,6 +1693,8 @@ class TestProxyProtocol(unittest.TestCase):
         for bad in (b"moshez\r\n", b"GET / HTTP/1.1\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 "
                     b"99999\r\n", b"PROXY TCP4 ::1 ::1 1 2\r\n", b"PROXY TCP4 x y 1 2\r\n",
                     b"PROXY " + b"9" * 200, finger.PROXY_V2_SIGNATURE + b"\x31\x11\x00\x00",
+                    b"PROXY TCP6 fe80::1%x\nFAKE ::1 5 79\r\n",      # no forged log line
+                    b"PROXY TCP6 fe80::1%eth0 ::1 5 79\r\n",
                     finger.PROXY_V2_SIGNATURE + b"\x21\x11\xff\xff"):
             with self.assertRaises(ValueError, msg=bad):
                 parse(bad)
@@ -1718,6 +1723,12 @@ class TestProxyProtocol(unittest.TestCase):
                              b"moshez\r\n"), b"Happy and well\r\n")   # another client
         self.assertEqual(ask(service.address, b"PROXY UNKNOWN\r\nmoshez\r\n"),
                          b"Happy and well\r\n")                      # the balancer's check
+        flood = [connect(self, service.address) for _ in range(finger.BUSY_BACKLOG + 20)]
+        for sock in flood:                              # one client, refused again and again
+            sock.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5004 79\r\n")
+        wait_until(lambda: service._busy <= finger.BUSY_BACKLOG and all(
+            not conn.awaiting_proxy for conn in service._conns))
+        self.assertLessEqual(len(service._conns), finger.BUSY_BACKLOG + 1)   # not one each
 
     def test_the_option_puts_it_on_every_listener(self):
         server = ServerProcess(self, "--users", readable_users(self), "--finger", "127.0.0.1:0",
@@ -1772,9 +1783,8 @@ class TestProxyProtocol(unittest.TestCase):
         held.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 1 80\r\n")
         wait_until(lambda: web._server.peers)                   # admitted, and held
         sock = connect(self, web.address)
-        sock.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 2 80\r\nGET / HTTP/1.1\r\n"
-                     b"Host: x\r\n\r\n")
-        self.assertTrue(read_to_end(sock).startswith(b"HTTP/1.1 429 "))
+        sock.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 2 80\r\n")   # no request yet:
+        self.assertTrue(read_to_end(sock).startswith(b"HTTP/1.1 429 "))  # turned away at once
         sock = connect(self, web.address)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")      # a balancer without header
         self.assertEqual(read_to_end(sock), b"")
@@ -6012,15 +6022,49 @@ def _port_open(port):
         return False
 
 
+# Test classes that use something of the whole machine (/dev/log): they run in one shard.
+SHARED_STATE = ("TestSyslog", "TestCheckConfig")
+SHARDS = 2                        # processes running the whole suite (the machine has 2 cores)
+
+
+def run_shards():
+    """The whole suite in SHARDS processes at once, the test classes dealt out in turn (most
+    tests wait on sockets, timeouts and child processes, not on the CPU); each shard's
+    output is printed whole, then the sum.  Returns the exit status."""
+    classes = [name for name, value in globals().items()
+               if isinstance(value, type) and issubclass(value, unittest.TestCase)]
+    shards = [[] for _ in range(SHARDS)]
+    for number, name in enumerate(name for name in classes if name not in SHARED_STATE):
+        shards[number % SHARDS].append(name)
+    shards[0] += SHARED_STATE
+    environ = dict(os.environ, FINGER_TEST_SHARD="1")    # its line is not the sum CI reads
+    processes = [subprocess.Popen([sys.executable, __file__, *shard], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=environ)
+                 for shard in shards]
+    totals = [0, 0, 0]
+    for process in processes:
+        output = process.communicate()[0]
+        sys.stdout.write(output)
+        found = re.search(r"^shard results: (\d+) passed, (\d+) failed, (\d+) skipped$",
+                          output, re.MULTILINE)
+        counts = [int(n) for n in found.groups()] if found else [0, 1, 0]
+        totals = [total + count for total, count in zip(totals, counts)]
+    print("results: %d passed, %d failed, %d skipped" % tuple(totals))
+    return 1 if totals[1] or any(process.returncode for process in processes) else 0
+
+
 def main(argv):
-    """Run the tests named in argv (all by default) and end with one line that CI reads:
-    'results: N passed, N failed, N skipped'.  Exit status 1 when any failed."""
+    """Run the tests named in argv (all by default, in shards) and end with one line that
+    CI reads: 'results: N passed, N failed, N skipped'.  Exit status 1 when any failed."""
+    if len(argv) == 1:
+        return run_shards()
     program = unittest.main(module=__name__, argv=[argv[0], "-v", *argv[1:]], exit=False)
     result = program.result
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
-    print("results: %d passed, %d failed, %d skipped"
-          % (result.testsRun - failed - skipped, failed, skipped))
+    print("%sresults: %d passed, %d failed, %d skipped"
+          % ("shard " if os.environ.get("FINGER_TEST_SHARD") else "",
+             result.testsRun - failed - skipped, failed, skipped))
     return 1 if failed or not result.testsRun else 0
 
 
