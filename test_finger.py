@@ -5821,6 +5821,14 @@ class TestPackagingInterop(unittest.TestCase):
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertEqual(len(units), 4)
+        for name in ("finger.service", "finger-inetd@.service"):
+            result = subprocess.run(["systemd-analyze", "security", "--offline=yes",
+                                     os.path.join(directory, name)],
+                                    capture_output=True, text=True, timeout=60)
+            score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)",
+                                    result.stdout).group(1))
+            _report("%s: systemd-analyze security %.1f" % (name, score))
+            self.assertLessEqual(score, 2.0, result.stdout[-2000:])
 
     @_needs("dpkg", "dpkg-deb", "make")
     def test_deb_installs_and_removes_cleanly(self):
