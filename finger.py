@@ -1631,6 +1631,14 @@ class ClientLimits:
                         "for %d s", self.name, key, refused, CLIENT_EPISODE)
         return refused
 
+    def configure(self, connections, rate, exempt):
+        """New limits (SIGHUP with --config); the counts of open connections stay."""
+        import ipaddress
+        with self._lock:
+            self.connections, self.rate = connections, rate
+            self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
+            self._keys.clear()
+
     def _forget_idle(self):
         """Make room: the least recently seen clients with no connection open go."""
         for key in [key for key, client in self._clients.items() if not client[0]][
@@ -5630,6 +5638,49 @@ def _process_metrics():
                     % (__version__, ".".join(map(str, sys.version_info[:3])))]
 
 
+# What SIGHUP changes in a running server when --config says so; the rest needs a restart.
+RELOADABLE = ("log_level", "log_queries", "no_list", "templates", "timeout", "max_status",
+              "backend_timeout", "per_client_connections", "per_client_rate",
+              "per_client_exempt")
+
+
+def apply_options(group, options, new):
+    """Make the running `group` follow the options `new` in what can change without binding
+    again (RELOADABLE), and record them in `options`.  Returns the names of the other
+    options that differ: they wait for a restart."""
+    changed = [key for key, value in vars(new).items() if key not in ("given", "command_line")
+               and getattr(options, key, value) != value]
+    for key in changed:
+        if key in RELOADABLE:
+            setattr(options, key, getattr(new, key))
+    if "templates" in changed:
+        templates = load_templates(options.templates)        # UsageError: nothing changes
+        for site in {service.site for service in group if isinstance(service, WebService)}:
+            site.templates = templates
+    log.setLevel(options.log_level.upper())
+    if options.log_queries:
+        query_log.start()
+    else:
+        query_log.enabled = False
+    for db in group.databases:
+        db.listable = not options.no_list
+        if hasattr(db, "timeout"):                  # command and web back-ends
+            db.timeout = options.backend_timeout
+    for service in group:
+        if getattr(service, "limits", None) is not None:
+            service.limits.configure(options.per_client_connections, options.per_client_rate,
+                                     options.per_client_exempt)
+        if isinstance(service, TCPService):
+            service.timeout = options.timeout
+            if isinstance(service.protocol, SetterProtocol):
+                service.protocol.max_status = options.max_status
+        elif isinstance(service, WebService):
+            service.timeout = options.timeout
+            if service._server is not None:
+                service._server.timeout_seconds = options.timeout
+    return [key for key in changed if key not in RELOADABLE]
+
+
 def default_options(**overrides):
     """The options of `--serve` with no arguments, with `overrides` applied (Python API)."""
     options = build_parser().parse_intermixed_args(["--serve"])
@@ -6064,7 +6115,7 @@ def run_server(options):
         if options.chroot:
             enter_chroot(options.chroot, group)
         drop_privileges(identity)
-        stopping = _install_signal_handlers(group)
+        stopping = _install_signal_handlers(group, options)
         failures = []
         for service in group:          # a service that dies takes the process down with it
             service.on_failure = lambda: (failures.append(1), stopping.set())
@@ -6118,12 +6169,12 @@ def run_server(options):
     return code
 
 
-def _install_signal_handlers(group):
+def _install_signal_handlers(group, options=None):
     """SIGTERM and SIGINT set the returned Event; SIGHUP reloads."""
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: stopping.set())
-    signal.signal(signal.SIGHUP, lambda signum, frame: _reload_all(group))
+    signal.signal(signal.SIGHUP, lambda signum, frame: _reload_all(group, options))
     return stopping
 
 
@@ -6136,12 +6187,15 @@ def _stderr_is_stdout():
     return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
 
 
-def _reload_all(group):
-    """SIGHUP: reopen the log file, re-read the users file and certificates (in a thread,
-    not in the signal handler)."""
+def _reload_all(group, options=None):
+    """SIGHUP: reopen the log file, re-read the --config file (reload_configuration), the
+    users file and certificates (in a thread, not in the signal handler)."""
     def reload():
-        for step in [reopen_logs] + [functools.partial(db.reload, force=True)
-                                     for db in group.databases] + [s.reload for s in group]:
+        configuration = [functools.partial(reload_configuration, group, options)] \
+            if options is not None and options.config else []
+        for step in [reopen_logs] + configuration + [
+                functools.partial(db.reload, force=True) for db in group.databases] + [
+                s.reload for s in group]:
             try:
                 step()
             except Exception:
@@ -6625,6 +6679,7 @@ def main(argv=None):
         return error.exit_code
     options = parser.parse_intermixed_args(arguments + argv)
     options.given = given_options(parser, argv) + _config_changes(parser, arguments)
+    options.command_line = argv                 # for SIGHUP, which reads --config again
     if options.print_config:
         sys.stdout.write(format_config(options, parser))
         return 0
@@ -6677,6 +6732,29 @@ def given_options(parser, words):
             given.append(option)
             value_next = action.nargs != 0 and not equals
     return given
+
+
+def reload_configuration(group, options):
+    """SIGHUP with --config: read the file again (with the same command line on top) and
+    apply what can change now; log once which changed options need a restart."""
+    parser = build_parser(server=True)
+    try:
+        arguments = config_arguments(options.config, parser)
+        new = parser.parse_intermixed_args(arguments + getattr(options, "command_line", []))
+    except UsageError as error:
+        log.error("SIGHUP: %s; the configuration in use stays", error)
+        return
+    except SystemExit:                 # argparse said why on stderr
+        log.error("SIGHUP: %s cannot be used; the configuration in use stays", options.config)
+        return
+    _absolute_paths(new)
+    spelling = {action.dest: action.option_strings[-1] for action in parser._actions
+                if action.option_strings}
+    later = apply_options(group, options, new)
+    log.info("SIGHUP: read %s again", options.config)
+    if later:
+        log.warning("SIGHUP: %s changed in %s; they take effect at the next start",
+                    ", ".join(spelling.get(key, key) for key in later), options.config)
 
 
 def _config_changes(parser, arguments):

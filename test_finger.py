@@ -5383,6 +5383,44 @@ class TestCheckConfig(unittest.TestCase):
         self.assertIn("the key is encrypted", str(caught.exception))
 
 
+class TestReloadingTheConfiguration(unittest.TestCase):
+    """SIGHUP reads --config again: what can change without binding changes now."""
+
+    def test_sighup_applies_what_it_can_and_names_the_rest(self):
+        users = readable_users(self)
+        path = write_file(self, "[finger]\nusers = %s\nfinger = 127.0.0.1:0\nweb = off\n"
+                                "setter = off\n" % users, "finger.ini")
+        server = ServerProcess(self, "--config", path)
+        address = server.address()
+        self.assertIn(b"moshez", ask(address, b"\r\n"))
+        replace_file(path, ("[finger]\nusers = %s\nfinger = 127.0.0.1:1\nweb = off\n"
+                            "setter = off\nno-list = yes\nlog-queries = yes\n"
+                            "request-timeout = 3\n" % users).encode())
+        server.process.send_signal(signal.SIGHUP)
+        server.expect(r"SIGHUP: --finger changed in \S+finger\.ini; they take effect at the "
+                      r"next start")
+        wait_until(lambda: ask(address, b"\r\n") == b"Finger online user list denied\r\n")
+        self.assertEqual(ask(address, b"moshez\r\n"), b"Happy and well\r\n")  # same port
+        server.expect(r'finger 127\.0\.0\.1:\d+ "moshez" ok')           # the query log is on
+        replace_file(path, b"[finger]\nusres = x\n")
+        server.process.send_signal(signal.SIGHUP)
+        server.expect(r"ERROR SIGHUP: .*usres: unknown key; .* the configuration in use stays")
+        self.assertEqual(ask(address, b"\r\n"), b"Finger online user list denied\r\n")
+
+    def test_apply_options_changes_the_running_services(self):
+        db = finger.MemoryDatabase({"moshez": "hi"})
+        options = finger.default_options(finger="127.0.0.1:0", web="off", setter="127.0.0.1:0")
+        group = finger.build_services(options, db=db)
+        new = finger.default_options(finger="127.0.0.1:0", web="off", setter="127.0.0.1:0",
+                                     no_list=True, max_status=10, per_client_rate=5,
+                                     timeout=2.5, pb="127.0.0.1:0")
+        self.assertEqual(finger.apply_options(group, options, new), ["pb"])
+        setter = group.by_name("setter")
+        self.assertEqual((db.listable, setter.protocol.max_status, setter.timeout,
+                          setter.limits.rate), (False, 10, 2.5, 5))
+        self.assertIsNone(options.pb)                    # still what runs
+
+
 class TestPackaging(unittest.TestCase):
     def test_make_install_and_uninstall_with_destdir(self):
         if not shutil.which("make"):
