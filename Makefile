@@ -91,6 +91,11 @@ install:
 	    sed 's|/usr/local/bin/finger.py|$(BINDIR)/finger.py|' contrib/$$unit \
 	        | install -D -m 0644 /dev/stdin $(DESTDIR)$(UNITDIR)/$$unit; done
 	$(MAN_PAGE) | install -D -m 0644 /dev/stdin $(DESTDIR)$(MANDIR)/man1/finger.py.1
+	@# The configuration the unit reads, every option shown with its default: made once,
+	@# never replaced (it is the admin's).
+	[ -e $(DESTDIR)/etc/finger/finger.ini ] || { $(PYTHON) finger.py --print-config \
+	    --users /var/lib/finger/users --finger off --web off \
+	    | install -D -m 0644 /dev/stdin $(DESTDIR)/etc/finger/finger.ini; }
 	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -D -m 0644 users.example $(DESTDIR)$(DOCDIR)/users.example
 	for snippet in inetd.conf xinetd.finger; do \
@@ -102,13 +107,13 @@ uninstall:
 	    $(DESTDIR)$(MANDIR)/man1/finger.py.1
 	rm -rf $(DESTDIR)$(DOCDIR)
 
-# A Debian package: the script in /usr/bin, the units in /lib/systemd/system, /etc/users as
-# a conffile, and a system user "finger" made by postinst.
+# A Debian package: the script in /usr/bin, the units in /lib/systemd/system,
+# /etc/finger/finger.ini as a conffile; postinst makes the system user "finger" and an empty
+# users file it owns, /var/lib/finger/users, so that the setter works at once.
 deb:
-	rm -rf build/deb && mkdir -p build/deb/DEBIAN build/deb/etc
+	rm -rf build/deb && mkdir -p build/deb/DEBIAN
 	$(MAKE) --no-print-directory install DESTDIR=build/deb PREFIX=/usr \
 	    UNITDIR=/lib/systemd/system
-	install -m 0644 users.example build/deb/etc/users
 	sed 's/@VERSION@/$(VERSION)/' contrib/debian/control > build/deb/DEBIAN/control
 	install -m 0644 contrib/debian/conffiles build/deb/DEBIAN/conffiles
 	install -m 0755 contrib/debian/postinst contrib/debian/postrm build/deb/DEBIAN/

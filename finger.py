@@ -6576,15 +6576,18 @@ def _line_of(text, key):
 
 
 def format_config(options, parser):
-    """The effective configuration as a --config file."""
+    """The effective configuration as a --config file: every option, those at their
+    default commented out (so the file shows the defaults and sets only the rest)."""
     lines = ["# finger.py %s configuration: python3 finger.py --serve --config FILE" % __version__,
              "[finger]"]
+    defaults = parser.parse_intermixed_args([])
     # One key per option: the last spelling added (--request-timeout, not the client's).
     keys = {action.dest: key for key, action in _configurable_options(parser).items()}
     for key, action in _configurable_options(parser).items():
         if keys[action.dest] != key:
             continue
         value = getattr(options, action.dest)
+        comment = "# " if value == getattr(defaults, action.dest) else ""
         if key in LISTENERS:
             value = "off" if value is None else format_address(value)
         elif action.nargs == 0:
@@ -6597,7 +6600,7 @@ def format_config(options, parser):
         elif value is None:
             lines.append("# %s =" % key)
             continue
-        lines.append("%s = %s" % (key, value))
+        lines.append("%s%s = %s" % (comment, key, value))
     return "\n".join(lines) + "\n"
 
 

@@ -5436,6 +5436,8 @@ class TestPackaging(unittest.TestCase):
         self.assertIn("ExecStart=/usr/bin/python3 /opt/finger/bin/finger.py", unit)
         self.assertIn("ExecStartPre=/usr/bin/python3 /opt/finger/bin/finger.py --check-config",
                       unit)
+        with open(os.path.join(root, "etc/finger/finger.ini")) as f:
+            self.assertIn("\nusers = /var/lib/finger/users\n", f.read())
         page = os.path.join(root, "opt/finger/share/man/man1/finger.py.1")
         with open(page) as f:
             self.assertTrue(f.read().startswith(".TH FINGER.PY 1 "))
@@ -5886,6 +5888,18 @@ class TestPackagingInterop(unittest.TestCase):
         self.assertTrue(os.access("/usr/bin/finger.py", os.X_OK))
         self.assertTrue(os.path.exists("/lib/systemd/system/finger.socket"))
         self.assertEqual(pwd.getpwnam("finger").pw_shell, "/usr/sbin/nologin")
+        info = os.stat("/var/lib/finger/users")
+        self.assertEqual((pwd.getpwuid(info.st_uid).pw_name, stat.S_IMODE(info.st_mode)),
+                         ("finger", 0o644))
+        with open("/etc/finger/finger.ini") as f:
+            self.assertIn("\nusers = /var/lib/finger/users\n", f.read())
+        # As the unit runs it, as finger: the setter can write the packaged users file.
+        server = ServerProcess(self, "--config", "/etc/finger/finger.ini", "--finger",
+                               "127.0.0.1:0", "--setter", "127.0.0.1:0", "--user", "finger")
+        finger_address, setter = server.address("finger"), server.address("setter")
+        self.assertEqual(set_over(setter, b"moshez\r\nPackaged\r\n"), b"OK\r\n")
+        self.assertEqual(ask(finger_address, b"moshez\r\n"), b"Packaged\r\n")
+        server.kill()
         version = subprocess.run(["/usr/bin/finger.py", "--version"], capture_output=True,
                                  text=True, timeout=30).stdout
         self.assertTrue(version.startswith("finger.py "))
@@ -5893,9 +5907,12 @@ class TestPackagingInterop(unittest.TestCase):
                                 timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertFalse(os.path.exists("/usr/bin/finger.py"))
-        self.assertTrue(os.path.exists("/etc/users"))            # a conffile, until purge
+        self.assertTrue(os.path.exists("/etc/finger/finger.ini"))  # a conffile, until purge
+        self.assertTrue(os.path.exists("/var/lib/finger/users"))   # the admin's users too
         subprocess.run(["dpkg", "-P", "finger-py"], check=True, capture_output=True,
                        timeout=120)
+        self.assertFalse(os.path.exists("/etc/finger/finger.ini"))
+        self.assertFalse(os.path.exists("/var/lib/finger"))
 
 
 ARTEFACTS = os.path.join(HERE, "build", "artefacts")
