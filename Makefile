@@ -22,7 +22,7 @@ DOCDIR   = $(PREFIX)/share/doc/finger-py
 MANDIR   = $(PREFIX)/share/man
 UNITS    = finger.service finger.socket finger-inetd.socket finger-inetd@.service
 
-.PHONY: serve test interop peers bench soak man install uninstall deb clean
+.PHONY: serve test interop peers bench soak man install uninstall deb rpm clean
 
 # Serves a copy of users.example (build/users), so statuses set through the setter
 # change the copy, not the example.
@@ -48,7 +48,8 @@ peers:
 	    for attempt in 1 2 3; do \
 	        apt-get update -qq >/dev/null && \
 	        apt-get install -y -qq --no-install-recommends finger fingerd socat \
-	            netcat-openbsd curl openssl chromium ngircd inspircd gnutls-bin >/dev/null && break; \
+	            netcat-openbsd curl openssl chromium ngircd inspircd gnutls-bin rpm \
+	            >/dev/null && break; \
 	        [ $$attempt = 3 ] && exit 1; echo "peers: apt failed, trying again"; sleep 10; \
 	    done; \
 	else echo "peers: not root or no apt-get: Debian packages not installed"; fi
@@ -118,6 +119,15 @@ deb:
 	install -m 0644 contrib/debian/conffiles build/deb/DEBIAN/conffiles
 	install -m 0755 contrib/debian/postinst contrib/debian/postrm build/deb/DEBIAN/
 	dpkg-deb --root-owner-group --build build/deb build/finger-py_$(VERSION)_all.deb
+
+# The same as an RPM, with rpmbuild (Debian's rpm package has it): build/finger-py-*.rpm.
+rpm:
+	rm -rf build/rpm && mkdir -p build/rpm/SPECS
+	sed -e 's/@VERSION@/$(VERSION)/' -e 's|@SOURCE@|$(CURDIR)|' contrib/rpm/finger-py.spec \
+	    > build/rpm/SPECS/finger-py.spec
+	rpmbuild --quiet --define "_topdir $(CURDIR)/build/rpm" \
+	    --define "__os_install_post %{nil}" -bb build/rpm/SPECS/finger-py.spec
+	cp build/rpm/RPMS/noarch/finger-py-$(VERSION)-1.noarch.rpm build/
 
 clean:
 	rm -rf build __pycache__ .ci/__pycache__

@@ -5870,6 +5870,24 @@ class TestPackagingInterop(unittest.TestCase):
             _report("%s: systemd-analyze security %.1f" % (name, score))
             self.assertLessEqual(score, 2.0, result.stdout[-2000:])
 
+    @_needs("rpmbuild", "rpm", "make")
+    def test_rpm_has_the_same_layout(self):
+        subprocess.run(["make", "-s", "-C", HERE, "rpm"], check=True, capture_output=True,
+                       timeout=120)
+        package = os.path.join(HERE, "build", "finger-py-%s-1.noarch.rpm" % finger.__version__)
+        listing = subprocess.run(["rpm", "-qp", "--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]",
+                                  package], capture_output=True, text=True, timeout=60).stdout
+        files = dict(reversed(line.split(" ", 1)) for line in listing.splitlines())
+        for path in ("/usr/bin/finger.py", "/usr/share/man/man1/finger.py.1",
+                     "/usr/lib/systemd/system/finger.service", "/var/lib/finger",
+                     "/usr/lib/systemd/system/finger-inetd@.service"):
+            self.assertIn(path, files)
+        self.assertEqual(files["/etc/finger/finger.ini"], "cn")   # %config(noreplace)
+        scripts = subprocess.run(["rpm", "-qp", "--scripts", package], capture_output=True,
+                                 text=True, timeout=60).stdout
+        self.assertIn("useradd --system", scripts)
+        self.assertIn("/var/lib/finger/users", scripts)
+
     @_needs("dpkg", "dpkg-deb", "make")
     def test_deb_installs_and_removes_cleanly(self):
         if os.geteuid() != 0:
