@@ -1676,11 +1676,13 @@ class ClientLimits:
 PROXY_V1_MAX = 107                # bytes of a version 1 header, CRLF included
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_V2_MAX = 16 + 4096          # bytes of a version 2 header we take (addresses and TLVs)
+PROXY_STARTS = (b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN", PROXY_V2_SIGNATURE)
 
 
 class ProxyHeaders:
     """Who may put a PROXY header in front of a connection: `networks` (CIDR strings; the
-    load balancers).  From them a header is required; from anyone else it is never taken."""
+    load balancers).  From them a header is required; from anyone else it is refused (the
+    connection dropped), never taken."""
 
     def __init__(self, networks):
         import ipaddress
@@ -2101,6 +2103,12 @@ class TCPService(Service):
             self._feed(conn, data)
             return
         conn.inbuf += data
+        if self.proxy_headers is not None and conn.inbuf.startswith(PROXY_STARTS):
+            self._warnings.warn("%s %s: dropped: a PROXY header from an address not in "
+                                "--proxy-protocol", self.name, format_peer(conn.peer))
+            self._log(conn, conn.inbuf[:80], "proxy header refused")
+            self._close(conn)
+            return
         try:
             request = self.protocol.parse(conn.inbuf, not data)
         except RequestError as error:
@@ -5565,7 +5573,8 @@ def _limits(options, protocol):
 # Outcomes that are a connection turned away -> the reason /metrics gives.
 REJECTIONS = {"busy": "cap", 503: "cap", "per-client connections": "per-client connections",
               "per-client rate": "per-client rate", "timeout": "deadline",
-              "bad proxy header": "bad proxy header"}
+              "bad proxy header": "bad proxy header",
+              "proxy header refused": "proxy header refused"}
 STARTED_AT = time.time()          # process_start_time_seconds (the module's import)
 
 

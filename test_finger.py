@@ -1754,9 +1754,16 @@ class TestProxyProtocol(unittest.TestCase):
         self.assertEqual(service.counts.get("bad proxy header"), 1)
         elsewhere = finger_service(self, proxy_headers=finger.ProxyHeaders(["192.0.2.0/24"]))
         with query_log_on(self) as logs:
-            reply = ask(elsewhere.address, b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 79\r\n")
-        self.assertNotIn(b"Happy", reply)             # taken for a query, not a header
+            reply = ask(elsewhere.address, b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 79\r\n"
+                        b"moshez\r\n")
+        self.assertEqual(reply, b"")                  # refused: dropped, never taken
+        self.assertEqual(elsewhere.counts.get("proxy header refused"), 1)
         self.assertIn(":finger 127.0.0.1:", logs.output[0])    # the peer, not the header's
+        self.assertEqual(ask(elsewhere.address, b"moshez\r\n"), b"Happy and well\r\n")
+        web = web_service(self, proxy_headers=finger.ProxyHeaders(["192.0.2.0/24"]))
+        sock = connect(self, web.address)
+        sock.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 80\r\nGET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(read_to_end(sock).startswith(b"HTTP/1.1 400 "))   # not taken either
 
     def test_perspective_broker_greets_after_the_header(self):
         service = pb_service(self, proxy_headers=self.balancer)
