@@ -48,7 +48,7 @@ peers:
 	    for attempt in 1 2 3; do \
 	        apt-get update -qq >/dev/null && \
 	        apt-get install -y -qq --no-install-recommends finger fingerd socat \
-	            netcat-openbsd curl openssl chromium ngircd inspircd gnutls-bin rpm \
+	            netcat-openbsd curl openssl chromium ngircd inspircd gnutls-bin rpm haproxy \
 	            >/dev/null && break; \
 	        [ $$attempt = 3 ] && exit 1; echo "peers: apt failed, trying again"; sleep 10; \
 	    done; \
@@ -69,6 +69,7 @@ interop: peers
 	    TWISTED_PYTHON=$(abspath $(TWISTED_VENV))/bin/python \
 	    TWISTED_OLD_PYTHON=$(abspath $(TWISTED_OLD_VENV))/bin/python \
 	    $(PYTHON) test_finger.py TestInterop TestWebInterop TestPackagingInterop \
+	    TestProxyProtocolInterop \
 	    TestPBInterop TestIRCInterop TestIRCInteropInspircd TestPythonVersions
 
 bench:

@@ -5940,6 +5940,46 @@ class TestPackagingInterop(unittest.TestCase):
         self.assertFalse(os.path.exists("/var/lib/finger"))
 
 
+class TestProxyProtocolInterop(unittest.TestCase):
+    """finger.py behind Debian's HAProxy, which sends PROXY headers (v2 to the finger port,
+    v1 to the web port): the log shows the real client's address and port."""
+
+    @_needs("haproxy")
+    def test_behind_haproxy(self):
+        directory = tempfile.mkdtemp(prefix="finger-haproxy-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        ports = {name: free_port() for name in ("finger", "web", "front", "front_web")}
+        server = ServerProcess(self, "--users", readable_users(self), "--finger",
+                               "127.0.0.1:%d" % ports["finger"], "--web",
+                               "127.0.0.1:%d" % ports["web"], "--setter", "off",
+                               "--proxy-protocol", "127.0.0.1/32", "--log-queries")
+        server.address("finger")
+        config = os.path.join(directory, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write("defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s\n"
+                    "  timeout server 10s\n"
+                    "listen finger\n  bind 127.0.0.1:%d\n  server f 127.0.0.1:%d send-proxy-v2\n"
+                    "listen web\n  bind 127.0.0.1:%d\n  server w 127.0.0.1:%d send-proxy\n"
+                    % (ports["front"], ports["finger"], ports["front_web"], ports["web"]))
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", config], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        self.addCleanup(haproxy.wait)
+        self.addCleanup(haproxy.kill)
+        wait_until(lambda: _port_open(ports["front"]) and _port_open(ports["front_web"]))
+        sources = []
+        for port, request, answer in (
+                (ports["front"], b"moshez\r\n", b"Happy and well\r\n"),
+                (ports["front_web"], b"GET /shawn HTTP/1.1\r\nHost: x\r\nConnection: "
+                                     b"close\r\n\r\n", b"HTTP/1.1 200 ")):
+            with socket.create_connection((LOCALHOST, port), timeout=TIMEOUT) as client:
+                client.sendall(request)
+                self.assertTrue(read_to_end(client).startswith(answer))
+                sources.append(client.getsockname()[1])
+        # The log names each client's own port, not HAProxy's connection.
+        server.expect(r'finger 127\.0\.0\.1:%d "moshez" ok' % sources[0])
+        server.expect(r'web 127\.0\.0\.1:%d "GET /shawn HTTP/1\.1" 200' % sources[1])
+
+
 ARTEFACTS = os.path.join(HERE, "build", "artefacts")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
