@@ -5918,6 +5918,26 @@ class TestPackagingInterop(unittest.TestCase):
                          ("finger", 0o644))
         with open("/etc/finger/finger.ini") as f:
             self.assertIn("\nusers = /var/lib/finger/users\n", f.read())
+        with open("/lib/systemd/system/finger.service") as f:
+            unit = f.read()
+        for field in ("ExecStart=/usr/bin/python3 /usr/bin/finger.py --serve --config "
+                      "/etc/finger/finger.ini", "ExecStartPre=/usr/bin/python3 "
+                      "/usr/bin/finger.py --check-config --config /etc/finger/finger.ini",
+                      "StateDirectory=finger", "User=finger", "LimitNOFILE=",
+                      "ExecReload=/bin/kill -HUP $MAINPID",
+                      "Documentation=man:finger.py(1)"):
+            self.assertIn(field, unit)
+        check = subprocess.run(["runuser", "-u", "finger", "--", "/usr/bin/python3",
+                                "/usr/bin/finger.py", "--check-config", "--config",
+                                "/etc/finger/finger.ini"], capture_output=True, text=True,
+                               timeout=60)
+        self.assertEqual((check.returncode, check.stderr), (0, ""))
+        with open("/var/lib/finger/users", "a") as f:                # the admin's users...
+            f.write("alice: mine\n")
+        result = subprocess.run(["dpkg", "-i", os.path.join(HERE, "build", deb)],
+                                capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)        # ...kept by an upgrade
+        self.assertIn("alice: mine\n", _read("/var/lib/finger/users"))
         # As the unit runs it, as finger: the setter can write the packaged users file.
         server = ServerProcess(self, "--config", "/etc/finger/finger.ini", "--finger",
                                "127.0.0.1:0", "--setter", "127.0.0.1:0", "--user", "finger")
