@@ -2516,6 +2516,7 @@ class WebSite:
         self.title = title
         self.rpc = self._make_rpc_dispatcher()
         self._users_page = None        # (db version, WebResponse)
+        self._last_modified = None, None   # (db.changed_at, as an HTTP date)
 
     def _make_rpc_dispatcher(self):
         from xmlrpc.server import SimpleXMLRPCDispatcher
@@ -2562,7 +2563,9 @@ class WebSite:
         extra = [("ETag", etag)]
         changed_at = getattr(self.db, "changed_at", None)
         if changed_at is not None:
-            extra.append(("Last-Modified", _http_date(changed_at)))
+            if self._last_modified[0] != changed_at:     # formatting it costs 5 us
+                self._last_modified = changed_at, _http_date(changed_at)
+            extra.append(("Last-Modified", self._last_modified[1]))
         if len(response.body) >= GZIP_MIN_BYTES:
             extra.append(("Vary", "Accept-Encoding"))
         if _not_modified(headers, {etag, response.etag()}, changed_at):
