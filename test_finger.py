@@ -6094,7 +6094,8 @@ class TestWebInterop(unittest.TestCase):
 
     @_needs("chromium")
     def test_chromium_renders_the_site_and_runs_no_injected_script(self):
-        base = "http://%s:%d" % web_service(self).address
+        service = web_service(self)
+        base = "http://%s:%d" % service.address
         os.makedirs(ARTEFACTS, exist_ok=True)
         shot = os.path.join(ARTEFACTS, "users.png")
         with contextlib.suppress(FileNotFoundError):
@@ -6106,9 +6107,14 @@ class TestWebInterop(unittest.TestCase):
             return subprocess.run(["chromium", *CHROMIUM_FLAGS, "--user-data-dir=" + profile,
                                    *args], capture_output=True, text=True, timeout=120)
 
-        chromium("--screenshot=" + shot, base + "/")
+        with query_log_on(self) as logs:
+            chromium("--screenshot=" + shot, base + "/")
         with open(shot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        plain = service.site.handle("GET", "/").body
+        sent = [int(size) for size in re.findall(r'"GET / HTTP/1\.1" 200 (\d+)',
+                                                  "\n".join(logs.output))]
+        self.assertTrue(sent and all(size < len(plain) for size in sent), sent)   # gzipped
         dom = chromium("--dump-dom", base + "/evil").stdout
         self.assertIn("<title>evil</title>", dom)                 # the title was not changed
         self.assertNotIn("pwned</title>", dom)
