@@ -4567,6 +4567,7 @@ class IRCBot(Service):
         self._settled = False         # joined, bot mode set, nick reclaim started
         self._reclaim_due = None      # when to ask ISON for the wanted nick
         self._reclaimable = True      # False once a 432 has changed the nick's shape
+        self._reclaiming = False      # our NICK for it is on its way
         self._joined = {}             # folded channel -> channel
         self._last_received, self._ping_sent = time.monotonic(), None
         self._want = (BlockingIOError, InterruptedError)   # "try again later" errors
@@ -4973,9 +4974,12 @@ class IRCBot(Service):
     # -- taking the wanted nick back -------------------------------------------------------
 
     def _reclaim(self):
-        """The wanted nick looks free: ask for it."""
-        if not self._is_me(self.wanted_nick) and self._reclaimable and self.registered:
-            self._send("NICK", self.wanted_nick)
+        """The wanted nick looks free: ask for it, through the flood limiter, and not again
+        before the server has answered (a user toggling that nick cannot make us flood)."""
+        if (not self._is_me(self.wanted_nick) and self._reclaimable and self.registered
+                and not self._reclaiming):
+            self._reclaiming = True
+            self._queue.append(format_irc_line("NICK", self.wanted_nick))
 
     def _on_ison(self, message):
         """303: which of the nicks we asked about are online."""
@@ -5009,6 +5013,7 @@ class IRCBot(Service):
             if len(message.params) > 1 and self._fold(message.params[1]) == \
                     self._fold(self.wanted_nick):
                 log.debug("irc: %s is still taken", self.wanted_nick)   # reclaim: later
+                self._reclaiming = False
             else:
                 log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
             return
@@ -5139,6 +5144,7 @@ class IRCBot(Service):
             return
         if self._is_me(message.nick):
             self.nick = message.params[0]
+            self._reclaiming = False
             if self._is_me(self.wanted_nick) and self.registered:
                 log.info("irc: took the nick %s back", self.nick)
                 self._reclaim_due = None

@@ -4118,6 +4118,23 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
         wait_until(lambda: bot.nick == "fingerbot")
         server.expect_nothing(r"^ISON", 0.3)
 
+    def test_a_user_toggling_the_nick_cannot_make_the_bot_flood(self):
+        server = ScriptedIRCServer(self)
+        irc_bot(self, server, reclaim_interval=60)
+        server.expect(r"^NICK fingerbot$")
+        server.send(":irc.test 433 * fingerbot :Nickname is already in use")
+        server.expect(r"^NICK fingerbot_$")
+        server.welcome("fingerbot_")
+        server.expect(r"^ISON")
+        for number in range(50):                # the holder leaves and comes back, again
+            server.send(":fingerbot!u@h NICK :away%d" % number,
+                        ":away%d!u@h NICK :fingerbot" % number)
+        self.assertEqual(server.expect(r"^NICK"), "NICK fingerbot")
+        server.expect_nothing(r"^NICK", 0.3)   # one NICK until the server answers it
+        server.send(":irc.test 433 fingerbot_ fingerbot :Nickname is already in use",
+                    ":fingerbot!u@h QUIT :bye")
+        self.assertEqual(server.expect(r"^NICK"), "NICK fingerbot")
+
 
 def make_irc_ca(directory):
     """A self-signed CA certificate for 127.0.0.1 (openssl CLI): (cert.pem, key.pem)."""
