@@ -4208,12 +4208,6 @@ class TestIRCTLS(unittest.TestCase):
 
 # -- against ngircd -----------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind((LOCALHOST, 0))
-        return probe.getsockname()[1]
-
-
 class IRCServerProcess:
     """An IRC server in the foreground on 127.0.0.1, for the interop tests; a subclass
     writes its configuration and gives its command line."""
@@ -4221,7 +4215,7 @@ class IRCServerProcess:
     name = "ircd"
 
     def __init__(self, test, directory):
-        self.directory, self.port, self.tls_port = directory, _free_port(), None
+        self.directory, self.port, self.tls_port = directory, free_port(), None
         os.chmod(directory, 0o755)
         self.process = None
         test.addCleanup(self.stop)
@@ -4267,7 +4261,7 @@ class Ngircd(IRCServerProcess):
 
     def __init__(self, test, directory, cert, key):
         super().__init__(test, directory)
-        self.tls_port = _free_port()
+        self.tls_port = free_port()
         os.makedirs(os.path.join(directory, "conf.d"), exist_ok=True)
         dh = os.path.join(directory, "dh.pem")
         if shutil.which("certtool") and not os.path.exists(dh):
