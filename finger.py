@@ -2659,7 +2659,6 @@ class WebSite:
         """A page of the users with their statuses, sorted by name: `limit` of them
         (API_PAGE, at most API_MAX_PAGE) after the name `after`; a Link header names the
         next page when there is one."""
-        import bisect
         from urllib.parse import parse_qs, urlencode
         try:
             fields = parse_qs(query, strict_parsing=bool(query), errors="strict")
@@ -6031,9 +6030,9 @@ def sd_notify(message, environ=None):
 # Modules the server imports on first use; run_server imports them before a chroot or the
 # privilege drop can make the standard library unreadable.
 SERVER_MODULES = ("base64", "concurrent.futures", "concurrent.futures.thread", "email.utils",
-                  "heapq", "html", "html.parser", "importlib", "ipaddress", "json", "random",
-                  "ssl", "string", "subprocess", "tempfile", "urllib.error", "urllib.parse",
-                  "urllib.request", "xml.parsers.expat")
+                  "gzip", "heapq", "html", "html.parser", "importlib", "inspect", "ipaddress",
+                  "json", "random", "ssl", "string", "subprocess", "tempfile", "urllib.error",
+                  "urllib.parse", "urllib.request", "xml.parsers.expat", "zlib")
 
 
 def preload_server_modules():

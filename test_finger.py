@@ -4883,6 +4883,25 @@ class TestDaemon(unittest.TestCase):
         ask((LOCALHOST, self.port), b"moshez\r\n")
         wait_until(lambda: '"moshez" ok' in _read(self.logfile))
 
+    def test_every_module_imported_on_first_use_is_loaded_before_the_chroot(self):
+        """A module a function imports while serving must be in SERVER_MODULES, or it
+        cannot be found inside a chroot without the standard library."""
+        import ast
+        with open(FINGER_PY) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for function in ast.walk(tree):
+            if isinstance(function, ast.FunctionDef):
+                for node in ast.walk(function):
+                    if isinstance(node, ast.Import):
+                        imported.update(alias.name for alias in node.names)
+                    elif isinstance(node, ast.ImportFrom):
+                        imported.add(node.module)
+        at_start = {"configparser", "difflib", "resource", "shutil", "logging.handlers",
+                    "http.server", "xmlrpc.server",             # imported before binding,
+                    "http.client", "xmlrpc.client", "xml.parsers"}  # or by those
+        self.assertEqual(imported - set(finger.SERVER_MODULES) - at_start, set())
+
     def test_chroot(self):
         if os.geteuid() != 0:
             self.skipTest("chroot needs root")
