@@ -4883,6 +4883,13 @@ class TestDaemon(unittest.TestCase):
         ask((LOCALHOST, self.port), b"moshez\r\n")
         wait_until(lambda: '"moshez" ok' in _read(self.logfile))
 
+    def test_every_option_naming_a_file_is_made_absolute(self):
+        """--daemon and --rundir change directory: PATH_OPTIONS must hold every option
+        naming a file (--config and --rundir itself are used before that)."""
+        named = {action.dest for action in finger.build_parser(server=True)._actions
+                 if action.metavar in ("FILE", "DIR", "PATH")}
+        self.assertEqual(named - {"config", "rundir"}, set(finger.PATH_OPTIONS))
+
     def test_every_module_imported_on_first_use_is_loaded_before_the_chroot(self):
         """A module a function imports while serving must be in SERVER_MODULES, or it
         cannot be found inside a chroot without the standard library."""
