@@ -4177,7 +4177,11 @@ IRC_RECLAIM_INTERVAL = 60.0       # seconds between ISONs for the wanted nick (n
 # ERROR reasons: the server throttles reconnections (come back on its terms), or bans us
 # (come back much later).
 IRC_THROTTLED = re.compile(r"throttl|too fast|try again", re.IGNORECASE)
-IRC_BANNED = re.compile(r"ban|[kgzd]-?line|too many|flood", re.IGNORECASE)
+IRC_BANNED = re.compile(r"\bbann?(ed)?\b|\b[kgzd]-?lined?\b|\btoo many\b|\bflood",
+                        re.IGNORECASE)         # a ban's words win over "try again"
+IRC_STABLE = 60.0                 # seconds a welcomed connection must last to reset the back-off
+IRC_MAX_CAPS = 256                # capabilities kept from CAP LS
+IRC_MAX_CHANNELS = 256            # channels the bot keeps track of being in
 
 _IRC_COMMAND = re.compile(r"[A-Za-z]+\Z|[0-9]{3}\Z")
 _IRC_UNSAFE = re.compile("[\r\n\0]")
@@ -4391,7 +4395,8 @@ class IRCBot(Service):
     Unlike Twisted's IRCClient it sends its own PING after `keepalive` seconds of silence and
     reconnects when nothing comes back within `keepalive_timeout`; it gives up on a
     connection that is not welcomed (001) within `register_timeout`; it reconnects with
-    attempt-based exponential back-off (`backoff_cap`), reset by 001; it limits its output
+    attempt-based exponential back-off (`backoff_cap`), reset once a connection has lasted
+    IRC_STABLE seconds after its 001; it limits its output
     to `burst` lines, then one per `line_interval` seconds; over TLS it checks the
     certificate and host name.  SASL PLAIN is used when `account` and `password` are given
     (with `require_sasl`, the bot disconnects rather than stay without its account), PASS
@@ -4405,7 +4410,8 @@ class IRCBot(Service):
     (host, port); `nick` the nick in use; `registered` whether the server welcomed the bot;
     `counts` the answers by outcome (for the metrics).  One thread runs a selectors loop over
     the server's socket and a wake-up socket, so close() ends it within a second in any
-    state: looking up, connecting, registered, or waiting to reconnect."""
+    state: looking up, connecting, registered, or waiting to reconnect; but a lookup in a
+    slow back-end runs in that thread too, and is waited for (up to --stop-timeout)."""
 
     name = "irc"
 
@@ -4457,7 +4463,8 @@ class IRCBot(Service):
         self.nicklen = None           # NICKLEN from 005, kept across connections
         self.registered = False
         self._addresses = None        # the server's addresses as last looked up
-        self._failures = 0            # connections that ended since the last 001
+        self._failures = 0            # connections that ended since one lasted IRC_STABLE s
+        self._warnings = WarningThrottle("irc")
         self._closing = threading.Event()
         self._wake_lock = threading.Lock()
         self._wake = None             # socketpair: close() writes a byte to wake the loop
@@ -4518,6 +4525,9 @@ class IRCBot(Service):
         try:
             while not self._closing.is_set():
                 self._session()
+                if self._welcomed_at is not None and \
+                        time.monotonic() - self._welcomed_at >= IRC_STABLE:
+                    self._failures = 0             # it worked for a while: start over
                 self._failures += 1
                 delay = self._pause()
                 log.info("irc: reconnecting to %s in %.1f s (attempt %d)",
@@ -4550,6 +4560,7 @@ class IRCBot(Service):
     def _reset_session(self):
         self.nick = self.wanted_nick
         self.registered = False
+        self._welcomed_at = None      # time.monotonic() of this connection's 001
         self._nick_base, self._nicks_tried = self.wanted_nick, [self.wanted_nick]
         self._nick_limit = None       # RFC 1459's 9 once a 432 says the nick is too long
         self._inbuf, self._skipping = b"", False
@@ -4755,7 +4766,7 @@ class IRCBot(Service):
         if self._join_due is not None and now >= self._join_due:
             self._settle()
         if self._reclaim_due is not None and now >= self._reclaim_due:
-            self._send("ISON", self.wanted_nick)
+            self._queue.append(format_irc_line("ISON", self.wanted_nick))
             self._reclaim_due = now + self.reclaim_interval
         if self._ping_sent is not None:
             waited = now - self._ping_sent
@@ -4840,8 +4851,8 @@ class IRCBot(Service):
     def _enqueue(self, command, target, texts):
         """Queue lines for the flood limiter; False (and nothing queued) when it is full."""
         if len(self._queue) + len(texts) > IRC_MAX_QUEUE:
-            log.warning("irc: %d lines already wait to be sent; dropped the answer to %s",
-                        len(self._queue), target)
+            self._warnings.warn("irc: %d lines already wait to be sent; dropped the answer to "
+                                "%s", len(self._queue), target)
             return False
         self._queue += [format_irc_line(command, target, text, trailing=True)
                         for text in texts]
@@ -4904,10 +4915,10 @@ class IRCBot(Service):
             self._no_sasl("the server welcomed us without answering CAP LS (no IRCv3 "
                           "capabilities)")
         self.registered = True
-        self._failures = 0
+        self._welcomed_at = time.monotonic()
         self._told.clear()
         self._cap_pending = False
-        if message.params:
+        if message.params and _IRC_NICK.match(message.params[0]):
             self.nick = message.params[0]
         log.info("irc: registered on %s as %s", format_address(self.address), self.nick)
         self._join_due = time.monotonic() + self.join_wait
@@ -5037,11 +5048,11 @@ class IRCBot(Service):
 
     def _on_error(self, message):
         reason = message.params[-1] if message.params else ""
+        if IRC_BANNED.search(reason):
+            self._banned(reason)
         if IRC_THROTTLED.search(reason):
             raise _SessionEnd("the server throttles our connections: ERROR %s" % reason,
                               pause="throttle")
-        if IRC_BANNED.search(reason):
-            self._banned(reason)
         raise _SessionEnd("the server closed the link: ERROR %s" % reason)
 
     def _on_refused(self, message):
@@ -5066,8 +5077,10 @@ class IRCBot(Service):
         if len(params) < 3:
             return
         sub = params[1].upper()
+        if not self._cap_pending:
+            return                        # we asked nothing (more): nothing to answer
         if sub == "LS":
-            for cap in params[-1].split():
+            for cap in params[-1].split()[:IRC_MAX_CAPS - len(self._caps)]:
                 name, _, value = cap.partition("=")
                 self._caps[name.lower()] = value
             if len(params) >= 4 and params[2] == "*":
@@ -5081,7 +5094,7 @@ class IRCBot(Service):
                 self._no_sasl("the server's SASL has no PLAIN (%s)" % mechanisms)
             else:
                 self._send("CAP", "REQ", "sasl")
-        elif sub == "ACK" and "sasl" in params[-1].lower().split() and self._cap_pending:
+        elif sub == "ACK" and "sasl" in params[-1].lower().split():
             self._sasl_started = True
             self._send("AUTHENTICATE", "PLAIN")
         elif sub == "NAK":
@@ -5141,7 +5154,7 @@ class IRCBot(Service):
     def _on_nick(self, message):
         if not message.params:
             return
-        if self._is_me(message.nick):
+        if self._is_me(message.nick) and _IRC_NICK.match(message.params[0]):
             self.nick = message.params[0]
             self._reclaiming = False
             if self._is_me(self.wanted_nick) and self.registered:
@@ -5155,6 +5168,10 @@ class IRCBot(Service):
     def _on_join(self, message):
         if message.params and self._is_me(message.nick):
             for channel in message.params[0].split(","):
+                if len(self._joined) >= IRC_MAX_CHANNELS:
+                    self._warnings.warn("irc: in %d channels already; not answering in %s",
+                                        len(self._joined), channel[:64])
+                    break
                 self._joined[self._fold(channel)] = channel
                 log.info("irc: joined %s", channel)
 
@@ -5182,8 +5199,8 @@ class IRCBot(Service):
         if len(message.params) < 2 or not self.registered:
             return
         target, text, sender = message.params[0], message.params[-1], message.nick
-        if not sender or self._is_me(sender):
-            return
+        if not _IRC_NICK.match(sender) or self._is_me(sender):
+            return                 # a server, or no nick we could send an answer to
         if self._is_me(target):
             if text.startswith("\x01"):
                 self._ctcp(sender, text)
@@ -5664,14 +5681,16 @@ RELOADABLE = ("log_level", "log_queries", "no_list", "templates", "timeout", "ma
 def apply_options(group, options, new):
     """Make the running `group` follow the options `new` in what can change without binding
     again (RELOADABLE), and record them in `options`.  Returns the names of the other
-    options that differ: they wait for a restart."""
+    options that differ: they wait for a restart.  Templates are read again (edited in
+    place, or another directory); a broken one is a UsageError before anything changes."""
     changed = [key for key, value in vars(new).items() if key not in ("given", "command_line")
                and getattr(options, key, value) != value]
+    templates = load_templates(new.templates) \
+        if new.templates or "templates" in changed else None
     for key in changed:
         if key in RELOADABLE:
             setattr(options, key, getattr(new, key))
-    if "templates" in changed:
-        templates = load_templates(options.templates)        # UsageError: nothing changes
+    if templates is not None:
         for site in {service.site for service in group if isinstance(service, WebService)}:
             site.templates = templates
     log.setLevel(options.log_level.upper())
@@ -5679,6 +5698,10 @@ def apply_options(group, options, new):
         query_log.start()
     else:
         query_log.enabled = False
+    forwarders = [getattr(db, "forwarder", None) for db in group.databases] + [
+        getattr(getattr(service, "protocol", None), "forwarder", None) for service in group]
+    for forwarder in filter(None, forwarders):      # --forward, --proxy, --backend proxy
+        forwarder.timeout = options.backend_timeout
     for db in group.databases:
         db.listable = not options.no_list
         if hasattr(db, "timeout"):                  # command and web back-ends
@@ -6770,7 +6793,11 @@ def reload_configuration(group, options):
     _absolute_paths(new)
     spelling = {action.dest: action.option_strings[-1] for action in parser._actions
                 if action.option_strings}
-    later = apply_options(group, options, new)
+    try:
+        later = apply_options(group, options, new)
+    except UsageError as error:
+        log.error("SIGHUP: %s; the configuration in use stays", error)
+        return
     log.info("SIGHUP: read %s again", options.config)
     if later:
         log.warning("SIGHUP: %s changed in %s; they take effect at the next start",
@@ -6827,9 +6854,10 @@ def run_check_config(options):
     return 0
 
 
-# Options naming files: made absolute at start, since --daemon and --rundir change directory.
-PATH_OPTIONS = ("users", "pidfile", "logfile", "cert", "key", "setter_socket", "templates",
-                "chroot", "irc_cafile", "irc_password_file")
+# Options naming files: made absolute at start, since --daemon and --rundir change directory
+# (and SIGHUP reads --config again).
+PATH_OPTIONS = ("config", "users", "pidfile", "logfile", "cert", "key", "setter_socket",
+                "templates", "chroot", "irc_cafile", "irc_password_file")
 
 
 def _absolute_paths(options):

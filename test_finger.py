@@ -4118,6 +4118,44 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
         wait_until(lambda: bot.nick == "fingerbot")
         server.expect_nothing(r"^ISON", 0.3)
 
+    def test_what_a_hostile_server_sends_is_bounded(self):
+        self.assertTrue(finger.IRC_BANNED.search("Closing Link: x (K-lined: spam; try again "
+                                                  "in 24 hours)"))         # a ban, not a pause
+        for innocent in ("Killed (oper (urban myth))", "missed the deadline",
+                         "Your host is trying to (re)connect too fast -- throttled."):
+            self.assertFalse(finger.IRC_BANNED.search(innocent), innocent)
+        with self.assertLogs("finger", "DEBUG") as logs:
+            server, bot = self.bot_with("NICKLEN=30", account=None)
+            server.send(*[":irc.test CAP * LS :sasl=PLAIN cap%d" % n for n in range(50)])
+            server.send(":" + "n" * 450 + "!u@h PRIVMSG fingerbot :moshez",   # no nick:
+                        "::evil!u@h PRIVMSG fingerbot :moshez",               # no answer,
+                        ":al,#chan!u@h PRIVMSG fingerbot :moshez",            # no error
+                        ":irc.test NICK :not one word",
+                        ":dave!d@h PRIVMSG fingerbot :shawn")
+            self.assertEqual(server.expect(r"^(PRIVMSG|CAP|NOTICE)"),
+                             "PRIVMSG dave :Status of shawn: alive")
+        self.assertEqual(bot._caps, {})                    # nothing asked, nothing kept
+        self.assertFalse([line for line in logs.output if "ERROR" in line], logs.output)
+        for number in range(finger.IRC_MAX_CHANNELS + 10):
+            server.send(":fingerbot!f@h JOIN #c%d" % number)
+        server.send(":dave!d@h PRIVMSG fingerbot :moshez")
+        server.expect(r"^PRIVMSG dave")
+        self.assertEqual(len(bot.joined), finger.IRC_MAX_CHANNELS)
+
+    def test_a_server_that_welcomes_then_hangs_up_gets_a_growing_back_off(self):
+        server = ScriptedIRCServer(self)
+        with self.assertLogs("finger", "INFO") as logs:
+            irc_bot(self, server, backoff_cap=60, register_timeout=TIMEOUT)
+            for number in (1, 2):
+                server.expect(r"^USER ", connection=number)
+                server.welcome()
+                server.hang_up()
+                wait_until(lambda: "attempt %d)" % (number + 1) in logs.output[-1])
+        delays = [float(d) for d in re.findall(r"reconnecting to \S+ in ([0-9.]+) s",
+                                               "\n".join(logs.output))]
+        self.assertEqual(len(delays), 2)
+        self.assertGreater(delays[1], delays[0] * 1.5)      # not reset by each 001
+
     def test_a_user_toggling_the_nick_cannot_make_the_bot_flood(self):
         server = ScriptedIRCServer(self)
         irc_bot(self, server, reclaim_interval=60)
@@ -4885,10 +4923,10 @@ class TestDaemon(unittest.TestCase):
 
     def test_every_option_naming_a_file_is_made_absolute(self):
         """--daemon and --rundir change directory: PATH_OPTIONS must hold every option
-        naming a file (--config and --rundir itself are used before that)."""
+        naming a file (--rundir itself is used before that)."""
         named = {action.dest for action in finger.build_parser(server=True)._actions
                  if action.metavar in ("FILE", "DIR", "PATH")}
-        self.assertEqual(named - {"config", "rundir"}, set(finger.PATH_OPTIONS))
+        self.assertEqual(named - {"rundir"}, set(finger.PATH_OPTIONS))
 
     def test_every_module_imported_on_first_use_is_loaded_before_the_chroot(self):
         """A module a function imports while serving must be in SERVER_MODULES, or it
@@ -5427,6 +5465,12 @@ class TestCheckConfig(unittest.TestCase):
         self.assertIn("the key is encrypted", str(caught.exception))
 
 
+def copy_options(options, **changes):
+    """Another namespace with the values of `options` and `changes`."""
+    import argparse
+    return argparse.Namespace(**dict(vars(options), **changes))
+
+
 class TestReloadingTheConfiguration(unittest.TestCase):
     """SIGHUP reads --config again: what can change without binding changes now."""
 
@@ -5450,6 +5494,34 @@ class TestReloadingTheConfiguration(unittest.TestCase):
         server.process.send_signal(signal.SIGHUP)
         server.expect(r"ERROR SIGHUP: .*usres: unknown key; .* the configuration in use stays")
         self.assertEqual(ask(address, b"\r\n"), b"Finger online user list denied\r\n")
+
+    def test_templates_are_read_again_and_a_broken_one_changes_nothing(self):
+        directory = os.path.dirname(write_file(self, "<p>$users</p>", "users.html"))
+        with open(os.path.join(directory, "user.html"), "w") as f:
+            f.write("<p>one: $status</p>")
+        db = finger.MemoryDatabase({"moshez": "hi"})
+        options = finger.default_options(finger="127.0.0.1:0", web="127.0.0.1:0",
+                                         setter="off", templates=directory)
+        group = finger.build_services(options, db=db)
+        site = group.by_name("web").site
+        with open(os.path.join(directory, "user.html"), "w") as f:
+            f.write("<p>two: $status</p>")                       # edited in place
+        finger.apply_options(group, options, copy_options(options))
+        self.assertIn(b"two: hi", site.handle("GET", "/moshez").body)
+        with open(os.path.join(directory, "user.html"), "w") as f:
+            f.write("<p>$nosuch</p>")
+        with self.assertRaises(finger.UsageError):
+            finger.apply_options(group, options, copy_options(options, no_list=True))
+        self.assertIn(b"two: hi", site.handle("GET", "/moshez").body)
+        self.assertTrue(db.listable and not options.no_list)       # nothing applied
+
+    def test_forwarders_take_the_new_backend_timeout(self):
+        options = finger.default_options(finger="127.0.0.1:0", web="off", setter="off",
+                                         forward=True, proxy="127.0.0.1:0")
+        group = finger.build_services(options, db=finger.MemoryDatabase())
+        finger.apply_options(group, options, copy_options(options, backend_timeout=0.5))
+        self.assertEqual([group.by_name(name).protocol.forwarder.timeout
+                          for name in ("finger", "proxy")], [0.5, 0.5])
 
     def test_apply_options_changes_the_running_services(self):
         db = finger.MemoryDatabase({"moshez": "hi"})
