@@ -5393,29 +5393,36 @@ class ServiceGroup(Service):
         self.stop()
 
 
-def build_database(options):
-    """The user database named by `options.backend` (UsageError when it cannot be built)."""
-    backend = options.backend
-    if backend == "memory":
-        return MemoryDatabase(options.status)
-    if backend == "plan":
-        return PlanDatabase(options.list_plan_users)
-    if backend == "command":
-        return CommandDatabase(options.command, options.backend_timeout)
-    if backend == "web":
-        return WebDatabase(options.web_prefix, options.backend_timeout)
-    if backend == "proxy":
-        return ProxyDatabase(build_forwarder(options), options.proxy_target)
-    if ":" in backend:
-        return load_plugin(backend, options)
-    if backend != "file":
-        raise UsageError("--backend %s: unknown; use file, memory, plan, command, web, proxy "
-                         "or MODULE:CLASS" % backend)
+def _file_database(options):
     try:
         return FileDatabase(options.users, options.reload)
     except UsersFileError as error:
         raise UsageError("%s (copy users.example from finger.py's source to start one, or "
                          "name another file with --users FILE)" % error) from None
+
+
+# --backend NAME -> what makes that database from the options (bottle's server_names, for
+# back-ends); any other NAME with a ':' is a plugin, MODULE:CLASS.  The help text and the
+# error for an unknown NAME come from here.
+BACKENDS = {
+    "file": _file_database,
+    "memory": lambda options: MemoryDatabase(options.status),
+    "plan": lambda options: PlanDatabase(options.list_plan_users),
+    "command": lambda options: CommandDatabase(options.command, options.backend_timeout),
+    "web": lambda options: WebDatabase(options.web_prefix, options.backend_timeout),
+    "proxy": lambda options: ProxyDatabase(build_forwarder(options), options.proxy_target),
+}
+
+
+def build_database(options):
+    """The user database named by `options.backend` (UsageError when it cannot be built)."""
+    backend = options.backend
+    if backend in BACKENDS:
+        return BACKENDS[backend](options)
+    if ":" in backend:
+        return load_plugin(backend, options)
+    raise UsageError("--backend %s: unknown; use %s or MODULE:CLASS"
+                     % (backend, ", ".join(BACKENDS)))
 
 
 def build_forwarder(options, max_concurrent=None):
@@ -6419,8 +6426,7 @@ def build_parser(server=False):
                       help="check the users file for changes this often; 0: never "
                            "(default: %(default)s)")
     data.add_argument("--backend", default="file", metavar="NAME",
-                      help="file, memory, plan, command, web, proxy or MODULE:CLASS "
-                           "(default: %(default)s)")
+                      help="%s or MODULE:CLASS (default: %%(default)s)" % ", ".join(BACKENDS))
     data.add_argument("--web-prefix", metavar="URL",
                       help="--backend web: the status of NAME is the page at URL+NAME")
     data.add_argument("--command", default="finger", metavar="PROGRAM",
