@@ -4396,7 +4396,7 @@ class IRCBot(Service):
     reconnects when nothing comes back within `keepalive_timeout`; it gives up on a
     connection that is not welcomed (001) within `register_timeout`; it reconnects with
     attempt-based exponential back-off (`backoff_cap`), reset once a connection has lasted
-    IRC_STABLE seconds after its 001; it limits its output
+    `stable_after` seconds after its 001; it limits its output
     to `burst` lines, then one per `line_interval` seconds; over TLS it checks the
     certificate and host name.  SASL PLAIN is used when `account` and `password` are given
     (with `require_sasl`, the bot disconnects rather than stay without its account), PASS
@@ -4421,7 +4421,7 @@ class IRCBot(Service):
                  register_timeout=60.0, burst=5, line_interval=2.0, backoff_cap=60.0,
                  require_sasl=False, throttle_delay=IRC_THROTTLE_DELAY,
                  ban_delay=IRC_BAN_DELAY, reclaim_interval=IRC_RECLAIM_INTERVAL,
-                 cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT):
+                 cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT, stable_after=IRC_STABLE):
         super().__init__()
         if not _IRC_NICK.match(nick or ""):
             raise UsageError("--irc-nick %r: a nick is a letter or one of []\\`^{}|_ followed "
@@ -4456,6 +4456,7 @@ class IRCBot(Service):
         self.throttle_delay, self.ban_delay = throttle_delay, ban_delay
         self.reclaim_interval, self.cap_wait, self.join_wait = reclaim_interval, cap_wait, \
             join_wait
+        self.stable_after = stable_after
         self._told = set()            # what was logged at ERROR this streak (reset by 001)
         # Fixed keys: render_metrics may iterate while the bot thread counts.
         self.counts = dict.fromkeys(("ok", "unknown", "error", "dropped", "ctcp"), 0)
@@ -4526,7 +4527,7 @@ class IRCBot(Service):
             while not self._closing.is_set():
                 self._session()
                 if self._welcomed_at is not None and \
-                        time.monotonic() - self._welcomed_at >= IRC_STABLE:
+                        time.monotonic() - self._welcomed_at >= self.stable_after:
                     self._failures = 0             # it worked for a while: start over
                 self._failures += 1
                 delay = self._pause()
@@ -5080,9 +5081,10 @@ class IRCBot(Service):
         if not self._cap_pending:
             return                        # we asked nothing (more): nothing to answer
         if sub == "LS":
-            for cap in params[-1].split()[:IRC_MAX_CAPS - len(self._caps)]:
+            for cap in params[-1].split():          # bounded, but sasl is always kept
                 name, _, value = cap.partition("=")
-                self._caps[name.lower()] = value
+                if name.lower() == "sasl" or len(self._caps) < IRC_MAX_CAPS:
+                    self._caps[name.lower()] = value
             if len(params) >= 4 and params[2] == "*":
                 return                    # more CAP LS lines follow (302)
             self._cap_due = None

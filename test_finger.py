@@ -4156,6 +4156,29 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
         self.assertEqual(len(delays), 2)
         self.assertGreater(delays[1], delays[0] * 1.5)      # not reset by each 001
 
+    def test_a_connection_that_lasted_resets_the_back_off(self):
+        server = ScriptedIRCServer(self)
+        with self.assertLogs("finger", "INFO") as logs:
+            bot = irc_bot(self, server, backoff_cap=60, stable_after=0.2)
+            server.expect(r"^USER ")
+            server.welcome()
+            wait_until(lambda: bot.registered)
+            time.sleep(0.3)                   # longer than stable_after: the link was good
+            server.hang_up()
+            wait_until(lambda: "reconnecting" in logs.output[-1])
+        self.assertIn("(attempt 2)", logs.output[-1])
+        delay = float(re.search(r"in ([0-9.]+) s", logs.output[-1]).group(1))
+        self.assertLessEqual(delay, finger.IRC_FIRST_DELAY)   # the first step again
+
+    def test_capabilities_kept_are_bounded(self):
+        server = ScriptedIRCServer(self)
+        bot = irc_bot(self, server, account="fingerbot", password="pw")
+        server.expect(r"^USER ")
+        server.send(":irc.test CAP * LS * :" + " ".join("c%d" % n for n in range(300)),
+                    ":irc.test CAP * LS :sasl")
+        server.expect(r"^CAP REQ sasl")                     # the 301st is still seen
+        self.assertEqual(len(bot._caps), finger.IRC_MAX_CAPS + 1)
+
     def test_a_user_toggling_the_nick_cannot_make_the_bot_flood(self):
         server = ScriptedIRCServer(self)
         irc_bot(self, server, reclaim_interval=60)
