@@ -97,6 +97,7 @@ MAX_FORWARD_REPLY = 64 * 1024     # bytes of a forwarded answer
 MAX_FORWARD_HOPS = 3              # hosts in one forwarding query, user@h1@h2@h3
 MAX_SETTER_BYTES = 8192           # a setter request (user line + status line) at most
 DEFAULT_MAX_STATUS = 1024         # characters in a status sent to the setter
+DEFAULT_MAX_USERS = 100_000       # users the setter may create, at most (updates always work)
 MAX_USER_NAME = 32
 DEFAULT_SETTER_SOCKET = "/run/finger/setter.sock"
 
@@ -1343,15 +1344,18 @@ class SetterProtocol:
     """The tutorial's FingerSetterProtocol: the peer sends a user line and a status line and
     closes its side; with exactly two lines the status is set.  One line answers: OK or why
     not.  With `check_identity` (the unix socket), peers may set only their own status,
-    except root."""
+    except root.  A new user is added only while the database has fewer than `max_users`
+    (0: no limit), so a client cannot grow the users file without bound."""
 
     name = "setter"
     max_request = MAX_SETTER_BYTES
 
-    def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False):
+    def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False,
+                 max_users=DEFAULT_MAX_USERS):
         self.db = db
         self.max_status = max_status
         self.check_identity = check_identity
+        self.max_users = max_users
 
     def parse(self, data, eof):
         """Everything the peer sent, once it has closed its side; None until then."""
@@ -1383,6 +1387,10 @@ class SetterProtocol:
         if self.check_identity and not self._may_set(peer, name):
             return format_reply("Permission denied: you may set only your own status"), \
                 "denied"
+        if (self.max_users and self.db.count() >= self.max_users
+                and self.db.get_user(name) is None):
+            return format_reply("Too many users: at most %d; a status can be set only for "
+                                "users there are" % self.max_users), "too many users"
         try:
             self.db.set_user(name, status)
         except OSError as error:
@@ -5491,7 +5499,7 @@ OPTIONS_NEEDING = (
     (("--cert", "--key", "--hsts"), lambda o, run: "https" in run, "--https"),
     (("--templates", "--web-max-connections"), lambda o, run: {"web", "https"} & set(run),
      "--web or --https"),
-    (("--max-status",), lambda o, run: {"setter", "setter-socket"} & set(run),
+    (("--max-status", "--max-users"), lambda o, run: {"setter", "setter-socket"} & set(run),
      "--setter or --setter-socket"),
     (("--users", "--reload"), lambda o, run: _backend_is(o, "file"),
      "--backend file (or a plugin)"),
@@ -5573,7 +5581,8 @@ def _listener_service(name, address, sock, db, site, options):
     forwarder = None
     if name in ("setter", "setter-socket"):
         protocol = SetterProtocol(db, options.max_status,
-                                  check_identity=name == "setter-socket")
+                                  check_identity=name == "setter-socket",
+                                  max_users=options.max_users)
     elif name == "proxy":
         forwarder = build_forwarder(options)
         protocol = FingerProtocol(db, forwarder=forwarder, forward_all_to=options.proxy_target)
@@ -5683,7 +5692,7 @@ def _process_metrics():
 
 # What SIGHUP changes in a running server when --config says so; the rest needs a restart.
 RELOADABLE = ("log_level", "log_queries", "no_list", "templates", "timeout", "max_status",
-              "backend_timeout", "per_client_connections", "per_client_rate",
+              "max_users", "backend_timeout", "per_client_connections", "per_client_rate",
               "per_client_exempt")
 
 
@@ -5723,6 +5732,7 @@ def apply_options(group, options, new):
             service.timeout = options.timeout
             if isinstance(service.protocol, SetterProtocol):
                 service.protocol.max_status = options.max_status
+                service.protocol.max_users = options.max_users
         elif isinstance(service, WebService):
             service.timeout = options.timeout
             if service._server is not None:
@@ -6462,6 +6472,9 @@ def build_parser(server=False):
     data.add_argument("--max-status", type=_count, default=DEFAULT_MAX_STATUS, metavar="N",
                       help="longest status the setter accepts, in characters (default: "
                            "%(default)s)")
+    data.add_argument("--max-users", type=_count_or_zero, default=DEFAULT_MAX_USERS,
+                      metavar="N", help="the setter adds no user past N users (a status can "
+                      "still be set for those there are); 0: no limit (default: %(default)s)")
 
     limits = parser.add_argument_group("limits")
     limits.add_argument("--request-timeout", dest="timeout", type=_seconds,

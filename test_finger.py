@@ -871,7 +871,9 @@ def set_over(address, data, half_close=True, family=socket.AF_INET):
 
 def setter_service(test, db, **options):
     protocol = finger.SetterProtocol(db, options.pop("max_status", finger.DEFAULT_MAX_STATUS),
-                                     check_identity=options.pop("check_identity", False))
+                                     check_identity=options.pop("check_identity", False),
+                                     max_users=options.pop("max_users",
+                                                           finger.DEFAULT_MAX_USERS))
     address = options.pop("address", (LOCALHOST, 0))
     service = finger.TCPService(protocol, address, **options)
     start(test, service)
@@ -1099,6 +1101,22 @@ print(sock.recv(1000).decode().strip())
 
 @unittest.skipUnless(hasattr(socket, "AF_UNIX") and hasattr(socket, "SO_PEERCRED"),
                      "needs unix sockets with SO_PEERCRED (Linux)")
+class TestSetterUserCap(unittest.TestCase):
+    def test_no_user_is_added_past_max_users(self):
+        path = write_file(self, "moshez: hi\nshawn: there\n")
+        db = finger.FileDatabase(path)
+        address = setter_service(self, db, max_users=3).address
+        self.assertEqual(set_over(address, b"alice\r\none\r\n"), b"OK\r\n")
+        self.assertTrue(set_over(address, b"bob\r\ntwo\r\n").startswith(
+            b"Too many users: at most 3;"))
+        self.assertEqual(set_over(address, b"shawn\r\nstill works\r\n"), b"OK\r\n")
+        self.assertEqual(db.count(), 3)
+        self.assertNotIn("bob", _read(path))
+        unlimited = setter_service(self, db, max_users=0).address
+        self.assertEqual(set_over(unlimited, b"bob\r\ntwo\r\n"), b"OK\r\n")
+        self.assertEqual(finger.DEFAULT_MAX_USERS, 100_000)
+
+
 class TestUnixSetter(unittest.TestCase):
     def setUp(self):
         self.directory = tempfile.mkdtemp(prefix="finger-test-")
