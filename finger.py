@@ -2029,7 +2029,7 @@ class TCPService(Service):
             refusal = self._refusal(None if proxied else peer, session)
             if refusal is not None and (session or self._busy >= BUSY_BACKLOG):
                 self._refuse(sock, None if session else refusal[0])
-                self.counts[refusal[1]] = self.counts.get(refusal[1], 0) + 1
+                self._count(refusal[1])
                 continue
             if sock.family == socket.AF_UNIX:
                 peer = PeerCredentials(sock)
@@ -2155,7 +2155,7 @@ class TCPService(Service):
         if header is None or isinstance(header, ValueError):
             self._warnings.warn("%s %s: dropped: %s", self.name, format_peer(conn.peer),
                                 header or "closed before its PROXY header")
-            self.counts["bad proxy header"] = self.counts.get("bad proxy header", 0) + 1
+            self._count("bad proxy header")
             self._close(conn)
             return None
         length, client = header
@@ -2167,7 +2167,7 @@ class TCPService(Service):
             conn.refusal = refusal                 # not admitted: nothing to release
             self._busy += 1
             if getattr(self.protocol, "session", False) or self._busy > BUSY_BACKLOG:
-                self.counts[refusal[1]] = self.counts.get(refusal[1], 0) + 1
+                self._count(refusal[1])
                 self._close(conn)                  # as _accept does: no answer to wait for
                 return None
         if getattr(self.protocol, "session", False):
@@ -2364,8 +2364,11 @@ class TCPService(Service):
         except OSError:
             pass
 
-    def _log(self, conn, request, outcome):
+    def _count(self, outcome):
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def _log(self, conn, request, outcome):
+        self._count(outcome)
         if conn.session is None:
             self.latency.observe(time.monotonic() - conn.started)
         if query_log.enabled:
@@ -2585,7 +2588,6 @@ class WebSite:
                            response.headers + extra)
 
     def _route(self, method, target, body):
-        from urllib.parse import unquote
         path, _, query = target.split("#", 1)[0].partition("?")
         first, _, rest = path[1:].partition("/")
         route = self.routes.get(first)
@@ -2599,15 +2601,8 @@ class WebSite:
             return getattr(self, route)(method, rest, query, body)
         if path == "/":
             return self.users_page()
-        try:
-            name = unquote(path[1:], errors="strict")
-        except UnicodeDecodeError:
-            name = ""
-        if name.startswith("~"):
-            name = name[1:]
-        if not _safe_segment(name):
-            return self.not_found()
-        return self.user_page(name)
+        name = _user_in_path(path[1:], tilde=True)
+        return self.not_found() if name is None else self.user_page(name)
 
     # Each route: (method, the rest of the path after its segment, the query string, body)
     # -> WebResponse.
@@ -2643,18 +2638,13 @@ class WebSite:
     def _api(self, method, rest, query, body):
         """/api/users (the users, a page at a time) and /api/users/NAME (one user), as JSON;
         every error is JSON too."""
-        from urllib.parse import unquote
         if rest in ("users", "users/"):
             try:
                 return self.users_json(query)
             except ListRefused:
                 return self.json(403, {"error": LIST_DENIED})
-        try:
-            name = unquote(rest[len("users/"):], errors="strict") \
-                if rest.startswith("users/") else ""
-        except UnicodeDecodeError:
-            name = ""
-        if not _safe_segment(name):
+        name = _user_in_path(rest[len("users/"):]) if rest.startswith("users/") else None
+        if name is None:
             return self.json(404, {"error": "Not found"})
         status = self.db.get_user(name)
         if status is None:
@@ -2834,6 +2824,19 @@ def declares_dtd(body):
     except (expat.ExpatError, LookupError, ValueError):
         pass                    # not well-formed: the XML-RPC dispatcher answers a Fault
     return False
+
+
+def _user_in_path(segment, tilde=False):
+    """The user name a %-encoded path segment names (after a '~' it may start with, with
+    `tilde`), or None when it can name nobody."""
+    from urllib.parse import unquote
+    try:
+        name = unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if tilde and name.startswith("~"):
+        name = name[1:]
+    return name if _safe_segment(name) else None
 
 
 def _safe_segment(name):
@@ -5548,7 +5551,7 @@ def configuration_warnings(options, identity, sockets=()):
     if "--timeout" in given and (options.serve or options.inetd):
         warnings.append("--timeout is the client's option; the server's is --request-timeout "
                         "(taken as it this time)")
-    who = identity[0] if identity else pwd_name(os.geteuid())
+    who = run_as_name(identity)
     for option in ("cert", "key") if "https" in run else ():
         path = getattr(options, option)
         if path and os.path.exists(path) and not may_access(path, identity, os.R_OK):
@@ -5859,12 +5862,14 @@ def resolve_identity(user=None, group=None):
     return name, entry.pw_uid, gid
 
 
-def pwd_name(uid):
-    """The user name of `uid`, or the number as text."""
+def run_as_name(identity):
+    """The name of the user the server runs as: `identity`'s (resolve_identity), or ours."""
+    if identity is not None:
+        return identity[0]
     try:
-        return pwd.getpwuid(uid).pw_name
+        return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
-        return str(uid)
+        return str(os.geteuid())
 
 
 def may_access(path, identity, mode):
@@ -5902,7 +5907,7 @@ def replace_problem(path, identity):
     fix; None if it can."""
     path = os.path.realpath(path)
     directory = os.path.dirname(path)
-    who = identity[0] if identity else pwd_name(os.geteuid())
+    who = run_as_name(identity)
     if not may_access(directory, identity, os.W_OK | os.X_OK):
         return ("it may not write in the directory %s, where the setter writes the new file "
                 "before renaming it over the old one" % directory,
@@ -6871,7 +6876,7 @@ def run_check_config(options):
             ", ".join(service.name for service in group) or "no listener of its own (systemd "
             "passes the sockets at start)")
     print("finger.py: the configuration is fine: %s, as %s" % (
-        what, identity[0] if identity else pwd_name(os.geteuid())))
+        what, run_as_name(identity)))
     return 0
 
 
