@@ -20,6 +20,7 @@ import collections
 import contextlib
 import errno
 import functools
+import heapq
 import grp
 import logging
 import os
@@ -385,7 +386,6 @@ class UserTable(Mapping):
     def sorted_names(self):
         """The names in order: each shard sorted, then merged.  sorted() of a million names
         would be one step that holds the GIL for a second; these steps are short."""
-        import heapq
         return list(heapq.merge(*(sorted(shard) for shard in self.shards)))
 
     def retire(self):
@@ -1207,7 +1207,99 @@ class PluginDatabase(UserDatabase):
 
 # == 4. The event loop and the finger front-end ===============================================
 
-class FingerProtocol:
+# -- the two kinds of protocol a TCPService serves --------------------------------------------
+
+class Protocol:
+    """What every protocol of a TCPService has: a `name`, its `counts` (outcome -> number,
+    for the metrics; count() may be called from any thread) and `latency` (a
+    LatencyHistogram of its answers)."""
+
+    name = "protocol"
+
+    def __init__(self):
+        self.counts = {}
+        self.latency = LatencyHistogram()
+        self._counts_lock = threading.Lock()
+
+    def count(self, outcome):
+        with self._counts_lock:
+            self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def refusal(self, text, outcome):
+        """The bytes that turn a new connection away (text: the reason; outcome: its word),
+        or None to close it without a word."""
+        return format_reply(text)
+
+    @staticmethod
+    def log_text(request):
+        """What the query log shows of a request."""
+        return request
+
+
+class RequestProtocol(Protocol):
+    """One request, one answer, close (finger, the setter, the proxy).  Methods to override:
+    parse(data, eof) -> the request once `data` holds it whole, else None (RequestError:
+    refused with its reply); respond(request, peer) -> (reply bytes, outcome word);
+    needs_worker(request): whether respond may block or take long (then it runs in the
+    worker pool); `max_request`: bytes of input kept."""
+
+    max_request = MAX_QUERY_BYTES
+
+    def parse(self, data, eof):
+        raise NotImplementedError
+
+    def respond(self, request, peer=None):
+        raise NotImplementedError
+
+    def needs_worker(self, request):
+        return False
+
+
+class Session:
+    """One connection of a SessionProtocol.  feed(data) -> the bytes to send back (raising
+    drops the connection); while it has `pending` whole messages left (it stops early after
+    a large answer, or before one that must run in a worker: then `slow`), resume() answers
+    more of them once the answers so far are sent; `idle` when it holds no part of a message
+    (the connection's deadline then starts again); `closing` once the connection should
+    close after what is sent; close() when the connection has closed."""
+
+    idle = True
+    pending = slow = closing = False
+
+    def greeting(self):
+        return b""
+
+    def feed(self, data):
+        raise NotImplementedError
+
+    def resume(self):
+        return b""
+
+    def close(self):
+        pass
+
+
+class SessionProtocol(Protocol):
+    """A stream of messages on a connection that stays open (PB, HTTP): new_session(peer)
+    makes its Session.  With `blocking` (a back-end that may block), every feed runs in the
+    worker pool; a peer that leaves more than `max_output` bytes unread (None: no limit) is
+    dropped."""
+
+    blocking = False
+    max_output = MAX_SESSION_OUTPUT
+
+    def new_session(self, peer):
+        raise NotImplementedError
+
+    def refusal(self, text, outcome):
+        return None
+
+    @staticmethod
+    def log_text(request):
+        return b""                  # sessions log their messages themselves
+
+
+class FingerProtocol(RequestProtocol):
     """RFC 1288 on top of a UserDatabase: turns a query line into a reply.
 
     Used by the event loop (TCPService) and by inetd mode alike; knows nothing about sockets.
@@ -1219,6 +1311,7 @@ class FingerProtocol:
     max_request = MAX_QUERY_BYTES
 
     def __init__(self, db, forwarder=None, forward_all_to=None):
+        super().__init__()
         self.db = db
         self.forwarder = forwarder
         self.forward_all_to = forward_all_to
@@ -1340,7 +1433,7 @@ class PeerCredentials:
         return "uid=%d,pid=%d" % (self.uid, self.pid)
 
 
-class SetterProtocol:
+class SetterProtocol(RequestProtocol):
     """The tutorial's FingerSetterProtocol: the peer sends a user line and a status line and
     closes its side; with exactly two lines the status is set.  One line answers: OK or why
     not.  With `check_identity` (the unix socket), peers may set only their own status,
@@ -1352,6 +1445,7 @@ class SetterProtocol:
 
     def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False,
                  max_users=DEFAULT_MAX_USERS):
+        super().__init__()
         self.db = db
         self.max_status = max_status
         self.check_identity = check_identity
@@ -1756,25 +1850,6 @@ def parse_proxy_header(data):
     return end + 2, (str(host), int(words[4]))
 
 
-def read_proxy_header(sock):
-    """parse_proxy_header on a blocking socket, taking no byte past the header: the client
-    it names, or None.  ValueError when there is none, OSError when reading fails."""
-    taken = b""
-    while True:
-        peeked = sock.recv(PROXY_V2_MAX - len(taken), socket.MSG_PEEK)
-        if not peeked:
-            raise ValueError("closed before its PROXY header")
-        header = parse_proxy_header(taken + peeked)
-        want = len(peeked) if header is None else header[0] - len(taken)
-        while want > 0:                # bytes already here: recv returns them at once
-            chunk = sock.recv(want)
-            if not chunk:
-                raise ValueError("closed inside its PROXY header")
-            taken, want = taken + chunk, want - len(chunk)
-        if header is not None:
-            return header[1]
-
-
 class WarningThrottle:
     """The warnings one service logs about its peers (dropped connections, timeouts): at
     most MAX_WARNINGS_PER_SECOND a second; past that they are counted, and the count is
@@ -1825,71 +1900,239 @@ class DescriptorShortage:
             self.since = None
 
 
-class _Connection:
-    """One client connection of a TCPService."""
-    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "refusal",
-                 "session", "awaiting_proxy")
+class Timer:
+    """A callback a Loop runs once at `when` (time.monotonic()), unless cancelled.  Loop.
+    schedule() moves it; moving it later costs no heap entry (it is queued again when its
+    old time comes), so a connection's deadline can move on every message."""
+    __slots__ = ("when", "queued_at", "active", "callback", "args")
 
-    def __init__(self, sock, peer, deadline, refusal=None):
-        self.sock, self.peer, self.deadline = sock, peer, deadline
+    def __init__(self, callback, args):
+        self.callback, self.args = callback, args
+        self.when = self.queued_at = 0.0
+        self.active = False
+
+    def cancel(self):
+        self.active = False
+
+
+class Loop:
+    """The event loop every service runs on (each service in its own thread, with its own
+    Loop): a selector over its sockets, timers, a wake-up for other threads, and a bounded
+    pool of worker threads for what may block, whose results come back to the loop thread.
+
+    From the loop thread: watch(sock, events, callback, arg) (callback(arg, mask) runs when
+    `sock` is ready; watching again changes the events, events 0 stops), timer(callback,
+    *args) -> Timer, schedule(timer, seconds), run_in_worker(function, args, then) (then(
+    future) runs in the loop thread), stop().  From any thread: call_soon(callback, *args),
+    stop().  run() returns once stop() is called; close() frees the loop's resources."""
+
+    def __init__(self, name, workers=DEFAULT_WORKERS):
+        self.name = name
+        self.workers = workers
+        self.in_flight = 0               # jobs handed to the pool and not yet back
+        self._selector = selectors.DefaultSelector()
+        self._waker, self._woken_by = socket.socketpair()
+        self._waker.setblocking(False)
+        self._woken_by.setblocking(False)
+        self._selector.register(self._woken_by, selectors.EVENT_READ, (self._woken, None))
+        self._timers = []                # heap of (when, sequence number, Timer)
+        self._sequence = 0
+        self._calls = collections.deque()    # (callback, args) from other threads
+        self._pool = None
+        self._running = True
+
+    def watch(self, sock, events, callback=None, arg=None):
+        """Call callback(arg, mask) when `sock` is ready for `events` (0: no longer watch it;
+        the callback may be left out when only the events change)."""
+        if not events:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+            return
+        try:
+            key = self._selector.get_key(sock)
+        except KeyError:
+            self._selector.register(sock, events, (callback, arg))
+            return
+        if key.events != events or callback is not None:
+            self._selector.modify(sock, events, (callback, arg) if callback else key.data)
+
+    def timer(self, callback, *args):
+        """A Timer, not yet scheduled."""
+        return Timer(callback, args)
+
+    def schedule(self, timer, seconds):
+        """Run `timer` `seconds` from now (moving it if it was scheduled already)."""
+        when = time.monotonic() + seconds
+        if timer.active and when >= timer.queued_at:
+            timer.when = when                # later: found in the heap at its old time
+            return
+        timer.when = timer.queued_at = when
+        timer.active = True
+        self._push(timer)
+
+    def call_later(self, seconds, callback, *args):
+        timer = Timer(callback, args)
+        self.schedule(timer, seconds)
+        return timer
+
+    def call_soon(self, callback, *args):
+        """Run callback(*args) in the loop thread soon; the one method for other threads."""
+        self._calls.append((callback, args))
+        self._wake()
+
+    def run_in_worker(self, function, args, then):
+        """Run function(*args) in the worker pool, then `then(future)` in the loop thread."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor   # preloaded by run_server
+            self._pool = ThreadPoolExecutor(self.workers,
+                                            thread_name_prefix="finger-%s-worker" % self.name)
+        self.in_flight += 1
+        future = self._pool.submit(function, *args)
+        future.add_done_callback(lambda future: self.call_soon(self._job_done, then, future))
+
+    def run(self):
+        select = self._selector.select
+        while self._running:
+            timeout = self._run_timers()
+            if not self._running:
+                break
+            for key, mask in select(timeout):
+                callback, arg = key.data
+                try:
+                    callback(arg, mask)
+                except Exception:
+                    log.exception("%s: an event handler failed", self.name)
+
+    def stop(self):
+        self._running = False
+        self._wake()
+
+    def close(self):
+        self._selector.close()
+        self._waker.close()
+        self._woken_by.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def _push(self, timer):
+        self._sequence += 1
+        heapq.heappush(self._timers, (timer.queued_at, self._sequence, timer))
+
+    def _run_timers(self):
+        """Run the timers that are due; seconds until the next one (None: there is none)."""
+        timers = self._timers
+        while timers:
+            when, _, timer = timers[0]
+            now = time.monotonic()
+            if when > now:
+                return when - now
+            heapq.heappop(timers)
+            if not timer.active or timer.queued_at != when:
+                continue                     # cancelled, or moved earlier: queued again
+            if timer.when > now:             # moved later: queued at its new time
+                timer.queued_at = timer.when
+                self._push(timer)
+                continue
+            timer.active = False
+            try:
+                timer.callback(*timer.args)
+            except Exception:
+                log.exception("%s: a timer failed", self.name)
+        return None
+
+    def _wake(self):
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass       # full (a wake-up is pending anyway) or closed (stopped)
+
+    def _woken(self, _, mask):
+        with contextlib.suppress(OSError):
+            while self._woken_by.recv(RECV_SIZE):
+                pass
+        while self._calls:
+            callback, args = self._calls.popleft()
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("%s: a call failed", self.name)
+
+    def _job_done(self, then, future):
+        self.in_flight -= 1
+        then(future)
+
+
+class Connection:
+    """One accepted connection of a TCPService.  `state`: handshake (TLS) -> reading ->
+    working (in the pool) -> writing -> closed for a request; handshake -> session (with
+    working while fed in the pool) for a session; lingering for one turned away."""
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "refusal",
+                 "session", "awaiting_proxy", "events", "tls")
+
+    def __init__(self, sock, peer, refusal=None):
+        self.sock, self.peer = sock, peer
         self.refusal = refusal         # (text, outcome): its request is read, then refused
         self.awaiting_proxy = False    # its PROXY header has yet to come
         self.inbuf = b""
         self.outbuf = b""
+        self.deadline = None           # its Timer, made when it first has to wait
         self.started = time.monotonic()
-        self.state = "accepted"        # accepted -> reading -> (working) -> writing -> closed
-        self.session = None            # the protocol's session object, for session protocols
+        self.state = "reading"
+        self.session = None
+        self.events = 0                # what the loop watches it for
+        self.tls = False
 
 
 class TCPService(Service):
-    """A TCP listener whose connections are all served by one thread running a selectors loop.
+    """A listener whose connections are all served by one Loop in the service's thread.
 
     `address` is (host, port), or a path for a unix socket (whose peers are known by their
     PeerCredentials); `sock` is a listening socket made elsewhere (systemd, tests).
-    `protocol` turns received bytes into a request (`parse(data, eof)`) and a request into
-    a reply (`respond(request, peer)`); the connection closes after the reply, and the
-    query log shows `log_text(request)`.  Requests for which `needs_worker(request)` is
-    true are answered in a bounded worker pool; the loop never waits for them.  A protocol
-    whose `session` is true keeps connections open instead: `new_session(peer)` makes an
-    object with `greeting()` -> bytes to send first, `feed(data)` -> bytes to send back
-    (raising drops the connection), `idle`, true between messages, and `close()`, called
-    once the connection is closed; the `timeout` then runs from the last complete message.
-    Limits: `timeout` seconds to send a request and to take the answer, `max_connections`
-    open at once (more get a one-line busy answer), at most `max_pending` answers (default
-    2 × `workers`) waiting for the pool, and the per-client `limits` (a ClientLimits: a
-    client over them gets a one-line refusal; a session client is closed).  Connections
-    from the balancers of `proxy_headers` (ProxyHeaders) start with a PROXY header, whose
-    client is then the peer: for the limits, the protocol and the log."""
+    `protocol` is a RequestProtocol (the connection closes after its answer; requests for
+    which needs_worker() is true are answered in the bounded worker pool, the loop never
+    waits for them) or a SessionProtocol (the connection stays open; `timeout` then runs
+    from the last whole message).  With `tls_context` connections are TLS, their handshake
+    done on the loop.  Limits: `timeout` seconds to send a request (and the handshake) and
+    to take each part of the answer, `max_connections` open at once (more get the
+    protocol's refusal), at most `max_pending` answers (default 2 x `workers`) waiting for
+    the pool, and the per-client `limits` (a ClientLimits).  Connections from the balancers
+    of `proxy_headers` (ProxyHeaders) start with a PROXY header, whose client is then the
+    peer: for the limits, the protocol and the log."""
 
     def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 workers=DEFAULT_WORKERS, max_pending=None, limits=None, proxy_headers=None):
+                 workers=DEFAULT_WORKERS, max_pending=None, limits=None, proxy_headers=None,
+                 tls_context=None):
         super().__init__()
         self.protocol = protocol
+        self.sessions = isinstance(protocol, SessionProtocol)
         self.limits = limits
         self.proxy_headers = proxy_headers
+        self.tls_context = tls_context
         self.name = name or protocol.name
         self.requested_address = address
         self.timeout = timeout
         self.max_connections = max_connections
         self.workers = workers
         self.max_pending = max_pending or 2 * workers
-        self.counts = {}                 # outcome -> number of requests, for reports
-        # Sessions time their messages themselves (PBProtocol), connections are timed here.
-        self.latency = getattr(protocol, "latency", None) or LatencyHistogram()
+        self.loop = None
         self._listener = sock
         self._owns_path = False          # a unix socket file we made, removed at stop
-        self._conns = {}                 # _Connection -> None, in order of deadline
-        self._done = []                  # (connection, future) finished by workers
-        self._pool = None
-        self._in_flight = 0
+        self._conns = {}                 # Connection -> None: those open
+        self._lingering = {}             # Connection -> None: those turned away, still read
         self._busy = 0                   # connections being refused, their request read
         self._stopping = False
-        self._accept_resumes = None      # when out of descriptors: when to try accepting again
         self._shortage = DescriptorShortage(self.name)
         self._warnings = WarningThrottle(self.name)
-        self._selector = None
-        self._waker = None
+        self._would_block = (BlockingIOError, InterruptedError)
+
+    @property
+    def counts(self):
+        return self.protocol.counts
+
+    @property
+    def latency(self):
+        return self.protocol.latency
 
     def open_connections(self):
         return len(self._conns)
@@ -1902,6 +2145,8 @@ class TCPService(Service):
             if self._owns_path:
                 with contextlib.suppress(OSError):
                     os.unlink(self.address)
+        if self.loop is not None and self._thread is None:
+            self.loop.close()
 
     def bind(self):
         if self._listener is None:
@@ -1913,10 +2158,14 @@ class TCPService(Service):
         self._listener.setblocking(False)
         address = self._listener.getsockname()
         self.address = address if isinstance(address, str) else address[:2]
+        if self.loop is None:
+            self.loop = Loop(self.name, self.workers)
+        if self.tls_context is not None:
+            import ssl
+            self._would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
     def close(self):
-        self._stopping = True
-        self._wake()
+        self.loop.call_soon(self._begin_stop)
 
     def stop(self):
         super().stop()
@@ -1925,91 +2174,36 @@ class TCPService(Service):
                 os.unlink(self.address)
 
     def serve(self):
-        self._selector = selectors.DefaultSelector()
-        self._waker, waker_in = socket.socketpair()
-        self._waker.setblocking(False)
-        waker_in.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
-        self._selector.register(waker_in, selectors.EVENT_READ, "wake")
+        self.loop.watch(self._listener, selectors.EVENT_READ, self._accept)
         try:
-            self._loop(waker_in)
+            self.loop.run()
         finally:
-            for conn in list(self._conns):
+            for conn in list(self._conns) + list(self._lingering):
                 self._close(conn)
-            self._selector.close()
-            for sock in (self._listener, self._waker, waker_in):
-                sock.close()
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
+            self.loop.close()
+            self._listener.close()
 
-    def _loop(self, waker_in):
-        select = self._selector.select
-        grace_ends = None
-        while True:
-            now = time.monotonic()
-            if self._stopping:
-                if grace_ends is None:
-                    grace_ends = now + STOP_GRACE
-                    self._stop_accepting()
-                if not self._conns or now >= grace_ends:
-                    return
-            timeout = self._expire(now)
-            for wakes_at in (grace_ends, self._accept_resumes):
-                if wakes_at is not None:
-                    left = max(wakes_at - now, 0)
-                    timeout = left if timeout is None else min(timeout, left)
-            if self._accept_resumes is not None and now >= self._accept_resumes:
-                self._accept_resumes = None
-                self._selector.register(self._listener, selectors.EVENT_READ, None)
-            for key, mask in select(timeout):
-                conn = key.data
-                if conn is None:
-                    self._accept()
-                elif conn == "wake":
-                    self._drain(waker_in)
-                    self._finish_jobs()
-                else:
-                    self._serve_connection(conn, mask)
-
-    def _serve_connection(self, conn, mask):
-        """Read or write; a bug in answering one connection drops that connection only."""
-        try:
-            if mask & selectors.EVENT_READ:
-                self._read(conn)
-            else:
-                self._write(conn)
-        except Exception:
-            log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
-            self._close(conn)
-
-    def _stop_accepting(self):
-        """Close the listener and every connection that has not sent a whole request."""
-        if self._accept_resumes is None:
-            self._selector.unregister(self._listener)
-        self._accept_resumes = None
+    def _begin_stop(self):
+        """Stop accepting; close the connections that have no answer on its way (a request
+        not yet whole, an idle session); the others get STOP_GRACE seconds to finish."""
+        self._stopping = True
+        self.loop.watch(self._listener, 0)
         self._listener.close()
-        for conn in list(self._conns):
-            if conn.state == "reading":
+        for conn in list(self._conns) + list(self._lingering):
+            if conn.state in ("handshake", "reading", "lingering") or (
+                    conn.state == "session" and conn.session.idle and not conn.outbuf
+                    and not conn.session.pending):
                 self._close(conn)
+        self.loop.call_later(STOP_GRACE, self.loop.stop)
+        self._stop_when_idle()
 
-    def _expire(self, now):
-        """Close connections past their deadline; seconds until the next one (None: none)."""
-        expired = []
-        for conn in self._conns:           # insertion order is deadline order
-            if conn.deadline > now:
-                break
-            expired.append(conn)
-        for conn in expired:
-            self._log(conn, conn.inbuf[:MAX_QUERY_BYTES], "timeout")   # what arrived
-            self._close(conn)
-        for conn in self._conns:
-            return conn.deadline - now
-        return None
+    def _stop_when_idle(self):
+        if self._stopping and not self._conns:
+            self.loop.stop()
 
-    # -- connections
+    # -- accepting
 
-    def _accept(self):
-        session = getattr(self.protocol, "session", False)
+    def _accept(self, _, mask):
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = self._listener.accept()
@@ -2025,46 +2219,46 @@ class TCPService(Service):
                 return
             if self._shortage.since is not None:
                 self._shortage.over()
+            sock.setblocking(False)
             proxied = self.proxy_headers is not None and self.proxy_headers.expected_from(peer)
-            refusal = self._refusal(None if proxied else peer, session)
-            if refusal is not None and (session or self._busy >= BUSY_BACKLOG):
-                self._refuse(sock, None if session else refusal[0])
-                self._count(refusal[1])
+            refusal = self._refusal(None if proxied else peer)
+            if refusal is not None and (self.sessions or self._busy >= BUSY_BACKLOG):
+                self.protocol.count(refusal[1])
+                self._turn_away(Connection(sock, peer), refusal)
                 continue
             if sock.family == socket.AF_UNIX:
                 peer = PeerCredentials(sock)
+            elif self.sessions:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._busy += refusal is not None
-            sock.setblocking(False)
-            conn = _Connection(sock, peer, time.monotonic() + self.timeout, refusal)
-            conn.awaiting_proxy = proxied
+            conn = Connection(sock, peer, refusal)
             self._conns[conn] = None
             if proxied:
-                self._serve_connection(conn, selectors.EVENT_READ)   # the header first
-            elif session:
-                self._start_session(conn)
+                conn.awaiting_proxy = True
+                self._serve(conn, selectors.EVENT_READ)        # the header first
             else:
-                # Clients send their query as soon as they are connected, so it is usually
-                # here already: answered now, the connection never enters the selector.
-                self._serve_connection(conn, selectors.EVENT_READ)
+                self._begin(conn)
 
-    def _start_session(self, conn):
-        if conn.state == "accepted":
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-        conn.session = self.protocol.new_session(conn.peer)
-        conn.state = "session"
-        self._queue(conn, conn.session.greeting())
+    def _begin(self, conn):
+        """A connection whose peer is known: its TLS handshake, its session, or its request
+        (clients send it as soon as they are connected, so it is usually here already:
+        answered now, the connection never enters the selector)."""
+        if self.tls_context is not None:
+            self._start_tls(conn)
+        elif self.sessions:
+            self._start_session(conn)
+        else:
+            self._serve(conn, selectors.EVENT_READ)
 
-    def _refusal(self, peer, session):
-        """None to serve a new connection, else (the answer, the outcome) that refuses it:
-        stopping, over the connection cap, or over the client's limits (admitted ones are
-        released in _close; a `peer` of None: not yet known, the cap only)."""
-        if self._stopping or len(self._conns) - self._busy >= self.max_connections:
+    def _refusal(self, peer):
+        """None to serve a new connection, else (the reason, the outcome) that refuses it:
+        over the connection cap, or over the client's limits (admitted ones are released
+        in _close; a `peer` of None: not yet known, the cap only)."""
+        if len(self._conns) - self._busy >= self.max_connections:
             return SERVER_BUSY, "busy"
         return None if peer is None else self._client_refusal(peer)
 
     def _client_refusal(self, peer):
-        """None when `peer` is within its limits (admitted: released in _close), else the
-        answer and the outcome that refuse it."""
         refused = self.limits.admit(peer) if self.limits is not None else None
         if refused == "per-client connections":
             return TOO_MANY_CONNECTIONS, refused
@@ -2072,43 +2266,142 @@ class TCPService(Service):
             return TOO_MANY_REQUESTS, refused
         return None
 
+    def _turn_away(self, conn, refusal):
+        """Send the protocol's refusal (on a TLS port: a TLS alert, never plain text), then
+        let the connection linger, its input read and dropped, until the peer closes (at
+        most a second; BUSY_BACKLOG of them at once): our close must not reset the
+        connection before the peer has read the refusal."""
+        answer = self.protocol.refusal(*refusal)
+        with contextlib.suppress(OSError):
+            if self.tls_context is not None:
+                _refuse_tls(conn.sock)
+            elif answer is not None:
+                conn.sock.send(answer)
+            conn.sock.shutdown(socket.SHUT_WR)
+        if len(self._lingering) >= BUSY_BACKLOG or answer is None:
+            conn.sock.close()
+            return
+        conn.state = "lingering"
+        self._lingering[conn] = None
+        self._wait(conn, selectors.EVENT_READ, 1.0)
+
     def _pause_accepting(self):
         """Out of file descriptors: the listener stays readable, so stop watching it for
         ACCEPT_PAUSE seconds (no spinning); new clients wait in the listen backlog."""
         self._shortage.hit(len(self._conns))
-        self._selector.unregister(self._listener)
-        self._accept_resumes = time.monotonic() + ACCEPT_PAUSE
+        self.loop.watch(self._listener, 0)
+        self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
-    @staticmethod
-    def _refuse(sock, text):
-        """Send `text` (if any) on a new connection and close it."""
+    def _resume_accepting(self):
+        if not self._stopping:
+            self.loop.watch(self._listener, selectors.EVENT_READ, self._accept)
+
+    # -- connections
+
+    def _serve(self, conn, mask):
+        """A connection is ready; a bug in serving one connection drops that one only."""
         try:
-            sock.setblocking(False)
-            if text is not None:
-                sock.send(format_reply(text))
-        except OSError:
-            pass
-        sock.close()
+            if conn.state == "handshake":
+                self._handshake(conn)
+            elif conn.state == "lingering":
+                self._linger(conn)
+            elif mask & selectors.EVENT_WRITE and conn.outbuf:
+                self._write(conn)
+            elif conn.session is not None:
+                self._session_input(conn)
+            else:
+                self._read(conn)
+        except Exception:
+            log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
+            self._close(conn)
 
-    def _read(self, conn):
+    def _wait(self, conn, events, seconds=None):
+        """Watch the connection for `events`, with its deadline `seconds` (default:
+        `timeout`) from now."""
+        if conn.events != events:
+            self.loop.watch(conn.sock, events, self._serve, conn)
+            conn.events = events
+        if seconds is not None or conn.deadline is None or not conn.deadline.active:
+            self._set_deadline(conn, seconds)
+
+    def _set_deadline(self, conn, seconds=None):
+        if conn.deadline is None:
+            conn.deadline = self.loop.timer(self._expired, conn)
+        self.loop.schedule(conn.deadline, self.timeout if seconds is None else seconds)
+
+    def _expired(self, conn):
+        if conn.state == "lingering" or conn.session is not None and conn.session.idle \
+                and not conn.outbuf:
+            self._close(conn)                  # done with, or an idle session: no timeout
+            return
+        self._log(conn, conn.inbuf[:MAX_QUERY_BYTES], "timeout")      # what arrived
+        self._close(conn)
+
+    def _recv(self, conn):
+        """The bytes the peer sent (b'' at its end), or None when none are here yet."""
         try:
             data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            self._wait_for_request(conn)
+        except self._would_block:
+            return None
+        while conn.tls and conn.sock.pending():      # the rest of a TLS record, decrypted
+            data += conn.sock.recv(conn.sock.pending())
+        return data
+
+    def _send_some(self, conn, data):
+        try:
+            return conn.sock.send(data)
+        except self._would_block:
+            return 0
+
+    def _linger(self, conn):
+        try:
+            data = self._recv(conn)
+        except OSError:
+            data = b""
+        if data == b"":
+            self._close(conn)
+
+    def _start_tls(self, conn):
+        self.loop.watch(conn.sock, 0)                   # the TLS socket takes it over
+        conn.events = 0
+        conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
+                                                 do_handshake_on_connect=False)
+        conn.tls = True
+        conn.state = "handshake"
+        self._handshake(conn)
+
+    def _handshake(self, conn):
+        import ssl
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(conn, selectors.EVENT_READ)
             return
+        except ssl.SSLWantWriteError:
+            self._wait(conn, selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as error:           # ssl.SSLError is an OSError
+            self._warnings.warn("%s %s: connection dropped: %s", self.name,
+                                format_peer(conn.peer), str(error)[:MAX_ERROR_SHOWN])
+            self._close(conn)
+            return
+        conn.state = "reading"
+        if self.sessions:
+            self._start_session(conn)
+        else:
+            self._serve(conn, selectors.EVENT_READ)
+
+    def _read(self, conn):
+        if conn.awaiting_proxy:
+            self._proxy_header(conn)
+            return
+        try:
+            data = self._recv(conn)
         except OSError:
             self._close(conn)
             return
-        if conn.awaiting_proxy:
-            rest = self._proxy_header(conn, data)
-            if rest is None:
-                return
-            if data and not rest:              # the header alone, so far
-                self._wait_for_request(conn)
-                return
-            data = rest
-        if conn.session is not None:
-            self._feed(conn, data)
+        if data is None:
+            self._wait(conn, selectors.EVENT_READ)
             return
         conn.inbuf += data
         if self.proxy_headers is not None and conn.inbuf.startswith(PROXY_STARTS):
@@ -2127,7 +2420,7 @@ class TCPService(Service):
             if not data:
                 self._close(conn)
             else:
-                self._wait_for_request(conn)
+                self._wait(conn, selectors.EVENT_READ)
             return
         if conn.refusal is not None:
             self._log(conn, request, conn.refusal[1])
@@ -2139,53 +2432,54 @@ class TCPService(Service):
             self._log(conn, request, outcome)
             self._send(conn, reply)
 
-    def _proxy_header(self, conn, data):
-        """Read a balancer's PROXY header; once it is whole, the client it names (or, for
-        the balancer's own checks, the balancer) is the peer, admitted by the limits.
-        Returns the data after the header, or None meanwhile or when the connection was
-        dropped."""
-        conn.inbuf += data
+    def _proxy_header(self, conn):
+        """Read a balancer's PROXY header, and not a byte past it (a TLS handshake may
+        follow); once it is whole, the client it names (or, for the balancer's own checks,
+        the balancer) is the peer, admitted by the limits, and the connection begins."""
         try:
-            header = parse_proxy_header(conn.inbuf)
+            peeked = conn.sock.recv(PROXY_V2_MAX - len(conn.inbuf), socket.MSG_PEEK)
+        except self._would_block:
+            self._wait(conn, selectors.EVENT_READ)
+            return
+        except OSError:
+            self._close(conn)
+            return
+        try:
+            header = parse_proxy_header(conn.inbuf + peeked) if peeked else \
+                ValueError("closed before its PROXY header")
         except ValueError as error:
             header = error
-        if header is None and data:
-            self._wait_for_request(conn)
-            return None
-        if header is None or isinstance(header, ValueError):
+        if isinstance(header, ValueError):
             self._warnings.warn("%s %s: dropped: %s", self.name, format_peer(conn.peer),
-                                header or "closed before its PROXY header")
-            self._count("bad proxy header")
+                                header)
+            self.protocol.count("bad proxy header")
             self._close(conn)
-            return None
-        length, client = header
-        rest, conn.inbuf = conn.inbuf[length:], b""
+            return
+        take = len(peeked) if header is None else header[0] - len(conn.inbuf)
+        conn.inbuf += conn.sock.recv(take)           # peeked: here already
+        if header is None:
+            self._wait(conn, selectors.EVENT_READ)
+            return
+        conn.inbuf = b""
         conn.awaiting_proxy = False
-        conn.peer = client or conn.peer
+        conn.peer = header[1] or conn.peer
         refusal = None if conn.refusal else self._client_refusal(conn.peer)
+        if refusal is not None and (self.sessions or self._busy >= BUSY_BACKLOG):
+            self.protocol.count(refusal[1])           # as _accept does: turned away at once
+            del self._conns[conn]
+            self.loop.watch(conn.sock, 0)
+            conn.events = 0
+            self._turn_away(conn, refusal)            # not admitted: nothing to release
+            return
         if refusal is not None:
-            conn.refusal = refusal                 # not admitted: nothing to release
+            conn.refusal = refusal
             self._busy += 1
-            if getattr(self.protocol, "session", False) or self._busy > BUSY_BACKLOG:
-                self._count(refusal[1])
-                self._close(conn)                  # as _accept does: no answer to wait for
-                return None
-        if getattr(self.protocol, "session", False):
-            self._start_session(conn)
-        return rest
-
-    def _wait_for_request(self, conn):
-        """A connection answered at once has not been registered: wait for the rest."""
-        if conn.state == "accepted":
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-            conn.state = "reading"
+        self._begin(conn)
 
     def _send(self, conn, data):
         """Send a reply and close; what the socket does not take now waits for EVENT_WRITE."""
         try:
-            sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = self._send_some(conn, data)
         except OSError:
             self._close(conn)
             return
@@ -2193,153 +2487,181 @@ class TCPService(Service):
             self._close(conn)
             return
         conn.outbuf = memoryview(data)[sent:]        # a long answer is not copied each time
-        self._set_deadline(conn)
-        if conn.state in ("accepted", "working"):
-            self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
-        else:
-            self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
         conn.state = "writing"
+        self._wait(conn, selectors.EVENT_WRITE, self.timeout)
 
     def _write(self, conn):
-        if conn.session is not None:
-            self._queue(conn, b"")
-        else:
+        if conn.session is None:
             self._send(conn, conn.outbuf)
+            return
+        try:
+            sent = self._send_some(conn, conn.outbuf)
+        except OSError:
+            self._close(conn)
+            return
+        conn.outbuf = conn.outbuf[sent:]
+        if conn.outbuf:
+            if sent:
+                self._set_deadline(conn)             # it takes its answer: time for the rest
+        else:
+            self._drained(conn)
 
     # -- session connections (they stay open)
+
+    def _start_session(self, conn):
+        conn.session = self.protocol.new_session(conn.peer)
+        conn.state = "session"
+        self._set_deadline(conn)
+        self._output(conn, conn.session.greeting())
+
+    def _session_input(self, conn):
+        try:
+            data = self._recv(conn)
+        except OSError:
+            data = b""
+        if data is None:
+            return
+        if not data:
+            self._close(conn)
+        else:
+            self._feed(conn, data)
 
     def _feed(self, conn, data):
         """Data for a session: fed to it here, or in a worker for a protocol whose back-end
         may block (the connection is not read meanwhile, so its data stays in order)."""
-        if not data:
-            self._close(conn)
-        elif getattr(self.protocol, "blocking", False):
-            if self._in_flight >= self.max_pending:
-                self._warnings.warn("%s %s: dropped: every worker is busy", self.name,
-                            format_peer(conn.peer))
-                self._close(conn)
-                return
-            self._selector.unregister(conn.sock)
-            conn.state = "working"
-            self._set_deadline(conn)           # the peer is active: its timeout starts over
-            self._start_job(conn, b"", self._run_feed, conn, data)
+        if self.protocol.blocking:
+            self._in_worker(conn, conn.session.feed, data)
         else:
-            self._fed(conn, self._run_feed(conn, data))
+            self._fed(conn, self._run_session(conn, conn.session.feed, data))
 
-    def _run_feed(self, conn, data):
-        """The session's reply to `data`, or None when it refused the data (logged)."""
+    def _in_worker(self, conn, method, *args):
+        if self.loop.in_flight >= self.max_pending:
+            self._warnings.warn("%s %s: dropped: every worker is busy", self.name,
+                                format_peer(conn.peer))
+            self._close(conn)
+            return
+        self.loop.watch(conn.sock, 0)
+        conn.events = 0
+        conn.state = "working"
+        self._set_deadline(conn)               # the peer is active: its timeout starts over
+        self.loop.run_in_worker(self._run_session, (conn, method) + args,
+                                lambda future: self._fed(conn, future.result()))
+
+    def _run_session(self, conn, method, *args):
+        """The session's reply, or None when it refused the data (logged)."""
         if conn.state == "closed":             # dropped while this job waited
             return None
         try:
-            return conn.session.feed(data)
+            return method(*args)
         except Exception as error:
             self._warnings.warn("%s %s: dropped: %s", self.name, format_peer(conn.peer),
                                 str(error)[:MAX_ERROR_SHOWN])
             return None
 
     def _fed(self, conn, reply):
+        if conn.state == "closed":
+            conn.session.close()               # dropped while it was fed in a worker
+            return
+        conn.state = "session"
         if reply is None:
             self._close(conn)
             return
         if conn.session.idle:
             self._set_deadline(conn)
-        if reply:
-            self._queue(conn, reply)
+        self._output(conn, reply)
 
-    def _queue(self, conn, data):
-        """Send what the socket takes now, keep the rest for EVENT_WRITE; a peer that leaves
-        more than MAX_SESSION_OUTPUT unread is dropped."""
-        pending = conn.outbuf + data
+    def _output(self, conn, data):
+        """Send what the socket takes now; the rest waits for EVENT_WRITE, and the
+        connection is not read meanwhile.  A peer that leaves more than the protocol's
+        max_output unread is dropped."""
+        pending = bytes(conn.outbuf) + data if conn.outbuf else data
         try:
-            sent = conn.sock.send(pending) if pending else 0
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = self._send_some(conn, pending) if pending else 0
         except OSError:
             self._close(conn)
             return
-        was_waiting = bool(conn.outbuf)
-        conn.outbuf = pending[sent:]
-        if len(conn.outbuf) > MAX_SESSION_OUTPUT:
+        conn.outbuf = pending[sent:] if sent < len(pending) else b""
+        limit = self.protocol.max_output
+        if limit is not None and len(conn.outbuf) > limit:
             self._warnings.warn("%s %s: dropped: it does not read its answers", self.name,
-                        format_peer(conn.peer))
+                                format_peer(conn.peer))
             self._close(conn)
-        elif bool(conn.outbuf) != was_waiting:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
-            self._selector.modify(conn.sock, events, conn)
+        elif conn.outbuf:
+            if not isinstance(conn.outbuf, memoryview):
+                conn.outbuf = memoryview(conn.outbuf)
+            self._wait(conn, selectors.EVENT_WRITE)
+        else:
+            self._drained(conn)
 
-    def _set_deadline(self, conn):
-        """A new deadline `timeout` from now; moving to the end keeps the dict in order."""
-        conn.deadline = time.monotonic() + self.timeout
-        del self._conns[conn]
-        self._conns[conn] = None
+    def _drained(self, conn):
+        """Everything is sent: close, answer the messages it holds, or read again."""
+        session = conn.session
+        if session.closing:
+            self._close(conn, linger=True)
+        elif session.pending:
+            if session.slow:
+                self._in_worker(conn, session.resume)
+            else:
+                self._fed(conn, self._run_session(conn, session.resume))
+        else:
+            self._wait(conn, selectors.EVENT_READ)
+            if self._stopping and session.idle:
+                self._close(conn)
 
-    def _close(self, conn):
-        if conn.state == "closed":
+    def _close(self, conn, linger=False):
+        """Close a connection; with `linger` (and room for it), shut our side only and read
+        and drop the peer's input until it closes (at most a second): a peer still sending
+        must not get a reset that destroys the answer before it reads it."""
+        if conn.state == "closed" or linger and conn.state == "lingering":
             return
-        if conn.state not in ("accepted", "working"):
-            self._selector.unregister(conn.sock)
-        if conn.session is not None and conn.state != "working":
+        if conn.events:
+            self.loop.watch(conn.sock, 0)
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+        if conn.session is not None and conn.state not in ("working", "lingering"):
             conn.session.close()               # one being fed: when its job is done
+        if conn.state == "lingering":
+            del self._lingering[conn]
+        else:
+            del self._conns[conn]
+            if conn.refusal is not None:
+                self._busy -= 1
+            elif self.limits is not None and not conn.awaiting_proxy:
+                self.limits.release(conn.peer)
         conn.state = "closed"
-        del self._conns[conn]
-        if conn.refusal is not None:
-            self._busy -= 1
-        elif self.limits is not None and not conn.awaiting_proxy:
-            self.limits.release(conn.peer)
-        if not conn.inbuf.endswith(b"\n"):
+        if linger and not conn.tls and len(self._lingering) < BUSY_BACKLOG:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+                conn.state = "lingering"
+                conn.events = 0
+                self._lingering[conn] = None
+                self._wait(conn, selectors.EVENT_READ, 1.0)
+                self._stop_when_idle()
+                return
+        if not conn.tls and not conn.inbuf.endswith(b"\n"):
             # The peer may have sent more than we read: read it, so close() sends no RST
             # that could destroy the answer before the peer reads it.
             with contextlib.suppress(OSError):
                 conn.sock.recv(RECV_SIZE)
         conn.sock.close()
+        self._stop_when_idle()
 
-    # -- the worker pool, for back-ends that may block
+    # -- the worker pool, for requests that may block
 
     def _submit(self, conn, request):
-        if self._in_flight >= self.max_pending:
+        if self.loop.in_flight >= self.max_pending:
             self._log(conn, request, "busy")
             self._send(conn, format_reply(SERVER_BUSY))
             return
-        if conn.state == "reading":
-            self._selector.unregister(conn.sock)
+        if conn.events:
+            self.loop.watch(conn.sock, 0)
+            conn.events = 0
         conn.state = "working"
-        self._start_job(conn, request, self.protocol.respond, request, conn.peer)
+        self.loop.run_in_worker(self.protocol.respond, (request, conn.peer),
+                                lambda future: self._answered(conn, request, future))
 
-    def _start_job(self, conn, request, function, *args):
-        """Run function(*args) in the pool; the loop gets the result in _finish_jobs."""
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor   # preloaded by run_server
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="finger-worker")
-        future = self._pool.submit(function, *args)
-        self._in_flight += 1
-        future.add_done_callback(lambda future: self._job_done(conn, request, future))
-
-    def _job_done(self, conn, request, future):
-        """Runs in a worker: hand the answer to the loop thread."""
-        self._done.append((conn, request, future))
-        self._wake()
-
-    def _finish_jobs(self):
-        while self._done:
-            conn, request, future = self._done.pop()
-            self._in_flight -= 1
-            if conn.state == "closed":
-                if conn.session is not None:
-                    conn.session.close()
-                continue
-            try:
-                self._finish_job(conn, request, future)
-            except Exception:
-                log.exception("%s %s: dropped after an error", self.name,
-                              format_peer(conn.peer))
-                self._close(conn)
-
-    def _finish_job(self, conn, request, future):
-        if conn.session is not None:            # a session fed in a worker
-            conn.state = "session"
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
-            self._selector.register(conn.sock, events, conn)
-            self._fed(conn, future.result())
+    def _answered(self, conn, request, future):
+        if conn.state == "closed":
             return
         try:
             reply, outcome = future.result()
@@ -2347,28 +2669,14 @@ class TCPService(Service):
             log.exception("%s: answering %r failed", self.name, request)
             reply, outcome = format_reply(INTERNAL_ERROR), "error"
         self._log(conn, request, outcome)
-        self._send(conn, reply)
-
-    def _wake(self):
         try:
-            if self._waker is not None:
-                self._waker.send(b"\0")
-        except OSError:
-            pass   # full (a wake-up is pending anyway) or closed (stopped)
-
-    @staticmethod
-    def _drain(sock):
-        try:
-            while sock.recv(RECV_SIZE):
-                pass
-        except OSError:
-            pass
-
-    def _count(self, outcome):
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+            self._send(conn, reply)
+        except Exception:
+            log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
+            self._close(conn)
 
     def _log(self, conn, request, outcome):
-        self._count(outcome)
+        self.protocol.count(outcome)
         if conn.session is None:
             self.latency.observe(time.monotonic() - conn.started)
         if query_log.enabled:
@@ -2420,8 +2728,10 @@ def selectors_wait(fd, timeout):
 
 # == 5. The web site: HTML pages, JSON, XML-RPC at /RPC2, HTTPS ================================
 
-WEB_TIMEOUT = 10.0                # seconds a web connection may sit between two reads
-DEFAULT_WEB_MAX_CONNECTIONS = 256  # handler threads at once; more get 503
+WEB_TIMEOUT = 10.0                # seconds a web request may take to arrive, and an idle
+                                  # keep-alive connection may stay open
+DEFAULT_WEB_MAX_CONNECTIONS = 4096  # open web connections; more get 503
+HTTP_BATCH = 64 * 1024            # bytes of answers to pipelined requests made before they are sent
 MAX_RPC_BODY = 64 * 1024         # bytes of XML-RPC request (a call is tiny); more get 413
 MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 431
 API_PAGE = 1000                   # users in one /api/users answer unless ?limit= says
@@ -2550,6 +2860,18 @@ class WebSite:
             raise _RPCFault(RPC_APPLICATION_ERROR, LIST_DENIED) from None
 
     # -- routing
+
+    def needs_worker(self, method, target):
+        """Whether answering may block (a back-end that may) or take long: XML-RPC (getUsers
+        of many users), the API's list, and the users page until it is made for the
+        current version of the users."""
+        if self.db.blocking or method == "POST":
+            return True
+        path = target.partition("?")[0]
+        if path == "/":
+            version, cached = getattr(self.db, "version", None), self._users_page
+            return version is None or cached is None or cached[0] != version
+        return path.rstrip("/") == "/api/users"
 
     def handle(self, method, target, body=b"", headers=None):
         """One request -> WebResponse.  `target` is the request target, query included;
@@ -2881,393 +3203,285 @@ def _http_date(timestamp=None):
     return formatdate(timestamp, usegmt=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _web_classes():
-    """The http.server classes, made on first use: the client never imports http.server."""
-    import http.server
+_NOW = [None, ""]                 # the second of the last Date header, and that header
 
-    class WebHandler(http.server.BaseHTTPRequestHandler):
-        """One HTTP/1.1 connection, keep-alive, run in its own thread by WebServer."""
-        protocol_version = "HTTP/1.1"
-        server_version = "finger.py/" + __version__
-        sys_version = ""
-        default_request_version = "HTTP/1.1"   # errors before the version is read get one
-        wbufsize = 64 * 1024     # headers and body leave in one write: no delayed-ACK stall
 
-        def setup(self):
-            self.timeout = self.server.timeout_seconds
-            self.requests_read = 0
-            self.accepted = self.request        # the key of this connection in the server
-            proxies = self.server.proxy_headers
-            if proxies is not None and proxies.expected_from(self.client_address):
-                self.request.settimeout(self.timeout)
-                self.client_address = read_proxy_header(self.request) or self.client_address
-                refused = self.server.admit(self.accepted, self.client_address)
-                if refused is not None:        # as at accept: turned away at once
-                    self.server.count(refused)
-                    self.server.refuse(self.request, b"429 Too Many Requests", linger=False)
-                    raise _TurnedAway(refused)
-            context = self.server.ssl_context
-            if context is not None:
-                raw = self.request
-                raw.settimeout(self.timeout)
-                # wrap_socket takes raw's descriptor over: during the handshake, only its
-                # number can reach the connection (to drop it at a deadline or at stop)
-                self.server.track(raw, raw.fileno())
-                self.request = context.wrap_socket(raw, server_side=True)
-                self.server.track(raw, self.request)
-            super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _http_now():
+    """The Date header for now: formatted once a second."""
+    second = int(time.time())
+    if _NOW[0] != second:
+        _NOW[:] = second, _http_date(second)
+    return _NOW[1]
 
-        def finish(self):
-            super().finish()
-            if self.server.ssl_context is not None:
-                self.request.close()
 
-        def handle_one_request(self):
-            self.started = time.monotonic()
-            # The whole request line and headers must arrive within the timeout, however
-            # slowly a peer dribbles them: http.server's timeout is per read only.  And they
-            # may take MAX_REQUEST_HEAD bytes in all (http.server allows 100 x 64 KiB).
-            self.server.set_deadline(self.accepted, time.monotonic() + self.timeout)
-            self.rfile = _RequestHeadReader(self.rfile, MAX_REQUEST_HEAD)
-            try:
-                super().handle_one_request()
-            finally:
-                self.rfile = self.rfile.stream
+class WebRequest:
+    """One HTTP request on a web connection: its request line and headers are parsed by
+    http.server's own parser (BaseHTTPRequestHandler.parse_request, run on this object; it
+    needs only the attributes set here), and the WebSite answers it.  read_head() -> False
+    when it was answered already (a malformed request: then close); answer() -> the
+    response bytes; output() -> what was written so far (an interim 100 Continue)."""
 
-        def parse_request(self):
-            complete = super().parse_request()      # calls handle_expect_100 when asked
-            self.server.set_deadline(self.accepted, None)
-            return complete and self.framing_ok() and self.within_rate()
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"   # errors before the version is read get one
+    server_version = "finger.py/" + __version__
 
-        def within_rate(self):
-            """The per-client rate, for each request after the connection's first (that
-            one was counted when the connection was accepted): else 429."""
-            self.requests_read += 1
-            limits = self.server.limits
-            if self.requests_read == 1 or limits is None or limits.request(
-                    self.client_address) is None:
-                return True
-            self.server.count("per-client rate")
-            self.respond(self.server.site.error(429, "Too many requests", TOO_MANY_REQUESTS,
-                                                [("Retry-After", "1")]), close=True)
+    def __init__(self, protocol, peer, head, first):
+        import io
+        from http.client import HTTPMessage
+        self.MessageClass = HTTPMessage
+        self.protocol, self.client_address, self.first = protocol, peer, first
+        self.rfile = io.BytesIO(head)
+        self.out = []
+        self.close_connection = True
+        self.requestline = self.command = self.path = self.request_version = ""
+        self.headers = {}
+        self.body_length = None
+        self.body = None
+        self.started = time.monotonic()
+
+    def read_head(self):
+        from http.server import BaseHTTPRequestHandler
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.send_error(414, "Request line too long")
             return False
+        return (BaseHTTPRequestHandler.parse_request(self) and self.framing_ok()
+                and self.within_rate())
 
-        def framing_ok(self):
-            """RFC 9112 section 6: one Content-Length of ASCII digits (repeats must agree),
-            never with Transfer-Encoding, and a body only on POST.  Anything else gets 400
-            and the connection is closed: a body must never be read as a second request.
-            Sets `body_length` (None without a Content-Length)."""
-            lengths = {value.strip() for value in self.headers.get_all("Content-Length", [])}
-            chunked = self.headers.get("Transfer-Encoding") is not None
-            if len(lengths) > 1 or lengths and (chunked or not all(
-                    _ASCII_DIGITS.fullmatch(value) for value in lengths)):
-                self.send_error(400, "Bad request", "Content-Length must be one number (of "
-                                "at most 18 digits), without Transfer-Encoding.")
-                return False
-            self.body_length = int(lengths.pop()) if lengths else None
-            if self.command != "POST" and (chunked or self.body_length):
-                self.send_error(400, "Bad request", "A %s request has no body."
-                                % self.command[:20])
-                return False
+    def body_wanted(self):
+        """Bytes of body to read before the request is whole: a POST's within MAX_RPC_BODY
+        (a longer one is answered 413 without it)."""
+        if self.command == "POST" and self.body_length and self.body_length <= MAX_RPC_BODY:
+            return self.body_length
+        return 0
+
+    def slow(self):
+        return self.protocol.site.needs_worker(self.command, self.path)
+
+    def output(self):
+        out, self.out = b"".join(self.out), []
+        return out
+
+    def within_rate(self):
+        """The per-client rate, for each request after the connection's first (that
+        one was counted when the connection was accepted): else 429."""
+        limits = self.protocol.limits
+        if self.first or limits is None or limits.request(self.client_address) is None:
             return True
+        self.protocol.count("per-client rate")
+        self.respond(self.protocol.site.error(429, "Too many requests", TOO_MANY_REQUESTS,
+                                              [("Retry-After", "1")]), close=True)
+        return False
 
-        def handle_expect_100(self):
-            """Expect: 100-continue: the interim answer leaves at once (our writes are
-            buffered), and only for a request we will read."""
-            if not self.framing_ok():
-                return False
-            if (self.body_length or 0) > MAX_RPC_BODY:
-                return True                         # do_POST answers 413 instead
-            self.send_response_only(100)
-            self.end_headers()
-            self.wfile.flush()
-            return True
+    def framing_ok(self):
+        """RFC 9112 section 6: one Content-Length of ASCII digits (repeats must agree),
+        never with Transfer-Encoding, and a body only on POST.  Anything else gets 400
+        and the connection is closed: a body must never be read as a second request.
+        Sets `body_length` (None without a Content-Length)."""
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length", [])}
+        chunked = self.headers.get("Transfer-Encoding") is not None
+        if len(lengths) > 1 or lengths and (chunked or not all(
+                _ASCII_DIGITS.fullmatch(value) for value in lengths)):
+            self.send_error(400, "Bad request", "Content-Length must be one number (of "
+                            "at most 18 digits), without Transfer-Encoding.")
+            return False
+        self.body_length = int(lengths.pop()) if lengths else None
+        if self.command != "POST" and (chunked or self.body_length):
+            self.send_error(400, "Bad request", "A %s request has no body." % self.command[:20])
+            return False
+        return True
 
-        def do_GET(self):
-            self.respond(self.server.site.handle("GET", self.path, headers=self.headers))
+    def handle_expect_100(self):
+        """Expect: 100-continue: the interim answer, only for a request we will read."""
+        if not self.framing_ok():
+            return False
+        if self.body_wanted():
+            self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
-        def do_HEAD(self):
-            self.respond(self.server.site.handle("GET", self.path, headers=self.headers),
-                         with_body=False)
+    def answer(self):
+        site = self.protocol.site
+        if self.command in ("GET", "HEAD"):
+            self.respond(site.handle("GET", self.path, headers=self.headers),
+                         with_body=self.command == "GET")
+        elif self.command != "POST":          # any other method: 405, not http.server's 501
+            self.respond(site.error(405, "Method not allowed", "This site takes GET, HEAD "
+                                    "and POST (/RPC2).", [("Allow", "GET, HEAD, POST")]))
+        elif self.headers.get("Transfer-Encoding"):
+            self.respond(site.error(411, "Length required", "Send a Content-Length, not "
+                                    "chunks."), close=True)
+        elif self.body_length is None:
+            self.respond(site.error(411, "Length required", "Send a Content-Length."),
+                         close=True)
+        elif self.body_length > MAX_RPC_BODY:
+            self.respond(site.error(413, "Request too large", "At most %d bytes."
+                                    % MAX_RPC_BODY), close=True)
+        else:
+            self.respond(site.handle("POST", self.path, self.body or b""))
+        return self.output()
 
-        def do_POST(self):
-            if self.headers.get("Transfer-Encoding"):
-                return self.respond(self.server.site.error(
-                    411, "Length required", "Send a Content-Length, not chunks."), close=True)
-            length = self.body_length                  # checked by framing_ok
-            if length is None:
-                return self.respond(self.server.site.error(
-                    411, "Length required", "Send a Content-Length."), close=True)
-            if length > MAX_RPC_BODY:
-                return self.respond(self.server.site.error(
-                    413, "Request too large", "At most %d bytes." % MAX_RPC_BODY), close=True)
-            self.server.set_deadline(self.accepted, time.monotonic() + self.timeout)
-            body = self.rfile.read(length)             # the body too, however slowly sent
-            self.server.set_deadline(self.accepted, None)
-            self.respond(self.server.site.handle("POST", self.path, body))
-
-        def __getattr__(self, name):
-            if name.startswith("do_"):      # any other method: 405, not http.server's 501
-                return self.not_allowed
-            raise AttributeError(name)
-
-        def not_allowed(self):
-            self.respond(self.server.site.error(
-                405, "Method not allowed", "This site takes GET, HEAD and POST (/RPC2).",
-                [("Allow", "GET, HEAD, POST")]))
-
-        def respond(self, response, with_body=True, close=False):
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            if response.status != 304:         # a 304's length would be the page's
-                self.send_header("Content-Length", str(len(response.body)))
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-            self.send_header("Referrer-Policy", "no-referrer")
-            headers = dict(self.server.headers + response.headers)
+    def respond(self, response, with_body=True, close=False):
+        """Write `response` (a WebResponse) with the headers every answer has."""
+        from http import HTTPStatus
+        if close:
+            self.close_connection = True
+        if self.request_version != "HTTP/0.9":      # which has no status line nor headers
+            headers = dict([("Content-Type", response.content_type)] + (
+                [] if response.status == 304 else       # a 304's length would be the page's
+                [("Content-Length", str(len(response.body)))]) + [
+                ("X-Content-Type-Options", "nosniff"),
+                ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+                ("Referrer-Policy", "no-referrer")] + self.protocol.headers + response.headers)
             headers.setdefault("Cache-Control", WEB_CACHE if response.status < 400
                                else "no-store")
-            for key, value in headers.items():
-                self.send_header(key, value)
-            if close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            if with_body:
-                self.wfile.write(response.body)
-            self.server.latency.observe(time.monotonic() - self.started)
-            self.server.count(response.status)
-            self.log_request(response.status, len(response.body) if with_body else 0)
+            if self.close_connection:
+                headers["Connection"] = "close"
+            lines = ["%s %d %s" % (self.protocol_version, response.status,
+                                   HTTPStatus(response.status).phrase),
+                     "Server: " + self.server_version, "Date: " + _http_now()]
+            lines.extend("%s: %s" % item for item in headers.items())
+            self.out.append(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if with_body:
+            self.out.append(response.body)
+        self.protocol.latency.observe(time.monotonic() - self.started)
+        self.protocol.count(response.status)
+        if query_log.enabled:
+            query_log.record(self.protocol.name, self.client_address, self.requestline[:200],
+                             "%s %s" % (response.status, len(response.body) if with_body
+                                        else 0), self.started)
 
-        def send_error(self, code, message=None, explain=None):
-            """http.server's own errors (bad request line, headers too long) on our page."""
-            from html import escape
-            self.close_connection = True
-            if code == 501:
-                code = 405
-            self.respond(self.server.site.error(code, message or "Error", escape(
-                explain or message or "Bad request")), close=True)
-
-        def send_response(self, code, message=None):
-            self.send_response_only(code, message)
-            self.send_header("Server", self.server_version)
-            self.send_header("Date", _http_date())
-
-        def log_request(self, code="-", size="-"):
-            query_log.record(self.server.name, self.client_address, self.requestline[:200],
-                             "%s %s" % (code, size))
-
-        def log_message(self, format, *args):
-            self.server.warnings.warn("%s %s: %s", self.server.name, self.client_address[0],
-                                      (format % args)[:MAX_ERROR_SHOWN])
-
-    class WebServer(http.server.ThreadingHTTPServer):
-        """http.server with a cap on connections (one thread each), TLS done in the
-        connection's thread (a slow handshake never holds the accept loop), and a way to
-        close every keep-alive connection when stopping."""
-        daemon_threads = True
-
-        def __init__(self, sock, site, name, timeout, max_connections, ssl_context,
-                     limits=None, headers=(), proxy_headers=None):
-            super().__init__(sock.getsockname()[:2], WebHandler, bind_and_activate=False)
-            self.socket.close()
-            self.socket = sock
-            self.site, self.name = site, name
-            self.timeout_seconds = timeout
-            self.max_connections = max_connections
-            self.ssl_context = ssl_context
-            self.headers = list(headers)  # sent on every response (HSTS)
-            self.counts = {}
-            self.active = {}          # accepted socket -> the socket in use (TLS wraps it)
-            self.deadlines = {}       # accepted socket -> when its request must be in
-            self.lock = threading.Lock()
-            self.shortage = DescriptorShortage(name)
-            self.warnings = WarningThrottle(name)
-            self.limits = limits
-            self.proxy_headers = proxy_headers
-            self.peers = {}           # accepted socket -> client address, for the limits
-            self.lingering = []       # (refused socket, when to close it at the latest)
-
-        def count(self, outcome):
-            with self.lock:
-                self.counts[outcome] = self.counts.get(outcome, 0) + 1
-
-        def get_request(self):
-            """accept(); out of file descriptors, this thread waits ACCEPT_PAUSE seconds
-            before serve_forever tries again, instead of spinning on a readable listener."""
-            try:
-                request = super().get_request()
-            except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE):
-                    self.shortage.hit(len(self.active))
-                    time.sleep(ACCEPT_PAUSE)
-                raise
-            self.shortage.over()
-            return request
-
-        def process_request(self, request, client_address):
-            with self.lock:
-                full = len(self.active) >= self.max_connections
-            proxied = (self.proxy_headers is not None
-                       and self.proxy_headers.expected_from(client_address))
-            refused = None if full or proxied else self.admit(request, client_address)
-            if full or refused:
-                self.count(refused or 503)
-                self.refuse(request, b"429 Too Many Requests" if refused else
-                            b"503 Service Unavailable")
-                return
-            with self.lock:
-                self.active[request] = request
-            self.set_deadline(request, time.monotonic() + self.timeout_seconds)
-            super().process_request(request, client_address)
-
-        def admit(self, request, client_address):
-            """The per-client limits for a new connection: None (admitted: released when
-            it closes), or why it is refused."""
-            refused = None if self.limits is None else self.limits.admit(client_address)
-            if refused is None:
-                with self.lock:
-                    self.peers[request] = client_address
-            return refused
-
-        def refuse(self, request, status, linger=True):
-            """A connection we will not serve: `status` with Retry-After on plain HTTP; on
-            the TLS port a TLS alert (or nothing), never plain text.  Then it lingers, its
-            input read and dropped, until the peer closes (at most a second), so that our
-            close does not reset the connection before the peer has read the answer; or,
-            without `linger` (nothing unread is left), it is closed at once."""
-            with contextlib.suppress(OSError):
-                request.setblocking(False)
-                if self.ssl_context is not None:
-                    _refuse_tls(request)
-                else:
-                    request.send(b"HTTP/1.1 %s\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
-                                 b"Connection: close\r\n\r\n" % status)
-                request.shutdown(socket.SHUT_WR)
-            with self.lock:
-                if linger and len(self.lingering) < BUSY_BACKLOG:
-                    self.lingering.append((request, time.monotonic() + 1.0))
-                    return
-            request.close()
-
-        def close_lingering(self):
-            """Close refused connections whose peer has closed, or after their second."""
-            now = time.monotonic()
-            with self.lock:
-                lingering, self.lingering = self.lingering, []
-            for request, until in lingering:
-                try:
-                    while request.recv(RECV_SIZE):
-                        pass
-                    done = True                        # the peer closed
-                except (BlockingIOError, InterruptedError):
-                    done = now > until
-                except OSError:
-                    done = True
-                if done:
-                    request.close()
-                else:
-                    with self.lock:
-                        self.lingering.append((request, until))
-
-        def set_deadline(self, request, deadline):
-            with self.lock:
-                if deadline is None:
-                    self.deadlines.pop(request, None)
-                else:
-                    self.deadlines[request] = deadline
-
-        def service_actions(self):
-            """Run by serve_forever between polls: drop connections past their deadline, close
-            refused ones."""
-            self.close_lingering()
-            now = time.monotonic()
-            with self.lock:
-                late = [request for request, deadline in self.deadlines.items()
-                        if deadline < now]
-                for request in late:
-                    del self.deadlines[request]
-                late = [self.active.get(request) for request in late]
-            for sock in late:
-                if sock is not None:
-                    self.count("timeout")
-                    _shut_down(sock)
-
-        def track(self, request, in_use):
-            with self.lock:
-                self.active[request] = in_use
-
-        def shutdown_request(self, request):
-            with self.lock:
-                self.active.pop(request, None)
-                self.deadlines.pop(request, None)
-                peer = self.peers.pop(request, None)
-            if peer is not None and self.limits is not None:
-                self.limits.release(peer)
-            super().shutdown_request(request)
-
-        def handle_error(self, request, client_address):
-            error = sys.exc_info()[1]
-            if isinstance(error, _TurnedAway):               # counted and logged already
-                return
-            if isinstance(error, (OSError, ValueError)):    # TLS failures, resets, timeouts
-                self.warnings.warn("%s %s: connection dropped: %s", self.name,
-                                   client_address[0], str(error)[:MAX_ERROR_SHOWN])
-            else:
-                log.exception("%s %s: request failed", self.name, client_address[0])
-
-        def close_connections(self):
-            """Unblock every connection thread: their reads return EOF and they end.  Close
-            the refused ones that still linger."""
-            with self.lock:
-                active = list(self.active.values())
-                lingering, self.lingering = self.lingering, []
-            for request in active:
-                _shut_down(request)
-            for request, _ in lingering:
-                request.close()
-
-    return WebServer
+    def send_error(self, code, message=None, explain=None):
+        """http.server's parser's errors (bad request line, headers too long) on our page."""
+        from html import escape
+        self.respond(self.protocol.site.error(
+            405 if code == 501 else code, message or "Error",
+            escape(explain or message or "Bad request")), close=True)
 
 
-class _RequestHeadReader:
-    """A web connection's input while a request line and headers are read: readline()
-    raises http.client.LineTooLong (http.server answers 431) past `budget` bytes in all."""
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 
-    def __init__(self, stream, budget):
-        self.stream, self.left = stream, budget
 
-    def readline(self, size=-1):
-        import http.client
-        line = self.stream.readline(size)
-        self.left -= len(line)
-        if self.left < 0:
-            raise http.client.LineTooLong("request line and headers over %d bytes"
-                                          % MAX_REQUEST_HEAD)
-        return line
+class HTTPSession(Session):
+    """One web connection: HTTP/1.1 with keep-alive and pipelining.  The request line and
+    headers (at most MAX_REQUEST_HEAD bytes) and the body must arrive within the
+    connection's timeout (the deadline restarts only between requests); answers are
+    given in order, HTTP_BATCH bytes of them at a time, a request the site answers slowly
+    (needs_worker) in the worker pool."""
 
-    def __getattr__(self, name):                   # read() for the body, close(), ...
-        return getattr(self.stream, name)
+    def __init__(self, protocol, peer):
+        self.protocol, self.peer = protocol, peer
+        self.buffer = bytearray()
+        self.scanned = 0               # bytes of buffer known to hold no blank line
+        self.request = None            # a WebRequest read in part, or not yet answered
+        self.requests = 0
+
+    @property
+    def idle(self):
+        return not self.buffer and self.request is None
+
+    def feed(self, data):
+        self.buffer += data
+        return self._answer(allow_slow=False)
+
+    def resume(self):
+        return self._answer(allow_slow=self.slow)
+
+    def _answer(self, allow_slow):
+        """Answer the whole requests the buffer holds, in order, until one must run in a
+        worker (unless allow_slow), HTTP_BATCH bytes are answered, or the connection is
+        to close.  Sets `pending` when whole requests are left, `slow` when the next one
+        is such."""
+        out, size = [], 0
+        self.pending = self.slow = False
+        while not self.closing:
+            request = self._whole_request(out)
+            if request is None:
+                break
+            if not allow_slow and request.slow():
+                self.pending = self.slow = True
+                break
+            self.request = None
+            answer = request.answer()
+            out.append(answer)
+            size += len(answer)
+            self.closing = request.close_connection
+            if size >= HTTP_BATCH and self.buffer and not self.closing:
+                self.pending = True
+                break
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _whole_request(self, out):
+        """The next request once it is whole (head and body), taken from the buffer; None
+        meanwhile.  Answers to a malformed one, and a 100 Continue, go to `out`."""
+        request = self.request
+        if request is None:
+            end = self._head_end()
+            if end is None:
+                if len(self.buffer) > MAX_REQUEST_HEAD:
+                    request = WebRequest(self.protocol, self.peer, b"", self.requests == 0)
+                    request.send_error(431, "Request header fields too large",
+                                       "At most %d bytes of request line and headers."
+                                       % MAX_REQUEST_HEAD)
+                    out.append(request.output())
+                    self.closing = True
+                return None
+            head = bytes(self.buffer[:end])
+            del self.buffer[:end]
+            self.scanned = 0
+            request = WebRequest(self.protocol, self.peer, head, self.requests == 0)
+            self.requests += 1
+            complete = request.read_head()
+            out.append(request.output())
+            if not complete:
+                self.closing = True
+                return None
+            self.request = request
+        if request.body is None:
+            length = request.body_wanted()
+            if len(self.buffer) < length:
+                return None
+            request.body = bytes(self.buffer[:length])
+            del self.buffer[:length]
+        return request
+
+    def _head_end(self):
+        """Where the request line and headers end (after their blank line), or None while
+        they are incomplete.  A request line of fewer than three words (blank, HTTP/0.9,
+        malformed) has no headers."""
+        line_end = self.buffer.find(b"\n", 0, MAX_REQUEST_HEAD)
+        if line_end < 0:
+            return None
+        if len(self.buffer[:line_end].split()) < 3:
+            return line_end + 1
+        blank = _BLANK_LINE.search(self.buffer, max(self.scanned, line_end))
+        if blank is None:
+            self.scanned = max(len(self.buffer) - 2, line_end)
+            return None
+        return blank.end()
+
+
+class HTTPProtocol(SessionProtocol):
+    """The web site over HTTP/1.1, for TCPService: a session per connection (HTTPSession),
+    answered by `site` (a WebSite).  `headers` go with every answer (HSTS); `limits` (a
+    ClientLimits) applies its rate to every request after a connection's first."""
+
+    max_output = None              # answers are sent before more requests are read
+
+    def __init__(self, site, name="web", limits=None, headers=()):
+        super().__init__()
+        self.site, self.name, self.limits = site, name, limits
+        self.headers = list(headers)
+
+    def new_session(self, peer):
+        return HTTPSession(self, peer)
+
+    def refusal(self, text, outcome):
+        status = b"503 Service Unavailable" if outcome == "busy" else b"429 Too Many Requests"
+        return (b"HTTP/1.1 %s\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close"
+                b"\r\n\r\n" % status)
 
 
 _ASCII_DIGITS = re.compile("[0-9]{1,18}")   # what int() takes quickly; not other scripts' digits
-
-
-class _TurnedAway(Exception):
-    """A web connection refused once its PROXY header named a client over its limits."""
-
-
-def _shut_down(connection):
-    """Shut a connection down both ways, so that the thread reading it sees EOF: a socket,
-    or the descriptor number of one that a TLS handshake holds."""
-    with contextlib.suppress(OSError):
-        if isinstance(connection, int):
-            with socket.socket(fileno=os.dup(connection)) as handle:
-                handle.shutdown(socket.SHUT_RDWR)
-        else:
-            connection.shutdown(socket.SHUT_RDWR)
 
 
 _REFUSING_TLS = []                 # a TLS server context with no certificate, made on first use
@@ -3337,69 +3551,32 @@ def _pem_problem(cert, key, error):
         getattr(error, "reason", None) or error)
 
 
-class WebService(Service):
-    """The web site on one listener, plain or TLS; `reload()` re-reads the certificate.
-    Over TLS, `hsts` seconds (0: none) is the Strict-Transport-Security max-age."""
+class WebService(TCPService):
+    """The web site on one listener: HTTPProtocol on a TCPService, plain or TLS (`cert`,
+    `key`); `reload()` re-reads the certificate.  Over TLS, `hsts` seconds (0: none) is the
+    Strict-Transport-Security max-age."""
 
     def __init__(self, site, address=("127.0.0.1", 0), *, sock=None, name="web",
                  cert=None, key=None, timeout=WEB_TIMEOUT,
                  max_connections=DEFAULT_WEB_MAX_CONNECTIONS, limits=None,
-                 hsts=DEFAULT_HSTS, proxy_headers=None):
-        super().__init__()
-        self.site, self.name = site, name
-        self.limits = limits
-        self.requested_address = address
+                 hsts=DEFAULT_HSTS, proxy_headers=None, workers=DEFAULT_WORKERS):
+        headers = [("Strict-Transport-Security", "max-age=%d" % hsts)] if cert and hsts else []
+        super().__init__(HTTPProtocol(site, name, limits, headers), address, sock=sock,
+                         name=name, timeout=timeout, max_connections=max_connections,
+                         workers=workers, limits=limits, proxy_headers=proxy_headers,
+                         tls_context=make_tls_context(cert, key) if cert else None)
+        self.site = site
         self.cert, self.key = cert, key
-        self.ssl_context = make_tls_context(cert, key) if cert else None
-        self.headers = [("Strict-Transport-Security", "max-age=%d" % hsts)] \
-            if cert and hsts else []
-        self.proxy_headers = proxy_headers    # ProxyHeaders: balancers sending PROXY first
-        self.latency = LatencyHistogram()
-        self.timeout = timeout
-        self.max_connections = max_connections
-        self._sock = sock
-        self._server = None
-
-    @property
-    def counts(self):
-        return self._server.counts if self._server else {}
-
-    def open_connections(self):
-        return len(self._server.active) if self._server else 0
-
-    def close_listener(self):
-        if self._server is not None and self._thread is None:
-            self._server.server_close()
-
-    def bind(self):
-        if self._server is None:
-            sock = self._sock or bind_tcp(self.requested_address, self.name)
-            self._server = _web_classes()(sock, self.site, self.name, self.timeout,
-                                          self.max_connections, self.ssl_context,
-                                          self.limits, self.headers, self.proxy_headers)
-            self._server.latency = self.latency
-            self.address = sock.getsockname()[:2]
-
-    def serve(self):
-        self._server.serve_forever(poll_interval=0.1)
-
-    def close(self):
-        self._server.shutdown()
-        self._server.close_connections()
-        deadline = time.monotonic() + STOP_GRACE
-        while self._server.active and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self._server.server_close()
 
     def relocate(self, inside):
         self.cert, self.key = inside(self.cert), inside(self.key)
 
     def reload(self):
-        """Load the certificate again (renewals); a bad one is logged and the old one kept."""
+        """Load the certificate again (renewals); a bad one is logged and the old one kept.
+        New connections get the new one."""
         if self.cert:
             try:
-                self._server.ssl_context = self.ssl_context = make_tls_context(self.cert,
-                                                                               self.key)
+                self.tls_context = make_tls_context(self.cert, self.key)
                 log.info("%s: reloaded the certificate %s", self.name, self.cert)
             except UsageError as error:
                 log.error("%s; keeping the certificate loaded before", error)
@@ -3787,20 +3964,19 @@ class FingerRoot:
             raise PBRemoteError(_INTERNAL, INTERNAL_ERROR) from None
 
 
-class PBProtocol:
+class PBProtocol(SessionProtocol):
     """Perspective Broker on top of a UserDatabase, for TCPService: a session protocol (the
     connection stays open for many calls).  Each connection gets a PBSession."""
 
     name = "pb"
-    session = True
 
     def __init__(self, db, limits=None):
+        super().__init__()
         self.db = db
         self.blocking = db.blocking    # then TCPService feeds sessions in its worker pool
         self.root = FingerRoot(db)
         self.pending = ByteBudget(PB_MAX_PENDING_TOTAL)   # unfinished calls, all clients
         self.limits = limits           # ClientLimits: its rate applies to each call
-        self.latency = LatencyHistogram()   # of each call
 
     def new_session(self, peer):
         return PBSession(self.root, peer, self.pending, self.limits, self.latency)
@@ -3828,7 +4004,7 @@ class ByteBudget:
             return delta <= 0 or self.used <= self.limit
 
 
-class PBSession:
+class PBSession(Session):
     """One PB connection: the server offers its dialects, the client picks one, both send
     ["version", 6], then the client sends calls.  feed(data) -> the bytes to send back;
     PBError means drop the connection (Twisted does the same on a protocol error).  close()
@@ -5617,7 +5793,7 @@ def _limits(options, protocol):
 
 
 # Outcomes that are a connection turned away -> the reason /metrics gives.
-REJECTIONS = {"busy": "cap", 503: "cap", "per-client connections": "per-client connections",
+REJECTIONS = {"busy": "cap", "per-client connections": "per-client connections",
               "per-client rate": "per-client rate", "timeout": "deadline",
               "bad proxy header": "bad proxy header",
               "proxy header refused": "proxy header refused"}
@@ -5736,10 +5912,6 @@ def apply_options(group, options, new):
             if isinstance(service.protocol, SetterProtocol):
                 service.protocol.max_status = options.max_status
                 service.protocol.max_users = options.max_users
-        elif isinstance(service, WebService):
-            service.timeout = options.timeout
-            if service._server is not None:
-                service._server.timeout_seconds = options.timeout
     return [key for key in changed if key not in RELOADABLE]
 
 
@@ -6077,7 +6249,8 @@ def sd_notify(message, environ=None):
 # Modules the server imports on first use; run_server imports them before a chroot or the
 # privilege drop can make the standard library unreadable.
 SERVER_MODULES = ("base64", "concurrent.futures", "concurrent.futures.thread", "email.utils",
-                  "gzip", "heapq", "html", "html.parser", "importlib", "inspect", "ipaddress",
+                  "gzip", "html", "html.parser", "http", "http.client", "http.server",
+                  "importlib", "inspect", "io", "ipaddress",
                   "json", "random", "ssl", "string", "subprocess", "tempfile", "urllib.error",
                   "urllib.parse", "urllib.request", "xml.parsers.expat", "zlib")
 
