@@ -1064,16 +1064,14 @@ def run_bounded(argv, timeout, max_output):
     deadline = time.monotonic() + timeout
     output = b""
     try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while len(output) < max_output:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    raise FingerError("%s took longer than %g s" % (argv[0], timeout))
-                chunk = os.read(process.stdout.fileno(), max_output - len(output))
-                if not chunk:
-                    break
-                output += chunk
+        while len(output) < max_output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selectors_wait(process.stdout.fileno(), remaining):
+                raise FingerError("%s took longer than %g s" % (argv[0], timeout))
+            chunk = os.read(process.stdout.fileno(), max_output - len(output))
+            if not chunk:
+                break
+            output += chunk
     finally:
         if process.poll() is None:
             process.kill()
@@ -1940,6 +1938,7 @@ class Loop:
         self._calls = collections.deque()    # (callback, args) from other threads
         self._pool = None
         self._running = True
+        self.closed = False
 
     def watch(self, sock, events, callback=None, arg=None):
         """Call callback(arg, mask) when `sock` is ready for `events` (0: no longer watch it;
@@ -1980,14 +1979,18 @@ class Loop:
         self._calls.append((callback, args))
         self._wake()
 
-    def run_in_worker(self, function, args, then):
-        """Run function(*args) in the worker pool, then `then(future)` in the loop thread."""
+    def submit(self, function, *args):
+        """Run function(*args) in the worker pool: a concurrent.futures.Future."""
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor   # preloaded by run_server
             self._pool = ThreadPoolExecutor(self.workers,
                                             thread_name_prefix="finger-%s-worker" % self.name)
+        return self._pool.submit(function, *args)
+
+    def run_in_worker(self, function, args, then):
+        """Run function(*args) in the worker pool, then `then(future)` in the loop thread."""
         self.in_flight += 1
-        future = self._pool.submit(function, *args)
+        future = self.submit(function, *args)
         future.add_done_callback(lambda future: self.call_soon(self._job_done, then, future))
 
     def run(self):
@@ -2008,6 +2011,7 @@ class Loop:
         self._wake()
 
     def close(self):
+        self.closed = True
         self._selector.close()
         self._waker.close()
         self._woken_by.close()
@@ -2717,8 +2721,9 @@ def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
 
 
 def selectors_wait(fd, timeout):
-    """True when `fd` becomes readable within `timeout` seconds.  A regular file (stdin
-    redirected from one) is always readable, and epoll refuses it."""
+    """True when `fd` becomes readable within `timeout` seconds: the one-shot wait of
+    --inetd and of a command back-end's output.  A regular file (stdin redirected from one)
+    is always readable, and epoll refuses it."""
     if stat.S_ISREG(os.fstat(fd).st_mode):
         return True
     with selectors.DefaultSelector() as selector:
@@ -4346,7 +4351,6 @@ IRC_MAX_INPUT_LINE = 8191         # longest line taken from the server (IRCv3 ta
 IRC_MAX_REPLY_LINES = 5           # lines of one reply at most (one burst); the rest is cut
 IRC_MAX_QUEUE = 100               # lines waiting for the flood limiter; replies beyond: dropped
 IRC_MAX_OUTPUT = 64 * 1024        # bytes the server may leave unread before we hang up
-IRC_READ_BATCH = 64               # reads from the socket per wake-up of the loop
 IRC_DEFAULT_NICKLEN = 9           # RFC 1459's limit, assumed after a 432 until 005 tells
 IRC_NICK_TRIES = 10               # other nicks tried on one connection before giving up
 IRC_FIRST_DELAY = 1.0             # seconds before the first reconnect; doubles each attempt
@@ -4571,8 +4575,531 @@ class _SessionEnd(Exception):
         self.pause, self.logged = pause, logged
 
 
-class _Closing(Exception):
-    """close() was called: leave at once."""
+class IRCSession:
+    """One connection's IRC, the tutorial's IRCReplyBot without a socket: bytes from the
+    server go in (feed), and step() does what is due and gives the bytes to send with the
+    seconds until it must be called again.  It registers (CAP, SASL PLAIN, PASS, NICK,
+    USER), answers PING, sends its own PING after `keepalive` seconds of silence and ends
+    the connection when no answer comes within `keepalive_timeout` (or no welcome within
+    `register_timeout`), follows 005, joins, takes its nick back, and answers through the
+    flood limiter.  _SessionEnd from feed() or step() ends the connection.  `bot` (an
+    IRCBot) holds the configuration and what outlives a connection; every time is a
+    time.monotonic() value passed in, so tests drive the clock."""
+
+    def __init__(self, bot, now):
+        self.bot = bot
+        self.now = now
+        self.nick = bot.wanted_nick
+        self.registered = False
+        self.welcomed_at = None       # when this connection got its 001
+        self._nick_base, self._nicks_tried = bot.wanted_nick, [bot.wanted_nick]
+        self._nick_limit = None       # RFC 1459's 9 once a 432 says the nick is too long
+        self._inbuf, self._skipping = b"", False
+        self._outbuf, self._queue = b"", []
+        self._bucket = TokenBucket(bot.burst, bot.line_interval, clock=lambda: self.now)
+        self._caps, self._cap_pending, self._sasl_started = {}, False, False
+        self._cap_due = None          # when an unanswered CAP LS means no SASL
+        self._logged_in, self._sasl_failed = False, False
+        self.casemapping = "rfc1459"  # until 005 says otherwise
+        self._chantypes, self._join_max = "#&", None
+        self._monitor, self._bot_mode = False, None
+        self._join_due = None         # when to join without the end of the MOTD
+        self._settled = False         # joined, bot mode set, nick reclaim started
+        self._reclaim_due = None      # when to ask ISON for the wanted nick
+        self._reclaimable = True      # False once a 432 has changed the nick's shape
+        self._reclaiming = False      # our NICK for it is on its way
+        self._joined = {}             # folded channel -> channel
+        self._last_received, self._ping_sent = now, None
+        self._register_by = now + bot.register_timeout
+        self._register()
+
+    @property
+    def joined(self):
+        return sorted(self._joined.values())
+
+    def feed(self, data, now):
+        """Bytes from the server: its lines are handled (CRLF or LF; too long ones
+        skipped)."""
+        self.now = self._last_received = now
+        self._ping_sent = None
+        self._inbuf += data
+        while True:
+            end = self._inbuf.find(b"\n")
+            if end < 0:
+                if len(self._inbuf) > IRC_MAX_INPUT_LINE:
+                    if not self._skipping:
+                        log.warning("irc: skipped a line of more than %d bytes from the server",
+                                    IRC_MAX_INPUT_LINE)
+                    self._inbuf, self._skipping = b"", True
+                return
+            line, self._inbuf = self._inbuf[:end], self._inbuf[end + 1:]
+            if self._skipping:          # the end of a line already skipped
+                self._skipping = False
+                continue
+            if len(line) > IRC_MAX_INPUT_LINE:
+                log.warning("irc: skipped a line of %d bytes from the server", len(line))
+                continue
+            text = line.rstrip(b"\r").decode("utf-8", "replace")
+            if text.strip():
+                self._handle(text)
+
+    def step(self, now):
+        """Do what is due at `now`: (the bytes to send, seconds until the next step)."""
+        self.now = now
+        due = self._due(now)
+        while self._queue and self._bucket.take(now):
+            self._outbuf += self._queue.pop(0)
+        if self._queue:
+            due = min(due, self._bucket.delay(now))
+        data, self._outbuf = self._outbuf, b""
+        return data, max(due, 0.001)
+
+    def quit(self):
+        """The QUIT line; nothing queued goes after it."""
+        self._queue = []
+        return format_irc_line("QUIT", IRC_QUIT_MESSAGE, trailing=True)
+
+    def _due(self, now):
+        """Seconds until something is due; does what is due now, and ends the session when
+        a deadline has passed."""
+        if self._cap_due is not None and now >= self._cap_due:
+            self._no_sasl("the server did not answer CAP LS within %g s" % self.bot.cap_wait)
+        if not self.registered:
+            if now >= self._register_by:
+                raise _SessionEnd("no welcome (001) within %g s" % self.bot.register_timeout)
+            return min(self._register_by, self._cap_due or self._register_by) - now
+        if self._join_due is not None and now >= self._join_due:
+            self._settle()
+        if self._reclaim_due is not None and now >= self._reclaim_due:
+            self._queue.append(format_irc_line("ISON", self.bot.wanted_nick))
+            self._reclaim_due = now + self.bot.reclaim_interval
+        if self._ping_sent is not None:
+            waited = now - self._ping_sent
+            if waited >= self.bot.keepalive_timeout:
+                raise _SessionEnd("no answer to our PING within %g s (silent for %.1f s); "
+                                  "the server or the link is down"
+                                  % (self.bot.keepalive_timeout, now - self._last_received))
+            due = self.bot.keepalive_timeout - waited
+        elif now - self._last_received >= self.bot.keepalive:
+            self._send("PING", "finger.py")
+            self._ping_sent = now
+            due = self.bot.keepalive_timeout
+        else:
+            due = self.bot.keepalive - (now - self._last_received)
+        for when in (self._join_due, self._reclaim_due):
+            if when is not None:
+                due = min(due, when - now)
+        return due
+
+    def _handle(self, text):
+        message = parse_irc_line(text)
+        if message is None:
+            log.warning("irc: skipped a malformed line from the server: %r", text[:200])
+            return
+        log.debug("irc <- %s", text)
+        handler = self._HANDLERS.get(message.command)
+        if handler is None:
+            return
+        try:
+            handler(self, message)
+        except _SessionEnd:
+            raise
+        except Exception:
+            log.exception("irc: handling %r failed", text[:200])
+
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _send(self, command, *params):
+        """Send a line now (protocol lines: registration, PONG, PING)."""
+        line = format_irc_line(command, *params)
+        if log.isEnabledFor(logging.DEBUG):
+            shown = line if command not in ("PASS", "AUTHENTICATE") else command.encode()
+            log.debug("irc -> %s", shown.rstrip().decode("utf-8", "replace"))
+        self._outbuf += line
+
+    def _enqueue(self, command, target, texts):
+        """Queue lines for the flood limiter; False (and nothing queued) when it is full."""
+        if len(self._queue) + len(texts) > IRC_MAX_QUEUE:
+            self.bot._warnings.warn("irc: %d lines already wait to be sent; dropped the answer to "
+                                "%s", len(self._queue), target)
+            return False
+        self._queue += [format_irc_line(command, target, text, trailing=True)
+                        for text in texts]
+        return True
+
+    # -- registration ----------------------------------------------------------------------
+
+    def _register(self):
+        if self.bot.account:
+            self._send("CAP", "LS", "302")
+            self._cap_pending = True
+            self._cap_due = self.now + self.bot.cap_wait
+        if self.bot._server_password:
+            self._send("PASS", self.bot._server_password)
+        self._send("NICK", self.nick)
+        self._send("USER", IRC_USER, "0", "*", self.bot.realname)
+
+    def _cap_end(self):
+        if self._cap_pending:
+            self._cap_pending = False
+            self._send("CAP", "END")
+
+    def _on_ping(self, message):
+        self._send("PONG", message.params[-1] if message.params else "")
+
+    def _on_welcome(self, message):
+        if self.bot.account and not (self._logged_in or self._sasl_failed):
+            self._no_sasl("the server welcomed us without answering CAP LS (no IRCv3 "
+                          "capabilities)")
+        self.registered = True
+        self.welcomed_at = self.now
+        self.bot._told.clear()
+        self._cap_pending = False
+        if message.params and _IRC_NICK.match(message.params[0]):
+            self.nick = message.params[0]
+        log.info("irc: registered on %s as %s", format_address(self.bot.address), self.nick)
+        self._join_due = self.now + self.bot.join_wait
+
+    def _on_end_of_motd(self, message):
+        """376 (end of the MOTD) or 422 (no MOTD): registration is over, and the 005 lines
+        with it."""
+        if self.registered:
+            self._settle()
+
+    def _settle(self):
+        """Once registered and the 005 lines read: the bot mode, the channels, and watching
+        for the wanted nick if we are under another one."""
+        self._join_due = None
+        if self._settled:
+            return
+        self._settled = True
+        if self._bot_mode:
+            self._send("MODE", self.nick, "+" + self._bot_mode)
+        channels = []
+        for channel in self.bot.channels:
+            if channel[0] in self._chantypes:
+                channels.append(channel)
+            else:
+                log.warning("irc: %s is no channel name here (CHANTYPES=%s); not joining it",
+                            channel, self._chantypes)
+        while channels:                 # as few JOIN lines as fit, through the limiter
+            batch = [channels.pop(0)]
+            while (channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES
+                   and len(batch) < (self._join_max or len(self.bot.channels))):
+                batch.append(channels.pop(0))
+            self._queue.append(format_irc_line("JOIN", ",".join(batch)))
+        if self.bot.nicklen and len(self.bot.wanted_nick) > self.bot.nicklen:
+            self._reclaimable = False          # the server could never give it to us
+        if not self._is_me(self.bot.wanted_nick) and self._reclaimable:
+            if self._monitor:
+                self._send("MONITOR", "+", self.bot.wanted_nick)
+            else:
+                self._reclaim_due = self.now
+
+    def _on_isupport(self, message):
+        for token in message.params[1:-1]:
+            key, _, value = token.partition("=")
+            key = key.upper()
+            if key == "NICKLEN" and value.isdigit() and int(value) > 0:
+                self.bot.nicklen = int(value)
+            elif key == "CASEMAPPING" and value:
+                self.casemapping = value.lower()
+                self._joined = {self._fold(channel): channel
+                                for channel in self._joined.values()}
+            elif key == "CHANTYPES":
+                self._chantypes = value
+            elif key == "TARGMAX":
+                for limit in value.split(","):
+                    command, _, count = limit.partition(":")
+                    if command.upper() == "JOIN" and count.isdigit() and int(count) > 0:
+                        self._join_max = int(count)
+            elif key == "MONITOR":
+                self._monitor = True
+            elif key == "BOT" and value:
+                self._bot_mode = value[0]
+
+    # -- taking the wanted nick back -------------------------------------------------------
+
+    def _reclaim(self):
+        """The wanted nick looks free: ask for it, through the flood limiter, and not again
+        before the server has answered (a user toggling that nick cannot make us flood)."""
+        if (not self._is_me(self.bot.wanted_nick) and self._reclaimable and self.registered
+                and not self._reclaiming):
+            self._reclaiming = True
+            self._queue.append(format_irc_line("NICK", self.bot.wanted_nick))
+
+    def _on_ison(self, message):
+        """303: which of the nicks we asked about are online."""
+        online = {self._fold(nick) for nick in (message.params[-1] if message.params
+                                                 else "").split()}
+        if self._fold(self.bot.wanted_nick) not in online:
+            self._reclaim()
+
+    def _on_monitor_offline(self, message):
+        """731: MONITORed nicks that went (or are) offline."""
+        nicks = [target.split("!")[0] for target in (message.params[-1] if message.params
+                                                      else "").split(",")]
+        if self._fold(self.bot.wanted_nick) in map(self._fold, nicks):
+            self._reclaim()
+
+    def _on_quit(self, message):
+        if self._fold(message.nick) == self._fold(self.bot.wanted_nick):
+            self._reclaim()
+
+    def _on_try_again(self, message):
+        """263: the server is too busy for what we asked; during registration, come back
+        later on its terms."""
+        if not self.registered:
+            raise _SessionEnd("the server asks us to try again later: %s"
+                              % (message.params[-1] if message.params else ""),
+                              pause="throttle")
+
+    def _on_nick_refused(self, message):
+        """433 (in use), 436 (collision), 437 (unavailable) and 432 (erroneous)."""
+        if self.registered:
+            if len(message.params) > 1 and self._fold(message.params[1]) == \
+                    self._fold(self.bot.wanted_nick):
+                log.debug("irc: %s is still taken", self.bot.wanted_nick)   # reclaim: later
+                self._reclaiming = False
+            else:
+                log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
+            return
+        if len(self._nicks_tried) > IRC_NICK_TRIES:
+            raise _SessionEnd("no nick accepted after %d tries (%s)"
+                              % (len(self._nicks_tried), ", ".join(self._nicks_tried)))
+        refused = self.nick
+        if message.command == "432":       # bad shape or too long: change the shape
+            self._reclaimable = False
+            self._nick_limit = self.bot.nicklen or IRC_DEFAULT_NICKLEN
+            self._nick_base = reshape_nick(self._nick_base, self._nick_limit)
+        limit = self.bot.nicklen or self._nick_limit
+        nick, attempt = self._nick_base, 0
+        while nick in self._nicks_tried:
+            attempt += 1
+            nick = alternate_nick(self._nick_base, attempt, limit)
+        self._nicks_tried.append(nick)
+        self.nick = nick
+        log.info("irc: nick %s refused (%s %s); trying %s", refused, message.command,
+                 message.params[-1] if message.params else "", nick)
+        self._send("NICK", nick)
+
+    def _on_error(self, message):
+        reason = message.params[-1] if message.params else ""
+        if IRC_BANNED.search(reason):
+            self._banned(reason)
+        if IRC_THROTTLED.search(reason):
+            raise _SessionEnd("the server throttles our connections: ERROR %s" % reason,
+                              pause="throttle")
+        raise _SessionEnd("the server closed the link: ERROR %s" % reason)
+
+    def _on_refused(self, message):
+        """464 (bad server password), 465 (banned): no point in coming back soon."""
+        reason = message.params[-1] if message.params else ""
+        if message.command == "464":
+            reason = "it refused the server password: " + reason
+        self._banned(reason)
+
+    def _banned(self, reason):
+        self.bot._tell_once("ban", "irc: %s banned us: %s; trying again in about %d minutes",
+                        format_address(self.bot.address), reason, self.bot.ban_delay // 60)
+        raise _SessionEnd("banned: %s" % reason, pause="ban", logged=True)
+
+    def _on_not_registered(self, message):
+        log.warning("irc: sent a command before 001 (a bug): %s", " ".join(message.params))
+
+    # -- CAP and SASL ----------------------------------------------------------------------
+
+    def _on_cap(self, message):
+        params = message.params
+        if len(params) < 3:
+            return
+        sub = params[1].upper()
+        if not self._cap_pending:
+            return                        # we asked nothing (more): nothing to answer
+        if sub == "LS":
+            for cap in params[-1].split():          # bounded, but sasl is always kept
+                name, _, value = cap.partition("=")
+                if name.lower() == "sasl" or len(self._caps) < IRC_MAX_CAPS:
+                    self._caps[name.lower()] = value
+            if len(params) >= 4 and params[2] == "*":
+                return                    # more CAP LS lines follow (302)
+            self._cap_due = None
+            mechanisms = self._caps.get("sasl")
+            if mechanisms is None:
+                self._no_sasl("the server offers no SASL (CAP LS: %s)"
+                              % (" ".join(sorted(self._caps)) or "nothing"))
+            elif mechanisms and "PLAIN" not in mechanisms.upper().split(","):
+                self._no_sasl("the server's SASL has no PLAIN (%s)" % mechanisms)
+            else:
+                self._send("CAP", "REQ", "sasl")
+        elif sub == "ACK" and "sasl" in params[-1].lower().split():
+            self._sasl_started = True
+            self._send("AUTHENTICATE", "PLAIN")
+        elif sub == "NAK":
+            self._no_sasl("the server refused the capability %s" % params[-1])
+
+    def _on_unknown_command(self, message):
+        """421: a server without IRCv3 does not know CAP."""
+        if len(message.params) > 1 and message.params[1].upper() == "CAP" and self.bot.account:
+            self._no_sasl("the server does not know CAP (no IRCv3 capabilities)")
+
+    def _no_sasl(self, why):
+        """The login as `account` cannot happen on this connection: say so once, at ERROR;
+        then go on without it, or (require_sasl) leave and back off."""
+        self._cap_due = None
+        if self._sasl_failed or self._logged_in:
+            return
+        self._sasl_failed = True
+        self.bot._tell_once("sasl", "irc: not logged in as %s on %s: %s; %s", self.bot.account,
+                        format_address(self.bot.address), why,
+                        "disconnecting (--irc-require-sasl)" if self.bot.require_sasl else
+                        "going on without the account (--irc-require-sasl refuses that)")
+        if self.bot.require_sasl:
+            raise _SessionEnd("not logged in as %s" % self.bot.account, logged=True)
+        self._cap_end()
+
+    def _on_authenticate(self, message):
+        if message.params[:1] != ["+"] or not self._sasl_started:
+            return
+        self._sasl_started = False          # the password goes once, and only when asked
+        import base64
+        payload = base64.b64encode(("\0%s\0%s" % (self.bot.account, self.bot._password))
+                                   .encode("utf-8")).decode("ascii")
+        chunks = [payload[start:start + 400] for start in range(0, len(payload), 400)]
+        for chunk in chunks:
+            self._send("AUTHENTICATE", chunk)
+        if len(chunks[-1]) == 400:
+            self._send("AUTHENTICATE", "+")
+
+    def _on_sasl_done(self, message):
+        """903 success, 907 already logged in, 902/904/905/906 failure: CAP END in any case."""
+        reason = message.params[-1] if message.params else ""
+        if message.command in ("903", "907"):
+            self._logged_in = True
+            log.info("irc: SASL login as %s: %s", self.bot.account, reason)
+            self._cap_end()
+        else:
+            self._no_sasl("the login was refused (%s %s)" % (message.command, reason))
+
+    # -- channels and messages -------------------------------------------------------------
+
+    def _fold(self, text):
+        return irc_lower(text, self.casemapping)
+
+    def _is_me(self, nick):
+        return self._fold(nick) == self._fold(self.nick)
+
+    def _on_nick(self, message):
+        if not message.params:
+            return
+        if self._is_me(message.nick) and _IRC_NICK.match(message.params[0]):
+            self.nick = message.params[0]
+            self._reclaiming = False
+            if self._is_me(self.bot.wanted_nick) and self.registered:
+                log.info("irc: took the nick %s back", self.nick)
+                self._reclaim_due = None
+                if self._monitor:
+                    self._send("MONITOR", "-", self.bot.wanted_nick)
+        elif self._fold(message.nick) == self._fold(self.bot.wanted_nick):
+            self._reclaim()                # its holder took another nick
+
+    def _on_join(self, message):
+        if message.params and self._is_me(message.nick):
+            for channel in message.params[0].split(","):
+                if len(self._joined) >= IRC_MAX_CHANNELS:
+                    self.bot._warnings.warn("irc: in %d channels already; not answering in %s",
+                                        len(self._joined), channel[:64])
+                    break
+                self._joined[self._fold(channel)] = channel
+                log.info("irc: joined %s", channel)
+
+    def _on_part(self, message):
+        if message.params and self._is_me(message.nick):
+            for channel in message.params[0].split(","):
+                self._joined.pop(self._fold(channel), None)
+
+    def _on_kick(self, message):
+        if len(message.params) >= 2 and self._is_me(message.params[1]):
+            self._joined.pop(self._fold(message.params[0]), None)
+            log.warning("irc: %s kicked us from %s: %s", message.nick, message.params[0],
+                        message.params[-1])
+
+    def _on_cannot_join(self, message):
+        log.warning("irc: cannot join %s: %s", " ".join(message.params[1:-1]),
+                    message.params[-1] if message.params else "")
+
+    def _on_privmsg(self, message):
+        """PRIVMSG to us: the text is a user name (or a CTCP); in a joined channel we answer
+        "NICK: NAME" and "NICK, NAME".  Our own messages are never answered, nor NOTICEs
+        (RFC 1459 4.4.2: no automatic replies to NOTICE), which have no handler at all.
+        Text of more than one word is no user name and gets no answer: as every answer has
+        several words, two bots (or a bot and a service) can never answer each other forever."""
+        if len(message.params) < 2 or not self.registered:
+            return
+        target, text, sender = message.params[0], message.params[-1], message.nick
+        if not _IRC_NICK.match(sender) or self._is_me(sender):
+            return                 # a server, or no nick we could send an answer to
+        if self._is_me(target):
+            if text.startswith("\x01"):
+                self._ctcp(sender, text)
+            elif len(text.split()) == 1:
+                self._answer(sender, sender, text.strip())
+        elif self._fold(target) in self._joined and not text.startswith("\x01"):
+            mention = _IRC_MENTION.match(text.strip())
+            if mention and self._is_me(mention.group(1)):
+                self._answer(sender, target, mention.group(2), prefix=sender + ": ")
+
+    def _answer(self, sender, target, name, prefix=""):
+        try:
+            status = self.bot.db.get_user(name)
+            outcome = "unknown" if status is None else "ok"
+        except Exception:
+            log.exception("irc: back-end failed answering %r", name)
+            status, outcome = INTERNAL_ERROR, "error"
+        text = defang("%sStatus of %s: %s" % (prefix, name, NO_SUCH_USER if status is None
+                                               else status))
+        room = (IRC_MAX_LINE - IRC_RELAY_ROOM
+                - len(("PRIVMSG %s :\r\n" % target).encode("utf-8")))
+        lines = split_irc_text(text, min(IRC_SPLIT_BYTES, room))
+        if len(lines) > IRC_MAX_REPLY_LINES:
+            lines = lines[:IRC_MAX_REPLY_LINES]
+            lines[-1] += " [...]"
+        if not self._enqueue("PRIVMSG", target, lines):
+            outcome = "dropped"
+        self.bot.counts[outcome] += 1
+        query_log.record("irc", sender if target == sender else "%s in %s" % (sender, target),
+                         name, outcome)
+
+    def _ctcp(self, sender, text):
+        """CTCP VERSION and PING are answered by NOTICE; other CTCPs are ignored."""
+        command, _, argument = text.strip("\x01").partition(" ")
+        command = command.upper()
+        if command == "VERSION":
+            reply = "VERSION finger.py %s (the Twisted finger tutorial's bot, Python %d.%d)" % (
+                __version__, sys.version_info[0], sys.version_info[1])
+        elif command == "PING":
+            reply = ("PING " + argument.replace("\x01", "")[:IRC_CTCP_ECHO]).rstrip()
+        else:
+            return
+        if self._enqueue("NOTICE", sender, ["\x01%s\x01" % defang(reply)]):
+            self.bot.counts["ctcp"] += 1
+
+    _HANDLERS = {
+        "PING": _on_ping, "001": _on_welcome, "005": _on_isupport,
+        "432": _on_nick_refused, "433": _on_nick_refused, "436": _on_nick_refused,
+        "437": _on_nick_refused, "ERROR": _on_error, "464": _on_refused, "465": _on_refused,
+        "451": _on_not_registered, "CAP": _on_cap, "AUTHENTICATE": _on_authenticate,
+        "902": _on_sasl_done, "903": _on_sasl_done, "904": _on_sasl_done,
+        "905": _on_sasl_done, "906": _on_sasl_done, "907": _on_sasl_done,
+        "376": _on_end_of_motd, "422": _on_end_of_motd, "263": _on_try_again,
+        "303": _on_ison, "731": _on_monitor_offline, "QUIT": _on_quit,
+        "421": _on_unknown_command,
+        "NICK": _on_nick, "JOIN": _on_join, "PART": _on_part, "KICK": _on_kick,
+        "403": _on_cannot_join, "405": _on_cannot_join, "471": _on_cannot_join,
+        "473": _on_cannot_join, "474": _on_cannot_join, "475": _on_cannot_join,
+        "PRIVMSG": _on_privmsg,
+    }
 
 
 class IRCBot(Service):
@@ -4593,12 +5120,15 @@ class IRCBot(Service):
     `reclaim_interval` seconds).  A throttled reconnection waits `throttle_delay`, a ban
     `ban_delay`; a ban, a refused certificate and a failed login are logged once per streak.
 
-    Methods for the caller: those of Service (start, stop, ...).  `address` is the server's
-    (host, port); `nick` the nick in use; `registered` whether the server welcomed the bot;
-    `counts` the answers by outcome (for the metrics).  One thread runs a selectors loop over
-    the server's socket and a wake-up socket, so close() ends it within a second in any
-    state: looking up, connecting, registered, or waiting to reconnect; but a lookup in a
-    slow back-end runs in that thread too, and is waited for (up to --stop-timeout)."""
+    The protocol is an IRCSession per connection; this class is the connection, on a Loop
+    in the bot's thread: the lookup in the loop's worker, a non-blocking connect and TLS
+    handshake, the session's timers, the back-off between connections.  Methods for the
+    caller: those of Service (start, stop, ...).  `address` is the server's (host, port);
+    `nick` the nick in use; `registered` whether the server welcomed the bot; `joined` its
+    channels; `counts` the answers by outcome (for the metrics).  close() ends it within a
+    second in any state: looking up, connecting, registered, or waiting to reconnect; but a
+    lookup in a slow back-end runs in the loop too, and is waited for (up to
+    --stop-timeout)."""
 
     name = "irc"
 
@@ -4647,51 +5177,40 @@ class IRCBot(Service):
         self._told = set()            # what was logged at ERROR this streak (reset by 001)
         # Fixed keys: render_metrics may iterate while the bot thread counts.
         self.counts = dict.fromkeys(("ok", "unknown", "error", "dropped", "ctcp"), 0)
-        self.nick = nick
         self.nicklen = None           # NICKLEN from 005, kept across connections
-        self.registered = False
         self._addresses = None        # the server's addresses as last looked up
         self._failures = 0            # connections that ended since one lasted IRC_STABLE s
         self._warnings = WarningThrottle("irc")
-        self._closing = threading.Event()
-        self._wake_lock = threading.Lock()
-        self._wake = None             # socketpair: close() writes a byte to wake the loop
+        self.loop = None              # made by bind()
+        self.session = None           # the IRCSession of the connection, once connected
         self._sock = None
-        self._reset_session()
+        self._outbuf = b""
+        self._phase = None            # lookup, connect, handshake, session, quitting, waiting
+        self._attempt = 0             # connections tried: a late lookup is told apart
+        self._timer = None            # the one Timer: a deadline, the session's, the back-off
+        self._want = (BlockingIOError, InterruptedError)   # "try again later" errors
+        self._stopping = False
 
     def __repr__(self):
         return "<IRCBot %s on %s>" % (self.nick, format_address(self.address))
 
-    # -- Service ---------------------------------------------------------------------------
+    # -- what the rest of the program sees --------------------------------------------------
 
-    def bind(self):
-        """Look the server up now, while the resolver is in reach (before a chroot); later
-        lookups that fail fall back to this answer."""
-        if self._addresses is None:
-            try:
-                self._lookup(time.monotonic() + IRC_LOOKUP_AT_BIND)
-            except (OSError, _Closing) as error:
-                log.warning("irc: cannot look up %s yet: %s", self.host, error)
+    @property
+    def nick(self):
+        return self.session.nick if self.session is not None else self.wanted_nick
 
-    def start(self):
-        if self._thread is None:
-            self._closing.clear()
-        super().start()
-
-    def close(self):
-        self._closing.set()
-        with self._wake_lock:
-            if self._wake is not None:
-                with contextlib.suppress(OSError):
-                    self._wake[1].send(b"x")
-
-    def open_connections(self):
-        return 1 if self._sock is not None else 0
+    @property
+    def registered(self):
+        return self.session is not None and self.session.registered
 
     @property
     def joined(self):
         """The channels the bot is in now, sorted."""
-        return sorted(self._joined.values())
+        return self.session.joined if self.session is not None else []
+
+    def open_connections(self):
+        return 1 if self._sock is not None else 0
 
     def reload(self):
         """SIGHUP: load --irc-cafile again (used from the next connection on)."""
@@ -4705,99 +5224,256 @@ class IRCBot(Service):
     def relocate(self, inside):
         self.cafile = inside(self.cafile)
 
-    def serve(self):
-        with self._wake_lock:
-            self._wake = socket.socketpair()
-            for end in self._wake:
-                end.setblocking(False)
-        try:
-            while not self._closing.is_set():
-                self._session()
-                if self._welcomed_at is not None and \
-                        time.monotonic() - self._welcomed_at >= self.stable_after:
-                    self._failures = 0             # it worked for a while: start over
-                self._failures += 1
-                delay = self._pause()
-                log.info("irc: reconnecting to %s in %.1f s (attempt %d)",
-                         format_address(self.address), delay, self._failures + 1)
-                self._sleep(delay)
-        except _Closing:
-            pass
-        finally:
-            with self._wake_lock:
-                for end in self._wake:
-                    end.close()
-                self._wake = None
-
-    def _pause(self):
-        """Seconds to wait before the next connection, after how the last one ended."""
-        import random
-        if self._ended_by == "ban":
-            return self.ban_delay * (1 - 0.2 * random.random())
-        if self._ended_by == "throttle":
-            return self.throttle_delay * (1 + 0.5 * random.random())
-        return irc_backoff(self._failures, self.backoff_cap)
-
     def _tell_once(self, what, message, *args):
         """Log at ERROR the first time `what` goes wrong in a streak, at INFO after that."""
         log.log(logging.INFO if what in self._told else logging.ERROR, message, *args)
         self._told.add(what)
 
-    # -- one connection --------------------------------------------------------------------
+    # -- Service: the bot's thread runs a Loop ----------------------------------------------
 
-    def _reset_session(self):
-        self.nick = self.wanted_nick
-        self.registered = False
-        self._welcomed_at = None      # time.monotonic() of this connection's 001
-        self._nick_base, self._nicks_tried = self.wanted_nick, [self.wanted_nick]
-        self._nick_limit = None       # RFC 1459's 9 once a 432 says the nick is too long
-        self._inbuf, self._skipping = b"", False
-        self._outbuf, self._queue = b"", []
-        self._bucket = TokenBucket(self.burst, self.line_interval)
-        self._caps, self._cap_pending, self._sasl_started = {}, False, False
-        self._cap_due = None          # when an unanswered CAP LS means no SASL
-        self._logged_in, self._sasl_failed = False, False
-        self._ended_by = None         # "ban" or "throttle": how the connection ended
-        self.casemapping = "rfc1459"  # until 005 says otherwise
-        self._chantypes, self._join_max = "#&", None
-        self._monitor, self._bot_mode = False, None
-        self._join_due = None         # when to join without the end of the MOTD
-        self._settled = False         # joined, bot mode set, nick reclaim started
-        self._reclaim_due = None      # when to ask ISON for the wanted nick
-        self._reclaimable = True      # False once a 432 has changed the nick's shape
-        self._reclaiming = False      # our NICK for it is on its way
-        self._joined = {}             # folded channel -> channel
-        self._last_received, self._ping_sent = time.monotonic(), None
-        self._want = (BlockingIOError, InterruptedError)   # "try again later" errors
-
-    def _session(self):
-        """Connect, register, answer until the link fails; raises _Closing on close()."""
-        self._reset_session()
-        where = format_address(self.address)
-        log.info("irc: connecting to %s%s (attempt %d)", where, " (TLS)" if self.tls else "",
-                 self._failures + 1)
-        deadline = time.monotonic() + self.register_timeout
-        try:
-            self._sock = self._connect(deadline)
+    def bind(self):
+        """Look the server up now, while the resolver is in reach (before a chroot); later
+        lookups that fail fall back to this answer."""
+        if self.loop is None or self.loop.closed:
+            self.loop = Loop("irc", workers=1)
+        if self._addresses is None:
+            from concurrent.futures import TimeoutError as Late
+            host, port = self.address
             try:
-                self._converse(deadline)
-            finally:
-                self._sock.close()
-                self._sock = None
-                self.registered = False
-        except _SessionEnd as end:
-            log.log(logging.INFO if end.logged else logging.WARNING, "irc: %s: %s", where, end)
-            self._ended_by = end.pause
-        except OSError as error:      # ssl.SSLError and socket.timeout included
-            if getattr(error, "verify_message", None):
-                self._tell_once("tls", "irc: %s: the server's certificate was refused (%s); %s",
-                                where, error.verify_message, self._tls_fix(error))
-            else:
-                log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
-        except _Closing:
-            raise                     # close() was called: no error, no reconnect
-        except Exception:             # a bug: log it, and reconnect rather than die
-            log.exception("irc: %s: the connection failed", where)
+                self._addresses = self.loop.submit(
+                    socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM).result(
+                        IRC_LOOKUP_AT_BIND)
+            except (OSError, Late) as error:
+                log.warning("irc: cannot look up %s yet: %s", host, error or "no answer")
+
+    def serve(self):
+        self._stopping = False
+        self._timer = self.loop.timer(self._guarded, self._on_timer)
+        self.loop.call_soon(self._dial)
+        try:
+            self.loop.run()
+        finally:
+            self._drop()
+            self.session = None
+            self.loop.close()
+
+    def close(self):
+        self.loop.call_soon(self._begin_stop)
+
+    def _begin_stop(self):
+        """Say QUIT and give the server IRC_QUIT_GRACE seconds to take it and hang up."""
+        self._stopping = True
+        self._timer.cancel()
+        if self._phase != "session":
+            self.loop.stop()
+            return
+        self._phase = "quitting"
+        self._outbuf += self.session.quit()
+        self._flush()
+        self.loop.call_later(IRC_QUIT_GRACE, self.loop.stop)
+
+    # -- one connection at a time -----------------------------------------------------------
+
+    def _dial(self):
+        """Look the server up (in the loop's worker: a slow resolver never holds the loop),
+        then connect."""
+        self._attempt += 1
+        log.info("irc: connecting to %s%s (attempt %d)", format_address(self.address),
+                 " (TLS)" if self.tls else "", self._failures + 1)
+        self._phase = "lookup"
+        self.loop.schedule(self._timer, self.register_timeout)
+        host, port = self.address
+        try:
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            self.loop.run_in_worker(socket.getaddrinfo, (host, port, 0, socket.SOCK_STREAM),
+                                    functools.partial(self._looked_up, self._attempt))
+            return
+        self._connect(list(addresses))
+
+    def _looked_up(self, attempt, future):
+        if attempt != self._attempt or self._phase != "lookup":
+            return                          # too late: that attempt is over
+        try:
+            self._addresses = future.result()
+        except OSError as error:
+            if not self._addresses:
+                self._end(error)
+                return
+            log.warning("irc: cannot look up %s (%s); using the address found before",
+                        self.host, error)
+        self._connect(list(self._addresses))
+
+    def _connect(self, addresses):
+        """Connect to the first of `addresses` that takes it, without blocking."""
+        self._phase = "connect"
+        error = OSError("no address for %s" % self.host)
+        while addresses:
+            family, kind, proto, _, sockaddr = addresses.pop(0)
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            code = sock.connect_ex(sockaddr)
+            if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                self._sock, self._rest, self._sockaddr = sock, addresses, sockaddr
+                self.loop.watch(sock, selectors.EVENT_WRITE, self._guarded, self._on_ready)
+                return
+            sock.close()
+            error = OSError(code, "connecting to %s: %s" % (format_address(sockaddr),
+                                                            os.strerror(code)))
+        self._end(error)
+
+    def _connected(self):
+        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._drop()
+            if self._rest:
+                self._connect(self._rest)
+                return
+            raise OSError(code, "connecting to %s: %s" % (format_address(self._sockaddr),
+                                                          os.strerror(code)))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self.ssl_context is None:
+            self._start_session()
+            return
+        import ssl
+        self.loop.watch(self._sock, 0)              # the TLS socket takes it over
+        self._sock = self.ssl_context.wrap_socket(self._sock, server_hostname=self.host,
+                                                  do_handshake_on_connect=False)
+        self._want = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                      ssl.SSLWantWriteError)
+        self._phase = "handshake"
+        self._handshake()
+
+    def _handshake(self):
+        import ssl
+        try:
+            self._sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.loop.watch(self._sock, selectors.EVENT_READ, self._guarded, self._on_ready)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.watch(self._sock, selectors.EVENT_WRITE, self._guarded, self._on_ready)
+            return
+        self._start_session()
+
+    def _start_session(self):
+        self._phase = "session"
+        self.session = IRCSession(self, time.monotonic())
+        self._pump()
+
+    def _on_ready(self, mask):
+        if self._phase == "connect":
+            self._connected()
+        elif self._phase == "handshake":
+            self._handshake()
+        elif self._phase == "quitting":
+            self._flush()
+            if mask & selectors.EVENT_READ and self._receive() is None:
+                self.loop.stop()               # the server hung up after our QUIT
+        else:
+            if mask & selectors.EVENT_READ:
+                if self._receive() is None:
+                    raise _SessionEnd("the server closed the connection")
+            self._pump()
+
+    def _on_timer(self, _=None):
+        if self._phase == "waiting":
+            self._dial()
+        elif self._phase == "session":
+            self._pump()
+        elif self._phase != "quitting":
+            raise socket.timeout("timed out connecting (limit %g s)" % self.register_timeout)
+
+    def _receive(self):
+        """Read until the socket has nothing more (TLS may hold decrypted bytes a select
+        cannot see); None when the server has closed."""
+        while True:
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except self._want:
+                return True
+            if not data:
+                return None
+            if self._phase == "session":
+                self.session.feed(data, time.monotonic())
+
+    def _pump(self):
+        """Send what the session has to say; be woken when it is next due."""
+        data, due = self.session.step(time.monotonic())
+        self._outbuf += data
+        self._flush()
+        if len(self._outbuf) > IRC_MAX_OUTPUT:
+            raise _SessionEnd("the server reads nothing of what we send")
+        self.loop.schedule(self._timer, due)
+
+    def _flush(self):
+        while self._outbuf:
+            try:
+                sent = self._sock.send(self._outbuf)
+            except self._want:
+                break
+            self._outbuf = self._outbuf[sent:]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbuf else 0)
+        self.loop.watch(self._sock, events, self._guarded, self._on_ready)
+
+    def _guarded(self, step, mask=None):
+        """Run a step of the connection; an error ends the connection (and, but for a
+        stop, the bot reconnects): it never ends the bot."""
+        try:
+            step(mask)
+        except (_SessionEnd, OSError) as error:    # ssl.SSLError and socket.timeout too
+            self._end(error)
+        except Exception:                          # a bug: log it, and reconnect
+            log.exception("irc: %s: the connection failed", format_address(self.address))
+            self._end(None)
+
+    def _end(self, error):
+        """The connection is over: say why, and come back after the pause it calls for."""
+        where = format_address(self.address)
+        if self._stopping:
+            self._drop()
+            self.loop.stop()
+            return
+        if isinstance(error, _SessionEnd):
+            log.log(logging.INFO if error.logged else logging.WARNING, "irc: %s: %s", where,
+                    error)
+        elif getattr(error, "verify_message", None):
+            self._tell_once("tls", "irc: %s: the server's certificate was refused (%s); %s",
+                            where, error.verify_message, self._tls_fix(error))
+        elif error is not None:
+            log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
+        welcomed_at = self.session.welcomed_at if self.session is not None else None
+        self._drop()
+        if welcomed_at is not None and time.monotonic() - welcomed_at >= self.stable_after:
+            self._failures = 0                 # it worked for a while: start over
+        self._failures += 1
+        delay = self._pause(getattr(error, "pause", None))
+        log.info("irc: reconnecting to %s in %.1f s (attempt %d)", where, delay,
+                 self._failures + 1)
+        self._phase = "waiting"
+        self.loop.schedule(self._timer, delay)
+
+    def _drop(self):
+        """Close the socket of the connection, if any; the session goes with it."""
+        self.session = None
+        if self._sock is not None:
+            self.loop.watch(self._sock, 0)
+            self._sock.close()
+            self._sock = None
+        self._outbuf = b""
+        self._want = (BlockingIOError, InterruptedError)
+        self._phase = None
+
+    def _pause(self, ended_by):
+        """Seconds to wait before the next connection, after how the last one ended: a ban,
+        a throttle, or anything else (the back-off)."""
+        import random
+        if ended_by == "ban":
+            return self.ban_delay * (1 - 0.2 * random.random())
+        if ended_by == "throttle":
+            return self.throttle_delay * (1 + 0.5 * random.random())
+        return irc_backoff(self._failures, self.backoff_cap)
 
     def _tls_fix(self, error):
         """What to do about a certificate the TLS check refused."""
@@ -4809,647 +5485,6 @@ class IRCBot(Service):
             return "--irc-cafile %s holds no CA that signed it" % self.cafile
         return ("name the CA that signed it with --irc-cafile FILE (a self-signed server: "
                 "its own certificate)")
-
-    def _lookup(self, deadline):
-        """The server's addresses.  getaddrinfo runs in a helper thread so that close() need
-        not wait for a slow resolver; when a lookup fails, the last good answer is used."""
-        host, port = self.address
-        with contextlib.suppress(socket.gaierror):      # numeric addresses need no resolver
-            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                      flags=socket.AI_NUMERICHOST)
-        answers, done = [], threading.Event()
-
-        def look_up():
-            try:
-                answers.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-            except OSError as error:
-                answers.append(error)
-            done.set()
-
-        threading.Thread(target=look_up, name="finger-irc-lookup", daemon=True).start()
-        while not done.wait(0.05):
-            if self._closing.is_set():
-                raise _Closing()
-            if time.monotonic() > deadline:
-                answers.append(socket.timeout("looking up %s timed out" % host))
-                break
-        if isinstance(answers[0], OSError):
-            if not self._addresses:
-                raise answers[0]
-            log.warning("irc: cannot look up %s (%s); using the address found before",
-                        host, answers[0])
-        else:
-            self._addresses = answers[0]
-        return self._addresses
-
-    def _connect(self, deadline):
-        """A connected (and TLS-wrapped) non-blocking socket to the server."""
-        error = OSError("no address for %s" % self.host)
-        for family, kind, proto, _, sockaddr in self._lookup(deadline):
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setblocking(False)
-                code = sock.connect_ex(sockaddr)
-                if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-                    raise OSError(code, os.strerror(code))
-                self._wait_for(sock, selectors.EVENT_WRITE, deadline)
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code:
-                    raise OSError(code, "connecting to %s: %s" % (
-                        format_address(sockaddr), os.strerror(code)))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                return self._handshake(sock, deadline) if self.ssl_context else sock
-            except OSError as failure:
-                sock.close()
-                error = failure
-            except BaseException:
-                sock.close()
-                raise
-        raise error
-
-    def _handshake(self, sock, deadline):
-        import ssl
-        tls = self.ssl_context.wrap_socket(sock, server_hostname=self.host,
-                                           do_handshake_on_connect=False)
-        try:
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    self._wait_for(tls, selectors.EVENT_READ, deadline)
-                except ssl.SSLWantWriteError:
-                    self._wait_for(tls, selectors.EVENT_WRITE, deadline)
-        except BaseException:
-            tls.close()
-            raise
-        self._want = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
-                      ssl.SSLWantWriteError)
-        return tls
-
-    def _wait_for(self, sock, events, deadline):
-        """Wait until `sock` is ready; _Closing on close(), socket.timeout at `deadline`."""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake[0], selectors.EVENT_READ)
-            selector.register(sock, events)
-            while True:
-                if self._closing.is_set():
-                    raise _Closing()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout("timed out connecting (limit %g s)"
-                                         % self.register_timeout)
-                if any(key.fileobj is sock for key, _ in selector.select(remaining)):
-                    return
-
-    def _sleep(self, seconds):
-        """Wait `seconds`; _Closing at once on close()."""
-        deadline = time.monotonic() + seconds
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake[0], selectors.EVENT_READ)
-            while not self._closing.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                selector.select(remaining)
-        raise _Closing()
-
-    def _converse(self, deadline):
-        """Register, then read, answer and keep the link alive until it ends."""
-        self._register()
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake[0], selectors.EVENT_READ)
-            selector.register(self._sock, selectors.EVENT_READ)
-            mask = selectors.EVENT_READ
-            more = False               # TLS may hold decrypted bytes select() cannot see
-            while True:
-                if self._closing.is_set():
-                    self._quit()
-                    raise _Closing()
-                now = time.monotonic()
-                timeout = 0 if more else self._timer(now, deadline)
-                while self._queue and self._bucket.take(now):
-                    self._outbuf += self._queue.pop(0)
-                if self._queue:
-                    timeout = min(timeout, self._bucket.delay(now))
-                self._flush()
-                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbuf else 0)
-                if wanted != mask:
-                    mask = selector.modify(self._sock, wanted).events
-                more = False
-                for key, events in selector.select(timeout):
-                    if key.fileobj is self._sock and events & selectors.EVENT_READ:
-                        more = self._receive()
-
-    def _timer(self, now, deadline):
-        """Seconds until something is due; does what is due now, and ends the session when
-        a deadline has passed."""
-        if self._cap_due is not None and now >= self._cap_due:
-            self._no_sasl("the server did not answer CAP LS within %g s" % self.cap_wait)
-        if not self.registered:
-            if now >= deadline:
-                raise _SessionEnd("no welcome (001) within %g s" % self.register_timeout)
-            due = min(deadline, self._cap_due or deadline) - now
-            return max(due, 0.001)
-        if self._join_due is not None and now >= self._join_due:
-            self._settle()
-        if self._reclaim_due is not None and now >= self._reclaim_due:
-            self._queue.append(format_irc_line("ISON", self.wanted_nick))
-            self._reclaim_due = now + self.reclaim_interval
-        if self._ping_sent is not None:
-            waited = now - self._ping_sent
-            if waited >= self.keepalive_timeout:
-                raise _SessionEnd("no answer to our PING within %g s (silent for %.1f s); "
-                                  "the server or the link is down"
-                                  % (self.keepalive_timeout, now - self._last_received))
-            due = self.keepalive_timeout - waited
-        elif now - self._last_received >= self.keepalive:
-            self._send("PING", "finger.py")
-            self._ping_sent = now
-            due = self.keepalive_timeout
-        else:
-            due = self.keepalive - (now - self._last_received)
-        for when in (self._join_due, self._reclaim_due):
-            if when is not None:
-                due = min(due, when - now)
-        return max(due, 0.001)
-
-    def _receive(self):
-        """Read what the server sent and handle its lines; True when TLS still holds data."""
-        for _ in range(IRC_READ_BATCH):
-            try:
-                data = self._sock.recv(RECV_SIZE)
-            except self._want:
-                return False
-            if not data:
-                raise _SessionEnd("the server closed the connection")
-            self._last_received, self._ping_sent = time.monotonic(), None
-            self._feed(data)
-        return True
-
-    def _feed(self, data):
-        """Split received bytes into lines (CRLF or LF); skip lines that are too long."""
-        self._inbuf += data
-        while True:
-            end = self._inbuf.find(b"\n")
-            if end < 0:
-                if len(self._inbuf) > IRC_MAX_INPUT_LINE:
-                    if not self._skipping:
-                        log.warning("irc: skipped a line of more than %d bytes from the server",
-                                    IRC_MAX_INPUT_LINE)
-                    self._inbuf, self._skipping = b"", True
-                return
-            line, self._inbuf = self._inbuf[:end], self._inbuf[end + 1:]
-            if self._skipping:          # the end of a line already skipped
-                self._skipping = False
-                continue
-            if len(line) > IRC_MAX_INPUT_LINE:
-                log.warning("irc: skipped a line of %d bytes from the server", len(line))
-                continue
-            text = line.rstrip(b"\r").decode("utf-8", "replace")
-            if text.strip():
-                self._handle(text)
-
-    def _handle(self, text):
-        message = parse_irc_line(text)
-        if message is None:
-            log.warning("irc: skipped a malformed line from the server: %r", text[:200])
-            return
-        log.debug("irc <- %s", text)
-        handler = self._HANDLERS.get(message.command)
-        if handler is None:
-            return
-        try:
-            handler(self, message)
-        except (_SessionEnd, _Closing):
-            raise
-        except Exception:
-            log.exception("irc: handling %r failed", text[:200])
-
-    # -- output ----------------------------------------------------------------------------
-
-    def _send(self, command, *params):
-        """Send a line now (protocol lines: registration, PONG, PING)."""
-        line = format_irc_line(command, *params)
-        if log.isEnabledFor(logging.DEBUG):
-            shown = line if command not in ("PASS", "AUTHENTICATE") else command.encode()
-            log.debug("irc -> %s", shown.rstrip().decode("utf-8", "replace"))
-        self._outbuf += line
-
-    def _enqueue(self, command, target, texts):
-        """Queue lines for the flood limiter; False (and nothing queued) when it is full."""
-        if len(self._queue) + len(texts) > IRC_MAX_QUEUE:
-            self._warnings.warn("irc: %d lines already wait to be sent; dropped the answer to "
-                                "%s", len(self._queue), target)
-            return False
-        self._queue += [format_irc_line(command, target, text, trailing=True)
-                        for text in texts]
-        return True
-
-    def _flush(self):
-        while self._outbuf:
-            try:
-                sent = self._sock.send(self._outbuf)
-            except self._want:
-                break
-            self._outbuf = self._outbuf[sent:]
-        if len(self._outbuf) > IRC_MAX_OUTPUT:
-            raise _SessionEnd("the server reads nothing of what we send")
-
-    def _quit(self):
-        """Say QUIT and give the server IRC_QUIT_GRACE seconds to take it and hang up."""
-        self._queue = []
-        self._outbuf += format_irc_line("QUIT", IRC_QUIT_MESSAGE, trailing=True)
-        deadline = time.monotonic() + IRC_QUIT_GRACE
-        with contextlib.suppress(OSError, _SessionEnd), selectors.DefaultSelector() as selector:
-            selector.register(self._sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-            while time.monotonic() < deadline:
-                self._flush()
-                if not self._outbuf:
-                    break
-                selector.select(deadline - time.monotonic())
-            selector.modify(self._sock, selectors.EVENT_READ)
-            while time.monotonic() < deadline:     # until the server's ERROR and EOF
-                selector.select(deadline - time.monotonic())
-                for _ in range(IRC_READ_BATCH):
-                    try:
-                        if not self._sock.recv(RECV_SIZE):
-                            return
-                    except self._want:
-                        break
-
-    # -- registration ----------------------------------------------------------------------
-
-    def _register(self):
-        if self.account:
-            self._send("CAP", "LS", "302")
-            self._cap_pending = True
-            self._cap_due = time.monotonic() + self.cap_wait
-        if self._server_password:
-            self._send("PASS", self._server_password)
-        self._send("NICK", self.nick)
-        self._send("USER", IRC_USER, "0", "*", self.realname)
-
-    def _cap_end(self):
-        if self._cap_pending:
-            self._cap_pending = False
-            self._send("CAP", "END")
-
-    def _on_ping(self, message):
-        self._send("PONG", message.params[-1] if message.params else "")
-
-    def _on_welcome(self, message):
-        if self.account and not (self._logged_in or self._sasl_failed):
-            self._no_sasl("the server welcomed us without answering CAP LS (no IRCv3 "
-                          "capabilities)")
-        self.registered = True
-        self._welcomed_at = time.monotonic()
-        self._told.clear()
-        self._cap_pending = False
-        if message.params and _IRC_NICK.match(message.params[0]):
-            self.nick = message.params[0]
-        log.info("irc: registered on %s as %s", format_address(self.address), self.nick)
-        self._join_due = time.monotonic() + self.join_wait
-
-    def _on_end_of_motd(self, message):
-        """376 (end of the MOTD) or 422 (no MOTD): registration is over, and the 005 lines
-        with it."""
-        if self.registered:
-            self._settle()
-
-    def _settle(self):
-        """Once registered and the 005 lines read: the bot mode, the channels, and watching
-        for the wanted nick if we are under another one."""
-        self._join_due = None
-        if self._settled:
-            return
-        self._settled = True
-        if self._bot_mode:
-            self._send("MODE", self.nick, "+" + self._bot_mode)
-        channels = []
-        for channel in self.channels:
-            if channel[0] in self._chantypes:
-                channels.append(channel)
-            else:
-                log.warning("irc: %s is no channel name here (CHANTYPES=%s); not joining it",
-                            channel, self._chantypes)
-        while channels:                 # as few JOIN lines as fit, through the limiter
-            batch = [channels.pop(0)]
-            while (channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES
-                   and len(batch) < (self._join_max or len(self.channels))):
-                batch.append(channels.pop(0))
-            self._queue.append(format_irc_line("JOIN", ",".join(batch)))
-        if self.nicklen and len(self.wanted_nick) > self.nicklen:
-            self._reclaimable = False          # the server could never give it to us
-        if not self._is_me(self.wanted_nick) and self._reclaimable:
-            if self._monitor:
-                self._send("MONITOR", "+", self.wanted_nick)
-            else:
-                self._reclaim_due = time.monotonic()
-
-    def _on_isupport(self, message):
-        for token in message.params[1:-1]:
-            key, _, value = token.partition("=")
-            key = key.upper()
-            if key == "NICKLEN" and value.isdigit() and int(value) > 0:
-                self.nicklen = int(value)
-            elif key == "CASEMAPPING" and value:
-                self.casemapping = value.lower()
-                self._joined = {self._fold(channel): channel
-                                for channel in self._joined.values()}
-            elif key == "CHANTYPES":
-                self._chantypes = value
-            elif key == "TARGMAX":
-                for limit in value.split(","):
-                    command, _, count = limit.partition(":")
-                    if command.upper() == "JOIN" and count.isdigit() and int(count) > 0:
-                        self._join_max = int(count)
-            elif key == "MONITOR":
-                self._monitor = True
-            elif key == "BOT" and value:
-                self._bot_mode = value[0]
-
-    # -- taking the wanted nick back -------------------------------------------------------
-
-    def _reclaim(self):
-        """The wanted nick looks free: ask for it, through the flood limiter, and not again
-        before the server has answered (a user toggling that nick cannot make us flood)."""
-        if (not self._is_me(self.wanted_nick) and self._reclaimable and self.registered
-                and not self._reclaiming):
-            self._reclaiming = True
-            self._queue.append(format_irc_line("NICK", self.wanted_nick))
-
-    def _on_ison(self, message):
-        """303: which of the nicks we asked about are online."""
-        online = {self._fold(nick) for nick in (message.params[-1] if message.params
-                                                 else "").split()}
-        if self._fold(self.wanted_nick) not in online:
-            self._reclaim()
-
-    def _on_monitor_offline(self, message):
-        """731: MONITORed nicks that went (or are) offline."""
-        nicks = [target.split("!")[0] for target in (message.params[-1] if message.params
-                                                      else "").split(",")]
-        if self._fold(self.wanted_nick) in map(self._fold, nicks):
-            self._reclaim()
-
-    def _on_quit(self, message):
-        if self._fold(message.nick) == self._fold(self.wanted_nick):
-            self._reclaim()
-
-    def _on_try_again(self, message):
-        """263: the server is too busy for what we asked; during registration, come back
-        later on its terms."""
-        if not self.registered:
-            raise _SessionEnd("the server asks us to try again later: %s"
-                              % (message.params[-1] if message.params else ""),
-                              pause="throttle")
-
-    def _on_nick_refused(self, message):
-        """433 (in use), 436 (collision), 437 (unavailable) and 432 (erroneous)."""
-        if self.registered:
-            if len(message.params) > 1 and self._fold(message.params[1]) == \
-                    self._fold(self.wanted_nick):
-                log.debug("irc: %s is still taken", self.wanted_nick)   # reclaim: later
-                self._reclaiming = False
-            else:
-                log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
-            return
-        if len(self._nicks_tried) > IRC_NICK_TRIES:
-            raise _SessionEnd("no nick accepted after %d tries (%s)"
-                              % (len(self._nicks_tried), ", ".join(self._nicks_tried)))
-        refused = self.nick
-        if message.command == "432":       # bad shape or too long: change the shape
-            self._reclaimable = False
-            self._nick_limit = self.nicklen or IRC_DEFAULT_NICKLEN
-            self._nick_base = reshape_nick(self._nick_base, self._nick_limit)
-        limit = self.nicklen or self._nick_limit
-        nick, attempt = self._nick_base, 0
-        while nick in self._nicks_tried:
-            attempt += 1
-            nick = alternate_nick(self._nick_base, attempt, limit)
-        self._nicks_tried.append(nick)
-        self.nick = nick
-        log.info("irc: nick %s refused (%s %s); trying %s", refused, message.command,
-                 message.params[-1] if message.params else "", nick)
-        self._send("NICK", nick)
-
-    def _on_error(self, message):
-        reason = message.params[-1] if message.params else ""
-        if IRC_BANNED.search(reason):
-            self._banned(reason)
-        if IRC_THROTTLED.search(reason):
-            raise _SessionEnd("the server throttles our connections: ERROR %s" % reason,
-                              pause="throttle")
-        raise _SessionEnd("the server closed the link: ERROR %s" % reason)
-
-    def _on_refused(self, message):
-        """464 (bad server password), 465 (banned): no point in coming back soon."""
-        reason = message.params[-1] if message.params else ""
-        if message.command == "464":
-            reason = "it refused the server password: " + reason
-        self._banned(reason)
-
-    def _banned(self, reason):
-        self._tell_once("ban", "irc: %s banned us: %s; trying again in about %d minutes",
-                        format_address(self.address), reason, self.ban_delay // 60)
-        raise _SessionEnd("banned: %s" % reason, pause="ban", logged=True)
-
-    def _on_not_registered(self, message):
-        log.warning("irc: sent a command before 001 (a bug): %s", " ".join(message.params))
-
-    # -- CAP and SASL ----------------------------------------------------------------------
-
-    def _on_cap(self, message):
-        params = message.params
-        if len(params) < 3:
-            return
-        sub = params[1].upper()
-        if not self._cap_pending:
-            return                        # we asked nothing (more): nothing to answer
-        if sub == "LS":
-            for cap in params[-1].split():          # bounded, but sasl is always kept
-                name, _, value = cap.partition("=")
-                if name.lower() == "sasl" or len(self._caps) < IRC_MAX_CAPS:
-                    self._caps[name.lower()] = value
-            if len(params) >= 4 and params[2] == "*":
-                return                    # more CAP LS lines follow (302)
-            self._cap_due = None
-            mechanisms = self._caps.get("sasl")
-            if mechanisms is None:
-                self._no_sasl("the server offers no SASL (CAP LS: %s)"
-                              % (" ".join(sorted(self._caps)) or "nothing"))
-            elif mechanisms and "PLAIN" not in mechanisms.upper().split(","):
-                self._no_sasl("the server's SASL has no PLAIN (%s)" % mechanisms)
-            else:
-                self._send("CAP", "REQ", "sasl")
-        elif sub == "ACK" and "sasl" in params[-1].lower().split():
-            self._sasl_started = True
-            self._send("AUTHENTICATE", "PLAIN")
-        elif sub == "NAK":
-            self._no_sasl("the server refused the capability %s" % params[-1])
-
-    def _on_unknown_command(self, message):
-        """421: a server without IRCv3 does not know CAP."""
-        if len(message.params) > 1 and message.params[1].upper() == "CAP" and self.account:
-            self._no_sasl("the server does not know CAP (no IRCv3 capabilities)")
-
-    def _no_sasl(self, why):
-        """The login as `account` cannot happen on this connection: say so once, at ERROR;
-        then go on without it, or (require_sasl) leave and back off."""
-        self._cap_due = None
-        if self._sasl_failed or self._logged_in:
-            return
-        self._sasl_failed = True
-        self._tell_once("sasl", "irc: not logged in as %s on %s: %s; %s", self.account,
-                        format_address(self.address), why,
-                        "disconnecting (--irc-require-sasl)" if self.require_sasl else
-                        "going on without the account (--irc-require-sasl refuses that)")
-        if self.require_sasl:
-            raise _SessionEnd("not logged in as %s" % self.account, logged=True)
-        self._cap_end()
-
-    def _on_authenticate(self, message):
-        if message.params[:1] != ["+"] or not self._sasl_started:
-            return
-        self._sasl_started = False          # the password goes once, and only when asked
-        import base64
-        payload = base64.b64encode(("\0%s\0%s" % (self.account, self._password))
-                                   .encode("utf-8")).decode("ascii")
-        chunks = [payload[start:start + 400] for start in range(0, len(payload), 400)]
-        for chunk in chunks:
-            self._send("AUTHENTICATE", chunk)
-        if len(chunks[-1]) == 400:
-            self._send("AUTHENTICATE", "+")
-
-    def _on_sasl_done(self, message):
-        """903 success, 907 already logged in, 902/904/905/906 failure: CAP END in any case."""
-        reason = message.params[-1] if message.params else ""
-        if message.command in ("903", "907"):
-            self._logged_in = True
-            log.info("irc: SASL login as %s: %s", self.account, reason)
-            self._cap_end()
-        else:
-            self._no_sasl("the login was refused (%s %s)" % (message.command, reason))
-
-    # -- channels and messages -------------------------------------------------------------
-
-    def _fold(self, text):
-        return irc_lower(text, self.casemapping)
-
-    def _is_me(self, nick):
-        return self._fold(nick) == self._fold(self.nick)
-
-    def _on_nick(self, message):
-        if not message.params:
-            return
-        if self._is_me(message.nick) and _IRC_NICK.match(message.params[0]):
-            self.nick = message.params[0]
-            self._reclaiming = False
-            if self._is_me(self.wanted_nick) and self.registered:
-                log.info("irc: took the nick %s back", self.nick)
-                self._reclaim_due = None
-                if self._monitor:
-                    self._send("MONITOR", "-", self.wanted_nick)
-        elif self._fold(message.nick) == self._fold(self.wanted_nick):
-            self._reclaim()                # its holder took another nick
-
-    def _on_join(self, message):
-        if message.params and self._is_me(message.nick):
-            for channel in message.params[0].split(","):
-                if len(self._joined) >= IRC_MAX_CHANNELS:
-                    self._warnings.warn("irc: in %d channels already; not answering in %s",
-                                        len(self._joined), channel[:64])
-                    break
-                self._joined[self._fold(channel)] = channel
-                log.info("irc: joined %s", channel)
-
-    def _on_part(self, message):
-        if message.params and self._is_me(message.nick):
-            for channel in message.params[0].split(","):
-                self._joined.pop(self._fold(channel), None)
-
-    def _on_kick(self, message):
-        if len(message.params) >= 2 and self._is_me(message.params[1]):
-            self._joined.pop(self._fold(message.params[0]), None)
-            log.warning("irc: %s kicked us from %s: %s", message.nick, message.params[0],
-                        message.params[-1])
-
-    def _on_cannot_join(self, message):
-        log.warning("irc: cannot join %s: %s", " ".join(message.params[1:-1]),
-                    message.params[-1] if message.params else "")
-
-    def _on_privmsg(self, message):
-        """PRIVMSG to us: the text is a user name (or a CTCP); in a joined channel we answer
-        "NICK: NAME" and "NICK, NAME".  Our own messages are never answered, nor NOTICEs
-        (RFC 1459 4.4.2: no automatic replies to NOTICE), which have no handler at all.
-        Text of more than one word is no user name and gets no answer: as every answer has
-        several words, two bots (or a bot and a service) can never answer each other forever."""
-        if len(message.params) < 2 or not self.registered:
-            return
-        target, text, sender = message.params[0], message.params[-1], message.nick
-        if not _IRC_NICK.match(sender) or self._is_me(sender):
-            return                 # a server, or no nick we could send an answer to
-        if self._is_me(target):
-            if text.startswith("\x01"):
-                self._ctcp(sender, text)
-            elif len(text.split()) == 1:
-                self._answer(sender, sender, text.strip())
-        elif self._fold(target) in self._joined and not text.startswith("\x01"):
-            mention = _IRC_MENTION.match(text.strip())
-            if mention and self._is_me(mention.group(1)):
-                self._answer(sender, target, mention.group(2), prefix=sender + ": ")
-
-    def _answer(self, sender, target, name, prefix=""):
-        try:
-            status = self.db.get_user(name)
-            outcome = "unknown" if status is None else "ok"
-        except Exception:
-            log.exception("irc: back-end failed answering %r", name)
-            status, outcome = INTERNAL_ERROR, "error"
-        text = defang("%sStatus of %s: %s" % (prefix, name, NO_SUCH_USER if status is None
-                                               else status))
-        room = (IRC_MAX_LINE - IRC_RELAY_ROOM
-                - len(("PRIVMSG %s :\r\n" % target).encode("utf-8")))
-        lines = split_irc_text(text, min(IRC_SPLIT_BYTES, room))
-        if len(lines) > IRC_MAX_REPLY_LINES:
-            lines = lines[:IRC_MAX_REPLY_LINES]
-            lines[-1] += " [...]"
-        if not self._enqueue("PRIVMSG", target, lines):
-            outcome = "dropped"
-        self.counts[outcome] += 1
-        query_log.record("irc", sender if target == sender else "%s in %s" % (sender, target),
-                         name, outcome)
-
-    def _ctcp(self, sender, text):
-        """CTCP VERSION and PING are answered by NOTICE; other CTCPs are ignored."""
-        command, _, argument = text.strip("\x01").partition(" ")
-        command = command.upper()
-        if command == "VERSION":
-            reply = "VERSION finger.py %s (the Twisted finger tutorial's bot, Python %d.%d)" % (
-                __version__, sys.version_info[0], sys.version_info[1])
-        elif command == "PING":
-            reply = ("PING " + argument.replace("\x01", "")[:IRC_CTCP_ECHO]).rstrip()
-        else:
-            return
-        if self._enqueue("NOTICE", sender, ["\x01%s\x01" % defang(reply)]):
-            self.counts["ctcp"] += 1
-
-    _HANDLERS = {
-        "PING": _on_ping, "001": _on_welcome, "005": _on_isupport,
-        "432": _on_nick_refused, "433": _on_nick_refused, "436": _on_nick_refused,
-        "437": _on_nick_refused, "ERROR": _on_error, "464": _on_refused, "465": _on_refused,
-        "451": _on_not_registered, "CAP": _on_cap, "AUTHENTICATE": _on_authenticate,
-        "902": _on_sasl_done, "903": _on_sasl_done, "904": _on_sasl_done,
-        "905": _on_sasl_done, "906": _on_sasl_done, "907": _on_sasl_done,
-        "376": _on_end_of_motd, "422": _on_end_of_motd, "263": _on_try_again,
-        "303": _on_ison, "731": _on_monitor_offline, "QUIT": _on_quit,
-        "421": _on_unknown_command,
-        "NICK": _on_nick, "JOIN": _on_join, "PART": _on_part, "KICK": _on_kick,
-        "403": _on_cannot_join, "405": _on_cannot_join, "471": _on_cannot_join,
-        "473": _on_cannot_join, "474": _on_cannot_join, "475": _on_cannot_join,
-        "PRIVMSG": _on_privmsg,
-    }
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -3933,7 +3933,7 @@ class TestIRCBot(unittest.TestCase):
         started = time.monotonic()
         bot.stop()                                        # prompt, even in a 60 s back-off
         self.assertLess(time.monotonic() - started, 1.0)
-        self.assertIsNone(bot._wake)
+        self.assertTrue(bot.loop.closed)
 
     def test_error_reason_is_logged(self):
         server, bot = registered_irc_bot(self)
@@ -4149,7 +4149,7 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
                         ":dave!d@h PRIVMSG fingerbot :shawn")
             self.assertEqual(server.expect(r"^(PRIVMSG|CAP|NOTICE)"),
                              "PRIVMSG dave :Status of shawn: alive")
-        self.assertEqual(bot._caps, {})                    # nothing asked, nothing kept
+        self.assertEqual(bot.session._caps, {})            # nothing asked, nothing kept
         self.assertFalse([line for line in logs.output if "ERROR" in line], logs.output)
         for number in range(finger.IRC_MAX_CHANNELS + 10):
             server.send(":fingerbot!f@h JOIN #c%d" % number)
@@ -4192,7 +4192,7 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
         server.send(":irc.test CAP * LS * :" + " ".join("c%d" % n for n in range(300)),
                     ":irc.test CAP * LS :sasl")
         server.expect(r"^CAP REQ sasl")                     # the 301st is still seen
-        self.assertEqual(len(bot._caps), finger.IRC_MAX_CAPS + 1)
+        self.assertEqual(len(bot.session._caps), finger.IRC_MAX_CAPS + 1)
 
     def test_a_user_toggling_the_nick_cannot_make_the_bot_flood(self):
         server = ScriptedIRCServer(self)
