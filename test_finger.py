@@ -1476,6 +1476,108 @@ class TestWebSite(unittest.TestCase):
         self.assertEqual(http(self.address, "GET", "/moshez")[0], 200)
 
 
+class TestHTTPSession(unittest.TestCase):
+    """The web's HTTP on a connection, without a socket: bytes in, answers out."""
+
+    def setUp(self):
+        self.db = finger.MemoryDatabase({"moshez": "Happy and well", "shawn": "alive"})
+        self.protocol = finger.HTTPProtocol(finger.WebSite(self.db))
+        self.session = self.protocol.new_session(("192.0.2.1", 4000))
+
+    def statuses(self, data):
+        return [int(code) for code in re.findall(rb"(?m)^HTTP/1\.1 (\d{3}) ", data)]
+
+    def test_pipelined_requests_are_answered_in_order(self):
+        answer = self.session.feed(b"GET /moshez HTTP/1.1\r\nHost: x\r\n\r\n"
+                                   b"GET /nobody HTTP/1.1\r\nHost: x\r\n\r\n"
+                                   b"GET /shawn HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.statuses(answer), [200, 404, 200])
+        self.assertLess(answer.index(b"Happy and well"), answer.index(b"alive"))
+        self.assertTrue(self.session.idle)
+        self.assertFalse(self.session.pending or self.session.closing)
+
+    def test_a_request_dribbled_byte_by_byte_is_answered_once_whole(self):
+        request = b"GET /moshez HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n" % (b"p" * 3000)
+        for byte in range(len(request) - 1):
+            self.assertEqual(self.session.feed(request[byte:byte + 1]), b"")
+            self.assertFalse(self.session.idle)             # the deadline is not restarted
+        self.assertEqual(self.statuses(self.session.feed(request[-1:])), [200])
+        self.assertTrue(self.session.idle)
+
+    def test_slow_requests_wait_for_a_worker(self):
+        call = (b"<?xml version='1.0'?><methodCall><methodName>getUser</methodName><params>"
+                b"<param><value><string>moshez</string></value></param></params></methodCall>")
+        answer = self.session.feed(b"GET /shawn HTTP/1.1\r\n\r\nPOST /RPC2 HTTP/1.1\r\n"
+                                   b"Content-Length: %d\r\n\r\n" % len(call) + call)
+        self.assertEqual(self.statuses(answer), [200])      # what is quick, now
+        self.assertTrue(self.session.pending and self.session.slow)
+        answer = self.session.resume()                      # what a worker runs
+        self.assertEqual(self.statuses(answer), [200])
+        self.assertIn(b"Happy and well", answer)
+        self.assertFalse(self.session.pending)
+
+    def test_answers_to_a_pipelined_flood_come_a_batch_at_a_time(self):
+        self.db.set_user("big", "b" * 8000)
+        answer = self.session.feed(b"GET /big HTTP/1.1\r\n\r\n" * 100)
+        self.assertLess(len(answer), finger.HTTP_BATCH + 10000)
+        self.assertTrue(self.session.pending)
+        answers = [answer]
+        while self.session.pending:
+            answers.append(self.session.resume())
+        self.assertEqual(len(self.statuses(b"".join(answers))), 100)
+
+    def test_100_continue_comes_before_the_body(self):
+        answer = self.session.feed(b"POST /RPC2 HTTP/1.1\r\nExpect: 100-continue\r\n"
+                                   b"Content-Length: 10\r\n\r\n")
+        self.assertEqual(answer, b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertFalse(self.session.idle)
+
+    def test_a_head_without_end_is_refused_past_its_limit(self):
+        self.assertEqual(self.session.feed(b"GET / HTTP/1.1\r\n"), b"")
+        answer = self.session.feed(b"X: " + b"y" * finger.MAX_REQUEST_HEAD)
+        self.assertEqual(self.statuses(answer), [431])
+        self.assertTrue(self.session.closing)
+
+
+class TestLoop(unittest.TestCase):
+    def run_loop(self, loop, seconds=TIMEOUT):
+        guard = loop.call_later(seconds, loop.stop)
+        loop.run()
+        guard.cancel()
+        loop.close()
+
+    def test_timers_run_in_order_and_move(self):
+        loop = finger.Loop("test")
+        ran = []
+        later = loop.call_later(0.01, ran.append, "moved later")
+        loop.call_later(0.02, ran.append, "second")
+        earlier = loop.call_later(0.5, ran.append, "moved earlier")
+        cancelled = loop.call_later(0.01, ran.append, "cancelled")
+        loop.schedule(later, 0.03)
+        loop.schedule(earlier, 0.0)
+        cancelled.cancel()
+        loop.call_later(0.04, loop.stop)
+        self.run_loop(loop)
+        self.assertEqual(ran, ["moved earlier", "second", "moved later"])
+
+    def test_calls_from_other_threads_and_workers_come_back_to_the_loop(self):
+        loop = finger.Loop("test")
+        seen = []
+
+        def done(future):
+            seen.append((future.result().name, threading.current_thread().name))
+            loop.stop()
+
+        def from_another_thread():
+            loop.call_soon(loop.run_in_worker, threading.current_thread, (), done)
+
+        threading.Thread(target=from_another_thread, name="other").start()
+        self.run_loop(loop)
+        (worker, ran_in), = seen
+        self.assertIn("worker", worker)                         # ran in the pool
+        self.assertEqual(ran_in, threading.current_thread().name)   # answered on the loop
+
+
 class TestWebLimitsAndTemplates(unittest.TestCase):
     def test_connection_cap_answers_503(self):
         service = web_service(self, max_connections=2)
@@ -1485,6 +1587,24 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
         idle[0].close()
         wait_until(lambda: service.open_connections() == 1)
         self.assertEqual(http(service.address, "GET", "/")[0], 200)
+
+    def test_idle_keep_alive_connections_take_no_thread_each(self):
+        service = web_service(self)
+        threads = threading.active_count()
+        idle = [connect(self, service.address) for _ in range(300)]     # more than 256
+        wait_until(lambda: service.open_connections() == len(idle))
+        self.assertEqual(http(service.address, "GET", "/moshez")[0], 200)
+        self.assertLessEqual(threading.active_count(), threads + 1)
+
+    def test_a_slow_back_end_holds_only_its_own_request(self):
+        db = SlowDatabase()
+        service = web_service(self, db=db)
+        slow = connect(self, service.address)
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))      # in a worker now
+        self.assertEqual(http(service.address, "GET", "/moshez")[0], 200)
+        db.release.set()
+        self.assertIn(b"finally", read_to_end(slow))
 
     def test_idle_connection_times_out(self):
         service = web_service(self, timeout=0.2)
@@ -1917,9 +2037,18 @@ class TestHTTPS(unittest.TestCase):
         for _ in range(5):
             connect(self, service.address).sendall(b"\x16\x03\x01")   # half a ClientHello
         wait_until(lambda: service.open_connections() == 5)
+        started = time.monotonic()
         service.stop()
-        wait_until(lambda: not [thread for thread in threading.enumerate()
-                                if "process_request_thread" in thread.name])
+        self.assertLess(time.monotonic() - started, finger.STOP_GRACE + 1)
+        self.assertEqual(service.open_connections(), 0)
+
+    def test_a_stalled_handshake_holds_no_one_else(self):
+        service = web_service(self, cert=self.pem, name="https")
+        stalled = [connect(self, service.address) for _ in range(20)]
+        for sock in stalled:
+            sock.sendall(b"\x16\x03\x01")                   # half a ClientHello each
+        self.assertEqual(http(service.address, "GET", "/moshez",
+                              context=self.client_context())[0], 200)
 
     def test_reload_picks_up_a_renewed_certificate(self):
         import ssl
@@ -3670,6 +3799,63 @@ class TestIRCHelpers(unittest.TestCase):
         with self.assertRaises(finger.UsageError):      # a password with no account
             finger.irc_bot_from_options(self.irc_options(
                 "--irc", "irc.example", "--irc-password-file", path), db, environ={})
+
+
+class TestIRCSession(unittest.TestCase):
+    """The bot's IRC without a socket and on a clock the test drives."""
+
+    def session(self, **options):
+        bot = finger.IRCBot(finger.MemoryDatabase({"moshez": "Happy and well"}), "127.0.0.1",
+                            **options)
+        return finger.IRCSession(bot, now=1000.0)
+
+    def lines(self, session, now):
+        data, due = session.step(now)
+        return data.decode().splitlines(), due
+
+    def welcome(self, session, now=1000.0):
+        session.feed(b":irc.test 001 fingerbot :Welcome\r\n:irc.test 376 fingerbot :End\r\n",
+                     now)
+
+    def test_registration_and_the_welcome_deadline(self):
+        session = self.session(register_timeout=30)
+        lines, due = self.lines(session, 1000.0)
+        self.assertEqual(lines, ["NICK fingerbot", "USER finger 0 * :finger.py bot"])
+        self.assertEqual(due, 30)
+        with self.assertRaisesRegex(finger._SessionEnd, "no welcome"):
+            session.step(1030.0)
+
+    def test_ping_pong_and_the_keepalive(self):
+        session = self.session(keepalive=120, keepalive_timeout=60)
+        self.welcome(session)
+        session.feed(b"PING :irc.test\r\n", 1000.0)
+        self.assertIn("PONG irc.test", self.lines(session, 1000.0)[0])
+        self.assertEqual(self.lines(session, 1119.0), ([], 1.0))     # not silent for long
+        self.assertEqual(self.lines(session, 1120.0), (["PING finger.py"], 60))
+        with self.assertRaisesRegex(finger._SessionEnd, "no answer to our PING"):
+            session.step(1180.0)
+
+    def test_answers_go_through_the_flood_limiter(self):
+        session = self.session(burst=2, line_interval=2.0)
+        self.welcome(session)
+        self.lines(session, 1000.0)
+        for n in range(4):
+            session.feed(b":dave%d!d@h PRIVMSG fingerbot :moshez\r\n" % n, 1000.0)
+        lines, due = self.lines(session, 1000.0)
+        self.assertEqual(lines, ["PRIVMSG dave0 :Status of moshez: Happy and well",
+                                 "PRIVMSG dave1 :Status of moshez: Happy and well"])
+        self.assertEqual(due, 2.0)
+        self.assertEqual(self.lines(session, 1001.0)[0], [])
+        self.assertEqual(len(self.lines(session, 1002.0)[0]), 1)
+        self.assertEqual(len(self.lines(session, 1004.0)[0]), 1)
+
+    def test_sasl_gives_up_when_cap_ls_goes_unanswered(self):
+        session = self.session(account="fingerbot", password="pw", cap_wait=5)
+        lines, due = self.lines(session, 1000.0)
+        self.assertEqual(lines[0], "CAP LS 302")
+        self.assertEqual(due, 5)
+        with self.assertLogs("finger", "ERROR"):
+            self.assertEqual(self.lines(session, 1005.0)[0], ["CAP END"])
 
 
 class TestIRCBot(unittest.TestCase):
