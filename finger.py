@@ -2842,6 +2842,8 @@ class WebSite:
         self.title = title
         self.rpc = self._make_rpc_dispatcher()
         self._users_page = None        # (db version, WebResponse)
+        self._pages, self._pages_bytes = {}, 0    # name -> WebResponse of its page
+        self._pages_for = None, None   # (db version, templates) of those pages
         self._last_modified = None, None   # (db.changed_at, as an HTTP date)
 
     def _make_rpc_dispatcher(self):
@@ -3035,6 +3037,25 @@ class WebSite:
                          count=str(len(items)))
 
     def user_page(self, name):
+        """A user's page.  Pages are remembered per version of the users and of the
+        templates (at most MAX_REPLY_CACHE_BYTES of them), as finger answers are: most
+        requests are for the same few names."""
+        version = getattr(self.db, "version", None)
+        if version is not None:
+            if self._pages_for[0] != version or self._pages_for[1] is not self.templates:
+                self._pages, self._pages_bytes = {}, 0
+                self._pages_for = version, self.templates
+            page = self._pages.get(name)
+            if page is not None:
+                return page
+        page = self._user_page(name)
+        if (version is not None and version == self.db.version and page.status == 200
+                and self._pages_bytes + len(page.body) <= MAX_REPLY_CACHE_BYTES):
+            self._pages[name] = page
+            self._pages_bytes += len(page.body)
+        return page
+
+    def _user_page(self, name):
         from html import escape
         status = self.db.get_user(name)
         if status is None:
@@ -3228,7 +3249,6 @@ class WebRequest:
 
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.1"   # errors before the version is read get one
-    server_version = "finger.py/" + __version__
 
     def __init__(self, protocol, peer, head, first):
         import io
@@ -3327,25 +3347,23 @@ class WebRequest:
 
     def respond(self, response, with_body=True, close=False):
         """Write `response` (a WebResponse) with the headers every answer has."""
-        from http import HTTPStatus
         if close:
             self.close_connection = True
         if self.request_version != "HTTP/0.9":      # which has no status line nor headers
-            headers = dict([("Content-Type", response.content_type)] + (
-                [] if response.status == 304 else       # a 304's length would be the page's
-                [("Content-Length", str(len(response.body)))]) + [
-                ("X-Content-Type-Options", "nosniff"),
-                ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
-                ("Referrer-Policy", "no-referrer")] + self.protocol.headers + response.headers)
-            headers.setdefault("Cache-Control", WEB_CACHE if response.status < 400
-                               else "no-store")
+            extra = self.protocol.headers + response.headers
+            head = ["HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\n" % (
+                response.status, _status_phrase(response.status), _http_now(),
+                response.content_type)]
+            if response.status != 304:             # a 304's length would be the page's
+                head.append("Content-Length: %d\r\n" % len(response.body))
+            if not any(name == "Cache-Control" for name, _ in extra):
+                head.append("Cache-Control: %s\r\n" % (WEB_CACHE if response.status < 400
+                                                        else "no-store"))
+            head.extend("%s: %s\r\n" % item for item in extra)
             if self.close_connection:
-                headers["Connection"] = "close"
-            lines = ["%s %d %s" % (self.protocol_version, response.status,
-                                   HTTPStatus(response.status).phrase),
-                     "Server: " + self.server_version, "Date: " + _http_now()]
-            lines.extend("%s: %s" % item for item in headers.items())
-            self.out.append(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                head.append("Connection: close\r\n")
+            head.append(_FIXED_HEADERS)
+            self.out.append("".join(head).encode("latin-1"))
         if with_body:
             self.out.append(response.body)
         self.protocol.latency.observe(time.monotonic() - self.started)
@@ -3364,6 +3382,15 @@ class WebRequest:
 
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+_FIXED_HEADERS = ("Server: finger.py/%s\r\nX-Content-Type-Options: nosniff\r\n"
+                  "Content-Security-Policy: %s\r\nReferrer-Policy: no-referrer\r\n\r\n"
+                  % (__version__, CONTENT_SECURITY_POLICY))
+
+
+@functools.lru_cache(maxsize=None)
+def _status_phrase(status):
+    from http import HTTPStatus
+    return HTTPStatus(status).phrase
 
 
 class HTTPSession(Session):
