@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: how fast, how big and how steady finger.py's server is, on this machine,
 as shipped: every finger.py server runs with its default options, plus only what a row needs
-(its ports, the users file, and the two limits the idle-connection rows need).
+(its ports, the users file, and the two limits each idle-connection row needs).
 
     python3 bench/bench.py            # 3 runs, about 3 minutes; prints one Markdown table
     python3 bench/bench.py --quick    # 1 short run, a smoke test (under a minute)
@@ -9,11 +9,12 @@ as shipped: every finger.py server runs with its default options, plus only what
 
 Every figure is the median over the runs, with the min-max beside it; the stall rows of the
 reload section are judged on the worst run.  The throughput rows (bare server, finger with
-and without --log-queries, idle connections, web) run the server on one CPU and the load
-generator (bench/load.py) on the others, when the machine has two or more.  The reload
-section runs the way an outsider would see it: server and client unpinned, the server with
-the web site, Perspective Broker and the TCP setter on, one client asking for random users
-while the 1,000,000-line users file is replaced, reloaded by SIGHUP and written by the setter.
+and without --log-queries, idle connections, web and its bare `http.server` baseline,
+bench/bare_http.py) run the server on one CPU and the load generator (bench/load.py) on the
+others, when the machine has two or more.  The reload section runs the way an outsider
+would see it: server and client unpinned, the server with the web site, Perspective Broker
+and the TCP setter on, one client asking for random users while the 1,000,000-line users
+file is replaced, reloaded by SIGHUP and written by the setter.
 Loopback only (127.0.0.1); every load is bounded in count and time; every process the
 bench starts is stopped by its PID.  It reports and never fails: the exit status is 0 once
 the table is printed, whatever the figures are.  Linux only (it reads /proc).
@@ -39,6 +40,7 @@ ROOT = os.path.dirname(HERE)
 FINGER = os.path.join(ROOT, "finger.py")
 LOAD = os.path.join(HERE, "load.py")
 BARE = os.path.join(HERE, "bare_server.py")
+BARE_HTTP = os.path.join(HERE, "bare_http.py")
 PYTHON = sys.executable          # the real interpreter, not a wrapper script around it
 HOST = "127.0.0.1"
 NAMES = "u%07d"                  # user names in the generated users files
@@ -595,20 +597,63 @@ def web_server(users, tmp, cpu):
         "--web", HOST + ":{port}"], cpu, tmp)
 
 
+WEB_PATHS = (("web_name", "/{name}"), ("web_index", "/"))
+
+
 def section_web(m, s, plan, files, tmp):
-    """/NAME and / with 50 keep-alive clients; XML-RPC getUser over one connection."""
+    """/NAME and / with 50 keep-alive clients: first against the bare `http.server` baseline
+    (bench/bare_http.py, rows bare_web_*), then against finger.py's web site, on the same
+    CPU in the same run; XML-RPC getUser over one connection."""
     server_cpu, load_cpus = plan
     names = "%s:%d" % (NAMES, s.small_users)
-    with web_server(files["small"], tmp, server_cpu) as server:
-        def load(prefix, concurrency, *extra):
-            record_load(m, prefix, run_load(server, load_cpus, names, concurrency, s.warmup,
-                                            s.window, extra=extra))
 
-        step(m, "web_name", load, "web_name", s.concurrency, "--mode", "http",
-             "--paths", "/{name}")
-        step(m, "web_index", load, "web_index", s.concurrency, "--mode", "http",
-             "--paths", "/")
-        step(m, "xmlrpc", load, "xmlrpc", 1, "--mode", "xmlrpc")
+    def load(server, prefix, concurrency, *extra):
+        record_load(m, prefix, run_load(server, load_cpus, names, concurrency, s.warmup,
+                                        s.window, extra=extra))
+
+    with Server("bare_http.py", [PYTHON, BARE_HTTP, "--users", files["small"], "--port",
+                                 "{port}"], server_cpu, tmp) as bare:
+        for prefix, path in WEB_PATHS:
+            step(m, "bare_" + prefix, load, bare, "bare_" + prefix, s.concurrency,
+                 "--mode", "http", "--paths", path)
+    with web_server(files["small"], tmp, server_cpu) as server:
+        for prefix, path in WEB_PATHS:
+            step(m, prefix, load, server, prefix, s.concurrency, "--mode", "http",
+                 "--paths", path)
+        step(m, "xmlrpc", load, server, "xmlrpc", 1, "--mode", "xmlrpc")
+
+
+def section_web_idle(m, s, plan, files, tmp):
+    """The web site with 10,000 idle keep-alive connections open (load.py --idle: connected,
+    and accepted by the server, before the load starts): a new /NAME request from one
+    client (w10k), then /NAME from 50 keep-alive clients (w10k50), each with its own 10,000
+    idle connections.  The server's options besides the default: room for the idle
+    connections and the clients at once (--web-max-connections; loopback has no
+    per-client limit by default), and an idle keep-alive timeout (--request-timeout,
+    10 s by default) far longer than opening them and the load take."""
+    server_cpu, load_cpus = plan
+    names = "%s:%d" % (NAMES, s.small_users)
+    options = ["--web-max-connections", str(s.many_idle + s.concurrency),
+               "--request-timeout", "120"]
+    with Server("finger.py-web-idle", [
+            PYTHON, FINGER, "--serve", "--users", files["small"], "--finger", "off",
+            "--setter", "off", "--web", HOST + ":{port}"] + options,
+            server_cpu, tmp) as server:
+        time.sleep(0.2)            # the connection Server made to see it listening is closed
+        base_fds = proc_fd_count(server.pid)
+
+        def load(prefix, concurrency, warmup, window):
+            result = run_load(server, load_cpus, names, concurrency, warmup, window,
+                              s.many_idle, ["--mode", "http", "--paths", "/{name}"])
+            record_load(m, prefix, result)
+            m[prefix + ".idle"] = result["idle"]
+            # idle connections the server still held when the window ended (its own
+            # descriptors apart): fewer than .idle, it closed some during the load
+            m[prefix + ".idle_held"] = result["server_fds"] - base_fds
+            server.wait_fds(base_fds)        # the idle connections are gone again
+
+        step(m, "w10k", load, "w10k", 1, 0.2, s.new_query_window)
+        step(m, "w10k50", load, "w10k50", s.concurrency, s.warmup, s.window)
 
 
 # == the table ===============================================================================
@@ -697,14 +742,37 @@ ROWS = [
      lambda v: v["mem.peak_mb"] <= 450),
     ("that peak RSS ÷ steady RSS", "≤ 2.0 ×", ["mem.peak_ratio"], TIMES,
      lambda v: v["mem.peak_ratio"] <= 2.0),
+    ("bare `http.server` (bench/bare_http.py: ThreadingHTTPServer, keep-alive): /NAME, "
+     "50 keep-alive clients: req/s; p50 / p99; errors", "reference",
+     ["bare_web_name.rps", "bare_web_name.p50", "bare_web_name.p99", "bare_web_name.errors"],
+     [COUNT, MS, MS, COUNT], None, "web"),
     ("web: /NAME, 50 keep-alive clients: req/s; p50 / p99; errors",
-     "p99 ≤ 10 ms, no timeouts", ["web_name.rps", "web_name.p50", "web_name.p99",
-                                  "web_name.errors"], [COUNT, MS, MS, COUNT],
+     "p99 ≤ 10 ms, 0 errors", ["web_name.rps", "web_name.p50", "web_name.p99",
+                               "web_name.errors"], [COUNT, MS, MS, COUNT],
      lambda v: v["web_name.p99"] <= 10 and v["web_name.errors"] == 0, "web"),
+    ("web /NAME: finger ÷ bare http.server req/s, same run; p99 finger / bare",
+     "≥ 1.0 ×", ["ratio.web_name_rps", "web_name.p99", "bare_web_name.p99"],
+     [TIMES, MS, MS], lambda v: v["ratio.web_name_rps"] >= 1.0, "web"),
+    ("bare `http.server`: / (1,000 users), 50 keep-alive clients: req/s; p50 / p99; errors",
+     "reference", ["bare_web_index.rps", "bare_web_index.p50", "bare_web_index.p99",
+                   "bare_web_index.errors"], [COUNT, MS, MS, COUNT], None, "web"),
     ("web: / (1,000 users), 50 keep-alive clients: req/s; p50 / p99; errors",
-     "p99 ≤ 10 ms, no timeouts", ["web_index.rps", "web_index.p50", "web_index.p99",
-                                  "web_index.errors"], [COUNT, MS, MS, COUNT],
+     "p99 ≤ 10 ms, 0 errors", ["web_index.rps", "web_index.p50", "web_index.p99",
+                               "web_index.errors"], [COUNT, MS, MS, COUNT],
      lambda v: v["web_index.p99"] <= 10 and v["web_index.errors"] == 0, "web"),
+    ("web /: finger ÷ bare http.server req/s, same run; p99 finger / bare",
+     "≥ 1.0 ×", ["ratio.web_index_rps", "web_index.p99", "bare_web_index.p99"],
+     [TIMES, MS, MS], lambda v: v["ratio.web_index_rps"] >= 1.0, "web"),
+    ("web with 10,000 idle keep-alive connections open: a new /NAME request (one client): "
+     "p50 / p99", "p99 ≤ 5 ms", ["w10k.p50", "w10k.p99"], MS,
+     lambda v: v["w10k.p99"] <= 5, "web"),
+    ("web: server RSS with 10,000 idle keep-alive connections open", "≤ 64 MB",
+     ["w10k.rss_mb"], MB, lambda v: v["w10k.rss_mb"] <= 64, "web"),
+    ("web with 10,000 idle keep-alive connections open: /NAME, 50 keep-alive clients "
+     "(after the line above, same server): req/s; ÷ the line without; p50 / p99; errors; "
+     "server RSS", "report", ["w10k50.rps", "ratio.web_idle_rps", "w10k50.p50",
+                              "w10k50.p99", "w10k50.errors", "w10k50.rss_mb"],
+     [COUNT, TIMES, MS, MS, COUNT, MB], None, "web"),
     ("XML-RPC getUser over one keep-alive connection: calls/s", "report",
      ["xmlrpc.rps"], COUNT, None, "web"),
     ("client cold start: `finger.py user@127.0.0.1:PORT` ÷ `python3 -c pass`", "≤ 1.5 ×",
@@ -722,7 +790,10 @@ DERIVED = {"ratio.cpu": ("/", "f50.cpu_us", "bare.cpu_us"),
            "log.cost_us": ("-", "f50log.cpu_us", "f50.cpu_us"),
            "ratio.idle_rps": ("/", "f1k.rps", "f50.rps"),
            "ratio.idle_cpu": ("/", "f1k.cpu_us", "f50.cpu_us"),
-           "mem.peak_ratio": ("/", "mem.peak_mb", "mem.steady_mb")}
+           "mem.peak_ratio": ("/", "mem.peak_mb", "mem.steady_mb"),
+           "ratio.web_name_rps": ("/", "web_name.rps", "bare_web_name.rps"),
+           "ratio.web_index_rps": ("/", "web_index.rps", "bare_web_index.rps"),
+           "ratio.web_idle_rps": ("/", "w10k50.rps", "web_name.rps")}
 
 
 def derive(m):
@@ -778,7 +849,12 @@ def notes(runs, settings):
     out = []
     for prefix, what in (("bare", "bare server"), ("f50", "finger, 50 concurrent"),
                          ("f50log", "finger --log-queries, 50 concurrent"),
-                         ("f1k", "finger, 1,000 idle")):
+                         ("f1k", "finger, 1,000 idle"),
+                         ("bare_web_name", "bare http.server, /NAME"),
+                         ("web_name", "finger web, /NAME"),
+                         ("bare_web_index", "bare http.server, /"),
+                         ("web_index", "finger web, /"),
+                         ("w10k50", "finger web, /NAME with 10,000 idle")):
         def median(key):
             got = [r[key] for r in runs if r.get(key) is not None]
             return statistics.median(got) if got else None
@@ -798,7 +874,7 @@ def notes(runs, settings):
                    "processes %.2f CPUs: %s." % (what, server * 100, load * 100, other or 0,
                                                  verdict))
     for prefix in ("f50", "f50log", "f1k", "f10k", "reload", "sighup", "setter", "web_name",
-                   "web_index", "xmlrpc"):
+                   "web_index", "xmlrpc", "bare_web_name", "bare_web_index", "w10k", "w10k50"):
         kinds = {}
         for run in runs:
             for kind, count in (run.get(prefix + ".error_kinds") or {}).items():
@@ -809,6 +885,13 @@ def notes(runs, settings):
     idle = [r["f10k.idle"] for r in runs if r.get("f10k.idle") is not None]
     if idle and min(idle) < settings.many_idle:
         out.append("only %d idle connections could be opened (RLIMIT_NOFILE)" % min(idle))
+    for prefix in ("w10k", "w10k50"):
+        held = [(r[prefix + ".idle_held"], r[prefix + ".idle"]) for r in runs
+                if r.get(prefix + ".idle_held") is not None]
+        if any(got < wanted for got, wanted in held):
+            out.append("**%s: the server closed idle web connections during the load**: it "
+                       "held %s of them at the end" % (prefix, ", ".join(
+                           "%d of %d" % pair for pair in held)))
     lines = [r["f50log.log_lines"] for r in runs if r.get("f50log.log_lines") is not None]
     if lines and min(lines) == 0:
         out.append("**the query log stayed empty** in %d of %d runs: --log-queries wrote no "
@@ -839,7 +922,8 @@ def notes(runs, settings):
         out.append("/proc/PID/clear_refs refused: the peak RSS is the process's lifetime "
                    "peak, start-up included")
     out.append("latency is measured by the load generator from connect() to the reply's "
-               "EOF; at 50 concurrent clients it includes time queued in the load "
+               "EOF (web: from sending a request to the end of its answer, on a keep-alive "
+               "connection); at 50 concurrent clients it includes time queued in the load "
                "generator (p50 ≈ 50 ÷ req/s)")
     return ["- " + note for note in out]
 
@@ -861,12 +945,15 @@ def progress(number, runs, m):
         return "?" if value is None else "%.*f" % (digits, value)
     log("run %d/%d: bare %s µs/q, finger %s µs/q (%s q/s, p99 %s ms), with --log-queries "
         "%s µs/q; 1k idle %s q/s; 10k idle p99 %s ms, RSS %s MB; parse %s s; longest answer "
-        "during rename/SIGHUP/setter %s/%s/%s ms; RSS %s/%s MB; cold start %s ×" % (
+        "during rename/SIGHUP/setter %s/%s/%s ms; RSS %s/%s MB; cold start %s ×; web /NAME %s "
+        "q/s (bare http.server %s), p99 %s ms; 10k idle web p99 %s ms, RSS %s MB" % (
             number, runs, get("bare.cpu_us"), get("f50.cpu_us"), get("f50.rps", 0),
             get("f50.p99", 2), get("f50log.cpu_us"), get("f1k.rps", 0), get("f10k.p99", 2),
             get("f10k.rss_mb", 0), get("parse.s", 2), get("reload.stall_ms", 1),
             get("sighup.stall_ms", 1), get("setter.stall_ms", 1), get("mem.steady_mb", 0),
-            get("mem.peak_mb", 0), get("cold.ratio", 2)))
+            get("mem.peak_mb", 0), get("cold.ratio", 2), get("web_name.rps", 0),
+            get("bare_web_name.rps", 0), get("web_name.p99", 2), get("w10k.p99", 2),
+            get("w10k.rss_mb", 0)))
 
 
 def build_parser():
@@ -907,7 +994,9 @@ def main(argv=None):
                     (section_finger_log, ["f50log"]),
                     (section_reload, ["parse", "reload", "sighup", "setter", "mem"])]
         if web_skip is None:
-            sections.append((section_web, ["web_name", "web_index", "xmlrpc"]))
+            sections.append((section_web, ["bare_web_name", "bare_web_index",
+                                           "web_name", "web_index", "xmlrpc"]))
+            sections.append((section_web_idle, ["w10k", "w10k50"]))
         for number in range(1, runs_wanted + 1):
             m = {}
             # the bare server, finger and finger --log-queries in reverse order every
