@@ -111,17 +111,6 @@ COULD_NOT_CONNECT = "Could not connect to remote host"
 QUERY_TOO_LONG = "Query too long"
 QUERY_TOO_MANY = "Too many names: at most %d in one query" % MAX_QUERY_NAMES
 
-# Listeners of `--serve`: option name -> (default, what it serves).
-LISTENERS = {
-    "finger": (":79", "RFC 1288 finger"),
-    "web": (":8000", "HTML pages, JSON, XML-RPC at /RPC2"),
-    "setter": ("127.0.0.1:1079", 'status setter: "user\\r\\nstatus\\r\\n", then EOF'),
-    "https": ("off", "the web site over TLS; needs --cert"),
-    "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
-    "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
-}
-
-
 class FingerError(Exception):
     """An error for a person to read: one line, no traceback.  `exit_code` is what main returns."""
     exit_code = 1
@@ -130,6 +119,23 @@ class FingerError(Exception):
 class UsageError(FingerError):
     """Bad options or configuration: exit 2, like argparse."""
     exit_code = 2
+
+
+class FieldError(UsageError):
+    """A bad argument given to a class or function: `field` is its keyword argument and
+    `value` what was given; fields written {like_this} in `problem` are others it depends
+    on.  They are shown as the command-line options that set them (OPTION_OF_FIELD, in the
+    command-line section): classes never name a flag."""
+
+    def __init__(self, field, problem, value=None):
+        super().__init__(problem)
+        self.field, self.problem, self.value = field, problem, value
+
+    def __str__(self):
+        problem = re.sub(r"\{(\w+)\}", lambda match: option_of_field(match.group(1)),
+                         self.problem)
+        given = "" if self.value is None else " %s" % self.value
+        return "%s%s: %s" % (option_of_field(self.field), given, problem)
 
 
 class ListRefused(FingerError):
@@ -1038,8 +1044,8 @@ class CommandDatabase(UserDatabase):
         import shutil
         self.program = shutil.which(program)
         if self.program is None:
-            raise UsageError("--command %s: no such program (is it installed, and on PATH?)"
-                             % program)
+            raise FieldError("program", "no such program (is it installed, and on PATH?)",
+                             program)
         self.timeout = timeout
         self.max_output = max_output
 
@@ -1089,7 +1095,8 @@ class WebDatabase(UserDatabase):
 
     def __init__(self, prefix, timeout=DEFAULT_BACKEND_TIMEOUT, max_bytes=MAX_WEB_LOOKUP_BYTES):
         if not prefix or not prefix.startswith(("http://", "https://")):
-            raise UsageError("--backend web needs --web-prefix http://... or https://...")
+            raise FieldError("prefix", "the web back-end needs an address that starts "
+                             "http:// or https://", prefix)
         self.prefix, self.timeout, self.max_bytes = prefix, timeout, max_bytes
 
     def get_user(self, name):
@@ -1164,21 +1171,6 @@ class ProxyDatabase(UserDatabase):
 
     def get_user_verbose(self, name):
         return self.forwarder.forward(Query(True, [name]), self.target)[0]
-
-
-def load_plugin(spec, options):
-    """--backend MODULE:CLASS: the class, imported from any importable module, is called with
-    the parsed options and must give a UserDatabase (get_user, get_users)."""
-    import importlib
-    module_name, _, class_name = spec.partition(":")
-    try:
-        database = getattr(importlib.import_module(module_name), class_name)(options)
-    except Exception as error:
-        raise UsageError("--backend %s: %s: %s" % (spec, type(error).__name__,
-                                                   " ".join(str(error).split()))) from None
-    if not callable(getattr(database, "get_user", None)):
-        raise UsageError("--backend %s: %r has no get_user(name)" % (spec, database))
-    return database if isinstance(database, UserDatabase) else PluginDatabase(database)
 
 
 class PluginDatabase(UserDatabase):
@@ -2409,8 +2401,9 @@ class TCPService(Service):
             return
         conn.inbuf += data
         if self.proxy_headers is not None and conn.inbuf.startswith(PROXY_STARTS):
-            self._warnings.warn("%s %s: dropped: a PROXY header from an address not in "
-                                "--proxy-protocol", self.name, format_peer(conn.peer))
+            self._warnings.warn("%s %s: dropped: a PROXY header from an address not in %s",
+                                self.name, format_peer(conn.peer),
+                                option_of_field("proxy_headers"))
             self._log(conn, conn.inbuf[:80], "proxy header refused")
             self._close(conn)
             return
@@ -2770,21 +2763,22 @@ TEMPLATE_FIELDS = {"users.html": ("title", "users", "count", "css"),
                    "error.html": ("title", "message", "css")}
 
 
-def load_templates(directory=None):
+def load_templates(template_dir=None):
     """The page templates (string.Template), the built-in ones or users.html and user.html
-    from `directory`; a missing or broken one is a UsageError naming the file."""
+    from `template_dir`; a missing or broken one is a FieldError naming the file."""
     from string import Template
     templates = {name: Template(text) for name, text in DEFAULT_TEMPLATES.items()}
-    for name in ("users.html", "user.html") if directory else ():
-        path = os.path.join(directory, name)
+    for name in ("users.html", "user.html") if template_dir else ():
+        path = os.path.join(template_dir, name)
         try:
             with open(path, encoding="utf-8") as f:
                 template = Template(f.read())
             template.substitute(dict.fromkeys(TEMPLATE_FIELDS[name], "x"))
         except OSError as error:
-            raise UsageError("--templates: cannot read %s: %s" % (path, error.strerror)) from None
+            raise FieldError("template_dir", "cannot read %s: %s" % (path, error.strerror)) \
+                from None
         except (ValueError, KeyError) as error:
-            raise UsageError("--templates: %s is broken: %s (placeholders: %s)" % (
+            raise FieldError("template_dir", "%s is broken: %s (placeholders: %s)" % (
                 path, error, ", ".join("$" + f for f in TEMPLATE_FIELDS[name]))) from None
         templates[name] = template
     return templates
@@ -3543,15 +3537,15 @@ def make_tls_context(cert, key=None):
     import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    where = "--cert %s%s" % (cert, " --key %s" % key if key else "")
     try:
         context.load_cert_chain(cert, key, password=_no_passphrase)
-    except ssl.SSLError as error:
-        raise UsageError("%s: %s" % (where, _pem_problem(cert, key, error))) from None
-    except UsageError as error:
-        raise UsageError("%s: %s" % (where, error)) from None
-    except OSError as error:
-        raise UsageError("%s: %s" % (where, error.strerror or error)) from None
+    except (ssl.SSLError, UsageError, OSError) as error:
+        if isinstance(error, ssl.SSLError):
+            problem = _pem_problem(cert, key, error)
+        else:
+            problem = str(error) if isinstance(error, UsageError) else error.strerror or error
+        raise FieldError("cert", "%s%s" % (problem, " (with {key} %s)" % key if key else ""),
+                         cert) from None
     return context
 
 
@@ -3575,7 +3569,7 @@ def _pem_problem(cert, key, error):
     if b"-----BEGIN CERTIFICATE-----" not in cert_text:
         return "%s holds no certificate (a PEM block BEGIN CERTIFICATE)" % cert
     if b"PRIVATE KEY-----" not in key_text:
-        return ("%s holds no private key; give its file with --key FILE, or append it to "
+        return ("%s holds no private key; give its file with {key} FILE, or append it to "
                 "the certificate file" % (key or cert))
     if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
         return "the private key does not belong to the certificate"
@@ -4295,35 +4289,6 @@ def _is_local_address(address):
     return True
 
 
-def run_client(args, verbose, timeout, out=None, err=None):
-    """The finger(1) command: ask each query, print '[host]' and the defanged reply.
-    Returns 0, 1 when any query failed on the network, 2 for a malformed query."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    targets = []
-    for arg in args or ["@localhost"]:
-        try:
-            targets.append(parse_target(arg, verbose))
-        except ValueError as error:
-            print("finger.py: bad query %r: %s" % (arg, error), file=err)
-            return 2
-    status = 0
-    for line, host, port in targets:
-        try:
-            reply = finger(line, host, port, timeout)
-        except OSError as error:
-            reason = "timed out" if isinstance(error, socket.timeout) else (
-                error.strerror or str(error))
-            print("finger.py: %s: %s" % (format_address((host, port)), reason), file=err)
-            status = 1
-            continue
-        print("[%s]" % host, file=out)
-        text = defang(reply.decode("utf-8", "replace"))
-        out.write(text if text.endswith("\n") or not text else text + "\n")
-    out.flush()
-    return status
-
-
 def set_status(status, path=DEFAULT_SETTER_SOCKET, timeout=DEFAULT_TIMEOUT):
     """Set the caller's own status through the server's unix-socket setter; returns the
     server's one-line answer ('OK' or why not).  Raises OSError."""
@@ -4340,23 +4305,6 @@ def set_status(status, path=DEFAULT_SETTER_SOCKET, timeout=DEFAULT_TIMEOUT):
                 break
             reply += chunk
     return defang(reply.decode("utf-8", "replace")).strip()
-
-
-def run_set(status, path, timeout):
-    """--set STATUS: 0 when the server answered OK, else 1 with the reason on stderr."""
-    path = path or DEFAULT_SETTER_SOCKET
-    try:
-        answer = set_status(status, path, timeout)
-    except OSError as error:
-        print("finger.py: cannot reach the setter at %s: %s (is finger.py --serve running "
-              "with --setter-socket %s?)" % (path, error.strerror or error, path),
-              file=sys.stderr)
-        return 1
-    if answer != "OK":
-        print("finger.py: %s" % answer, file=sys.stderr)
-        return 1
-    print(answer)
-    return 0
 
 
 # == 8. IRC: the tutorial's IRCReplyBot, a good citizen on real networks =======================
@@ -4587,8 +4535,8 @@ def irc_tls_context(cafile=None):
     try:
         context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as error:
-        raise UsageError("--irc-cafile %s: cannot load the certificates: %s"
-                         % (cafile, getattr(error, "strerror", None) or error)) from None
+        raise FieldError("cafile", "cannot load the certificates: %s"
+                         % (getattr(error, "strerror", None) or error), cafile) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
@@ -4980,8 +4928,9 @@ class IRCSession:
         self._sasl_failed = True
         self.bot._tell_once("sasl", "irc: not logged in as %s on %s: %s; %s", self.bot.account,
                         format_address(self.bot.address), why,
-                        "disconnecting (--irc-require-sasl)" if self.bot.require_sasl else
-                        "going on without the account (--irc-require-sasl refuses that)")
+                        "disconnecting (%s)" % option_of_field("require_sasl")
+                        if self.bot.require_sasl else "going on without the account (%s "
+                        "refuses that)" % option_of_field("require_sasl"))
         if self.bot.require_sasl:
             raise _SessionEnd("not logged in as %s" % self.bot.account, logged=True)
         self._cap_end()
@@ -5168,23 +5117,23 @@ class IRCBot(Service):
                  cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT, stable_after=IRC_STABLE):
         super().__init__()
         if not _IRC_NICK.match(nick or ""):
-            raise UsageError("--irc-nick %r: a nick is a letter or one of []\\`^{}|_ followed "
-                             "by at most 63 letters, digits or those" % nick)
+            raise FieldError("nick", "a nick is a letter or one of []\\`^{}|_ followed by "
+                             "at most 63 letters, digits or those", repr(nick))
         for channel in channels:
             if not _IRC_CHANNEL.match(channel):
-                raise UsageError("--irc-channel %r: a channel starts with #, &, + or ! and has "
-                                 "no space, comma or control character" % channel)
+                raise FieldError("channels", "a channel starts with #, &, + or ! and has no "
+                                 "space, comma or control character", repr(channel))
         if bool(account) != bool(password):
-            raise UsageError("SASL needs both --irc-account and a password (from $%s or "
-                             "--irc-password-file)" % IRC_PASSWORD_ENV)
+            raise FieldError("account", "SASL needs both {account} and a {password}")
         if any("\0" in (text or "") for text in (account, password)):
-            raise UsageError("the IRC account and password cannot contain NUL")
+            raise FieldError("account", "the account and the password cannot contain NUL")
         if cafile and not tls:
-            raise UsageError("--irc-cafile needs --irc-tls")
+            raise FieldError("cafile", "needs {tls}")
         if require_sasl and not account:
-            raise UsageError("--irc-require-sasl needs --irc-account")
+            raise FieldError("require_sasl", "needs {account}")
         if account and not tls:
-            log.warning("irc: SASL PLAIN without --irc-tls sends the password in clear text")
+            log.warning("irc: SASL PLAIN without %s sends the password in clear text",
+                        option_of_field("tls"))
         self.db = db
         self.host = host
         self.address = (host, port or (IRC_TLS_PORT if tls else IRC_PORT))
@@ -5506,93 +5455,26 @@ class IRCBot(Service):
         """What to do about a certificate the TLS check refused."""
         if "hostname" in error.verify_message.lower() or "IP address mismatch" in \
                 error.verify_message:
-            return ("connect by a name the certificate carries (--irc %s is not one of them)"
-                    % self.host)
+            return ("connect by a name the certificate carries (%s %s is not one of them)"
+                    % (option_of_field("host"), self.host))
         if self.cafile:
-            return "--irc-cafile %s holds no CA that signed it" % self.cafile
-        return ("name the CA that signed it with --irc-cafile FILE (a self-signed server: "
-                "its own certificate)")
-
-
-# -- command line ------------------------------------------------------------------------------
-
-def _irc_server(text):
-    """--irc HOST[:PORT]: checked here, the port filled in by irc_bot_from_options (it
-    depends on --irc-tls)."""
-    try:
-        host, _ = split_host_port(text, IRC_PORT)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError("expected HOST[:PORT] (%s)" % error) from None
-    if not host:
-        raise argparse.ArgumentTypeError("expected HOST[:PORT], got %r" % text)
-    return text
-
-
-def add_irc_options(parser):
-    """The IRC bot's options, in their own group of build_parser's parser."""
-    irc = parser.add_argument_group("IRC bot")
-    irc.add_argument("--irc", type=_irc_server, metavar="HOST[:PORT]",
-                     help="run the tutorial's IRCReplyBot on this IRC server (port %d, or %d "
-                          "with --irc-tls): it answers a private message NAME with 'Status "
-                          "of NAME: STATUS'" % (IRC_PORT, IRC_TLS_PORT))
-    irc.add_argument("--irc-nick", default=IRC_DEFAULT_NICK, metavar="NICK",
-                     help="the bot's nick; another is tried when it is taken "
-                          "(default: %(default)s)")
-    irc.add_argument("--irc-channel", action="append", default=[], metavar="CHANNEL",
-                     help="join CHANNEL and answer 'NICK: NAME' there (repeatable)")
-    irc.add_argument("--irc-tls", action="store_true",
-                     help="connect with TLS; the certificate and host name are checked")
-    irc.add_argument("--irc-cafile", metavar="FILE",
-                     help="--irc-tls: trust only the CA certificates in this PEM file")
-    irc.add_argument("--irc-account", metavar="NAME",
-                     help="log in by SASL PLAIN as NAME (password: $%s, or "
-                          "--irc-password-file)" % IRC_PASSWORD_ENV)
-    irc.add_argument("--irc-require-sasl", action="store_true",
-                     help="with --irc-account: disconnect and try again later rather than "
-                          "stay on the network without the account")
-    irc.add_argument("--irc-password-file", metavar="FILE",
-                     help="file whose first line is the SASL password (never the command "
-                          "line: every user can read that)")
-
-
-def irc_bot_from_options(options, db, environ=None):
-    """The IRCBot that `options` ask for (None without --irc); UsageError when it cannot be
-    made.  The password is read here, before privileges are dropped."""
-    if not options.irc:
-        return None
-    environ = os.environ if environ is None else environ
-    try:
-        host, port = split_host_port(options.irc, IRC_TLS_PORT if options.irc_tls else IRC_PORT)
-    except ValueError as error:
-        raise UsageError("--irc %s: expected HOST[:PORT] (%s)" % (options.irc, error)) from None
-    password = None
-    if options.irc_password_file:
-        path = options.irc_password_file
-        try:
-            with open(path, encoding="utf-8") as f:
-                password = f.readline().rstrip("\r\n")
-                mode = os.fstat(f.fileno()).st_mode
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError("--irc-password-file %s: %s" % (
-                path, getattr(error, "strerror", None) or error)) from None
-        if not password:
-            raise UsageError("--irc-password-file %s: the first line is empty" % path)
-        if mode & 0o077:
-            log.warning("--irc-password-file %s: others may read it (chmod 600 it)", path)
-    elif options.irc_account:
-        password = environ.get(IRC_PASSWORD_ENV) or None
-    if password and not options.irc_account:
-        raise UsageError("--irc-password-file needs --irc-account")
-    if options.irc_account and not password:
-        raise UsageError("--irc-account %s needs a password: set $%s or use "
-                         "--irc-password-file" % (options.irc_account, IRC_PASSWORD_ENV))
-    return IRCBot(db, host, port, nick=options.irc_nick, channels=options.irc_channel,
-                  tls=options.irc_tls, cafile=options.irc_cafile,
-                  account=options.irc_account, password=password,
-                  require_sasl=options.irc_require_sasl)
+            return "%s %s holds no CA that signed it" % (option_of_field("cafile"), self.cafile)
+        return ("name the CA that signed it with %s FILE (a self-signed server: its own "
+                "certificate)" % option_of_field("cafile"))
 
 
 # == 9. Services and assembly ==================================================================
+
+# The listener options of --serve: name -> (default, what it serves).
+LISTENERS = {
+    "finger": (":79", "RFC 1288 finger"),
+    "web": (":8000", "HTML pages, JSON, XML-RPC at /RPC2"),
+    "setter": ("127.0.0.1:1079", 'status setter: "user\\r\\nstatus\\r\\n", then EOF'),
+    "https": ("off", "the web site over TLS; needs --cert"),
+    "pb": ("off", "Perspective Broker for Twisted clients, e.g. :8889"),
+    "proxy": ("off", 'finger proxy answering "user@host", e.g. :7779'),
+}
+
 
 class ServiceGroup(Service):
     """Services started in order and stopped in reverse; itself a Service."""
@@ -5665,6 +5547,31 @@ BACKENDS = {
 }
 
 
+def plugin_arguments(options):
+    """The keyword arguments a plugin's class is called with: the back-end options.  A
+    plugin takes those it uses, and the others with **rest."""
+    return {"users": options.users, "reload": options.reload, "status": options.status,
+            "web_prefix": options.web_prefix, "command": options.command,
+            "list_plan_users": options.list_plan_users, "timeout": options.backend_timeout,
+            "proxy_target": options.proxy_target}
+
+
+def load_plugin(spec, options):
+    """--backend MODULE:CLASS: the class, imported from any importable module, is called with
+    plugin_arguments(options) and must give a UserDatabase (get_user, get_users)."""
+    import importlib
+    module_name, _, class_name = spec.partition(":")
+    try:
+        database = getattr(importlib.import_module(module_name), class_name)(
+            **plugin_arguments(options))
+    except Exception as error:
+        raise UsageError("--backend %s: %s: %s" % (spec, type(error).__name__,
+                                                   " ".join(str(error).split()))) from None
+    if not callable(getattr(database, "get_user", None)):
+        raise UsageError("--backend %s: %r has no get_user(name)" % (spec, database))
+    return database if isinstance(database, UserDatabase) else PluginDatabase(database)
+
+
 def build_database(options):
     """The user database named by `options.backend` (UsageError when it cannot be built)."""
     backend = options.backend
@@ -5690,6 +5597,43 @@ def build_forwarder(options, max_concurrent=None):
                 options.proxy_target, port, ",".join(map(str, options.forward_ports))))
     return Forwarder(options.forward_ports, options.backend_timeout,
                      max_concurrent=max_concurrent or options.workers)
+
+
+def irc_bot_from_options(options, db, environ=None):
+    """The IRCBot that `options` ask for (None without --irc); UsageError when it cannot be
+    made.  The password is read here, before privileges are dropped."""
+    if not options.irc:
+        return None
+    environ = os.environ if environ is None else environ
+    try:
+        host, port = split_host_port(options.irc, IRC_TLS_PORT if options.irc_tls else IRC_PORT)
+    except ValueError as error:
+        raise UsageError("--irc %s: expected HOST[:PORT] (%s)" % (options.irc, error)) from None
+    password = None
+    if options.irc_password_file:
+        path = options.irc_password_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+                mode = os.fstat(f.fileno()).st_mode
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError("--irc-password-file %s: %s" % (
+                path, getattr(error, "strerror", None) or error)) from None
+        if not password:
+            raise UsageError("--irc-password-file %s: the first line is empty" % path)
+        if mode & 0o077:
+            log.warning("--irc-password-file %s: others may read it (chmod 600 it)", path)
+    elif options.irc_account:
+        password = environ.get(IRC_PASSWORD_ENV) or None
+    if password and not options.irc_account:
+        raise UsageError("--irc-password-file needs --irc-account")
+    if options.irc_account and not password:
+        raise UsageError("--irc-account %s needs a password: set $%s or use "
+                         "--irc-password-file" % (options.irc_account, IRC_PASSWORD_ENV))
+    return IRCBot(db, host, port, nick=options.irc_nick, channels=options.irc_channel,
+                  tls=options.irc_tls, cafile=options.irc_cafile,
+                  account=options.irc_account, password=password,
+                  require_sasl=options.irc_require_sasl)
 
 
 def build_services(options, db=None, sockets=None):
@@ -5770,7 +5714,7 @@ OPTIONS_NEEDING = (
 
 
 def _backend_is(options, name):
-    """Whether the back-end is `name`, or a plugin (it is given every option)."""
+    """Whether the back-end is `name`, or a plugin (it is given every back-end option)."""
     return options.backend == name or ":" in options.backend
 
 
@@ -5809,36 +5753,64 @@ def configuration_warnings(options, identity, sockets=()):
     return warnings
 
 
-def _listener_service(name, address, sock, db, site, options):
-    """The service behind listener `name` (an option name, or 'setter-socket')."""
-    limits = ClientLimits(name, options.per_client_connections, options.per_client_rate,
-                          options.per_client_exempt)
-    proxy_headers = ProxyHeaders(options.proxy_protocol) if options.proxy_protocol else None
-    if name in ("web", "https"):
-        return WebService(site, address, sock=sock, name=name, timeout=options.timeout,
-                          max_connections=options.web_max_connections,
-                          cert=options.cert if name == "https" else None, key=options.key,
-                          limits=limits, hsts=options.hsts, proxy_headers=proxy_headers)
-    forwarder = None
-    if name in ("setter", "setter-socket"):
-        protocol = SetterProtocol(db, options.max_status,
-                                  check_identity=name == "setter-socket",
-                                  max_users=options.max_users)
-    elif name == "proxy":
-        forwarder = build_forwarder(options)
-        protocol = FingerProtocol(db, forwarder=forwarder, forward_all_to=options.proxy_target)
-    elif name == "pb":
-        protocol = PBProtocol(db, limits)
-    else:
-        # Forwarded queries may take half the workers: local ones never wait for them.
-        forwarder = build_forwarder(options, max(options.workers // 2, 1)) \
-            if options.forward else None
-        protocol = FingerProtocol(db, forwarder=forwarder)
-    service = TCPService(protocol, address, sock=sock, name=name, limits=limits,
-                         proxy_headers=proxy_headers, **_limits(options, protocol))
+def _web_listener(name, address, sock, db, site, options, limits, proxy_headers):
+    return WebService(site, address, sock=sock, name=name, timeout=options.timeout,
+                      max_connections=options.web_max_connections, workers=options.workers,
+                      cert=options.cert if name == "https" else None, key=options.key,
+                      limits=limits, hsts=options.hsts, proxy_headers=proxy_headers)
+
+
+def _tcp_listener(protocol, name, address, sock, options, limits, proxy_headers):
+    return TCPService(protocol, address, sock=sock, name=name, limits=limits,
+                      proxy_headers=proxy_headers, **_limits(options, protocol))
+
+
+def _finger_listener(name, address, sock, db, site, options, limits, proxy_headers):
+    # Forwarded queries may take half the workers: local ones never wait for them.
+    forwarder = build_forwarder(options, max(options.workers // 2, 1)) \
+        if options.forward else None
+    service = _tcp_listener(FingerProtocol(db, forwarder=forwarder), name, address, sock,
+                            options, limits, proxy_headers)
     if forwarder is not None:
         forwarder.listener = service            # what it must not forward to
     return service
+
+
+def _proxy_listener(name, address, sock, db, site, options, limits, proxy_headers):
+    forwarder = build_forwarder(options)
+    protocol = FingerProtocol(db, forwarder=forwarder, forward_all_to=options.proxy_target)
+    service = _tcp_listener(protocol, name, address, sock, options, limits, proxy_headers)
+    forwarder.listener = service
+    return service
+
+
+def _setter_listener(name, address, sock, db, site, options, limits, proxy_headers):
+    protocol = SetterProtocol(db, options.max_status, check_identity=name == "setter-socket",
+                              max_users=options.max_users)
+    return _tcp_listener(protocol, name, address, sock, options, limits, proxy_headers)
+
+
+def _pb_listener(name, address, sock, db, site, options, limits, proxy_headers):
+    return _tcp_listener(PBProtocol(db, limits), name, address, sock, options, limits,
+                         proxy_headers)
+
+
+# Listener name (its option: LISTENERS, and --setter-socket) -> what makes its service
+# (bottle's server_names, for listeners).
+LISTENER_SERVICES = {
+    "finger": _finger_listener, "web": _web_listener, "https": _web_listener,
+    "setter": _setter_listener, "setter-socket": _setter_listener, "pb": _pb_listener,
+    "proxy": _proxy_listener,
+}
+
+
+def _listener_service(name, address, sock, db, site, options):
+    """The service behind listener `name`, with its per-client limits and PROXY headers."""
+    limits = ClientLimits(name, options.per_client_connections, options.per_client_rate,
+                          options.per_client_exempt)
+    proxy_headers = ProxyHeaders(options.proxy_protocol) if options.proxy_protocol else None
+    return LISTENER_SERVICES[name](name, address, sock, db, site, options, limits,
+                                   proxy_headers)
 
 
 def _limits(options, protocol):
@@ -6603,6 +6575,107 @@ SERVER_EPILOG = """examples:
   finger.py --check-config --config /etc/finger.ini
   finger.py --print-config --users /etc/users > /etc/finger.ini
 """
+
+
+def _irc_server(text):
+    """--irc HOST[:PORT]: checked here, the port filled in by irc_bot_from_options (it
+    depends on --irc-tls)."""
+    try:
+        host, _ = split_host_port(text, IRC_PORT)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError("expected HOST[:PORT] (%s)" % error) from None
+    if not host:
+        raise argparse.ArgumentTypeError("expected HOST[:PORT], got %r" % text)
+    return text
+
+
+def add_irc_options(parser):
+    """The IRC bot's options, in their own group of build_parser's parser."""
+    irc = parser.add_argument_group("IRC bot")
+    irc.add_argument("--irc", type=_irc_server, metavar="HOST[:PORT]",
+                     help="run the tutorial's IRCReplyBot on this IRC server (port %d, or %d "
+                          "with --irc-tls): it answers a private message NAME with 'Status "
+                          "of NAME: STATUS'" % (IRC_PORT, IRC_TLS_PORT))
+    irc.add_argument("--irc-nick", default=IRC_DEFAULT_NICK, metavar="NICK",
+                     help="the bot's nick; another is tried when it is taken "
+                          "(default: %(default)s)")
+    irc.add_argument("--irc-channel", action="append", default=[], metavar="CHANNEL",
+                     help="join CHANNEL and answer 'NICK: NAME' there (repeatable)")
+    irc.add_argument("--irc-tls", action="store_true",
+                     help="connect with TLS; the certificate and host name are checked")
+    irc.add_argument("--irc-cafile", metavar="FILE",
+                     help="--irc-tls: trust only the CA certificates in this PEM file")
+    irc.add_argument("--irc-account", metavar="NAME",
+                     help="log in by SASL PLAIN as NAME (password: $%s, or "
+                          "--irc-password-file)" % IRC_PASSWORD_ENV)
+    irc.add_argument("--irc-require-sasl", action="store_true",
+                     help="with --irc-account: disconnect and try again later rather than "
+                          "stay on the network without the account")
+    irc.add_argument("--irc-password-file", metavar="FILE",
+                     help="file whose first line is the SASL password (never the command "
+                          "line: every user can read that)")
+
+
+def run_client(args, verbose, timeout, out=None, err=None):
+    """The finger(1) command: ask each query, print '[host]' and the defanged reply.
+    Returns 0, 1 when any query failed on the network, 2 for a malformed query."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    targets = []
+    for arg in args or ["@localhost"]:
+        try:
+            targets.append(parse_target(arg, verbose))
+        except ValueError as error:
+            print("finger.py: bad query %r: %s" % (arg, error), file=err)
+            return 2
+    status = 0
+    for line, host, port in targets:
+        try:
+            reply = finger(line, host, port, timeout)
+        except OSError as error:
+            reason = "timed out" if isinstance(error, socket.timeout) else (
+                error.strerror or str(error))
+            print("finger.py: %s: %s" % (format_address((host, port)), reason), file=err)
+            status = 1
+            continue
+        print("[%s]" % host, file=out)
+        text = defang(reply.decode("utf-8", "replace"))
+        out.write(text if text.endswith("\n") or not text else text + "\n")
+    out.flush()
+    return status
+
+
+def run_set(status, path, timeout):
+    """--set STATUS: 0 when the server answered OK, else 1 with the reason on stderr."""
+    path = path or DEFAULT_SETTER_SOCKET
+    try:
+        answer = set_status(status, path, timeout)
+    except OSError as error:
+        print("finger.py: cannot reach the setter at %s: %s (is finger.py --serve running "
+              "with --setter-socket %s?)" % (path, error.strerror or error, path),
+              file=sys.stderr)
+        return 1
+    if answer != "OK":
+        print("finger.py: %s" % answer, file=sys.stderr)
+        return 1
+    print(answer)
+    return 0
+
+
+# Keyword arguments of the classes -> the option that gives them, for FieldError's message.
+OPTION_OF_FIELD = {
+    "program": "command", "prefix": "web-prefix", "template_dir": "templates",
+    "cert": "cert", "key": "key", "cafile": "irc-cafile", "tls": "irc-tls",
+    "nick": "irc-nick", "channels": "irc-channel", "account": "irc-account",
+    "password": "irc-password-file", "require_sasl": "irc-require-sasl", "host": "irc",
+    "proxy_headers": "proxy-protocol",
+}
+
+
+def option_of_field(field):
+    """How an error names a field: the option that gives it, or the field itself."""
+    option = OPTION_OF_FIELD.get(field)
+    return field if option is None else "--" + option
 
 
 class OptionParser(argparse.ArgumentParser):

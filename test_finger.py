@@ -2376,8 +2376,8 @@ PLUGIN = """
 import finger
 
 class Shouting(finger.UserDatabase):
-    def __init__(self, options):
-        self.greeting = options.web_prefix or "HELLO"
+    def __init__(self, web_prefix=None, **rest):
+        self.greeting = web_prefix or "HELLO"
 
     def get_user(self, name):
         return "%s, %s!" % (self.greeting, name.upper())
@@ -2391,6 +2391,27 @@ class TestPlugins(unittest.TestCase):
         server = ServerProcess(self, "--backend", "shouting:Shouting", "--finger", "127.0.0.1:0",
                                "--web", "off", "--setter", "off", env=env)
         self.assertEqual(ask(server.address(), b"moshez\r\n"), b"HELLO, MOSHEZ!\r\n")
+
+    def test_a_plugin_gets_the_back_end_options_as_keyword_arguments(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "keys.py"), "w") as f:
+            f.write("class Keys:\n"
+                    "    def __init__(self, **settings):\n"
+                    "        self.settings = settings\n"
+                    "    def get_user(self, name):\n"
+                    "        return ' '.join(sorted(self.settings))\n"
+                    "class Old:\n"
+                    "    def __init__(self, options):\n"
+                    "        pass\n")
+        env = dict(os.environ, PYTHONPATH=directory)
+        server = ServerProcess(self, "--backend", "keys:Keys", "--finger", "127.0.0.1:0",
+                               "--web", "off", "--setter", "off", env=env)
+        expected = " ".join(sorted(finger.plugin_arguments(finger.default_options())))
+        self.assertEqual(ask(server.address(), b"x\r\n"), expected.encode() + b"\r\n")
+        result = run_finger("--serve", "--backend", "keys:Old", env=env)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("TypeError", result.stderr)            # named, in one line
 
     def test_bad_specs_exit_2_with_the_error_in_one_line(self):
         directory = os.path.dirname(write_file(self, PLUGIN, name="shouting.py"))
@@ -4794,7 +4815,7 @@ import time, finger
 class Stuck(finger.UserDatabase):
     blocking = True
 
-    def __init__(self, options):
+    def __init__(self, **settings):
         pass
 
     def get_user(self, name):
@@ -4804,7 +4825,7 @@ class Stuck(finger.UserDatabase):
 
 BARE_PLUGIN = """
 class Bare:
-    def __init__(self, options):
+    def __init__(self, **settings):
         pass
 
     def get_user(self, name):
@@ -5017,6 +5038,41 @@ def free_port():
 
 
 @unittest.skipUnless(sys.platform.startswith("linux"), "uses /proc")
+class TestCodeShape(unittest.TestCase):
+    """What keeps finger.py in the shape its README describes."""
+
+    def test_only_assembly_and_the_command_line_name_command_line_flags(self):
+        import ast
+        with open(finger.__file__, encoding="utf-8") as f:
+            source = f.read()
+        assembly_starts = source[:source.index("# == 9. ")].count("\n")
+        tree = ast.parse(source)
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        naming = [(node.lineno, node.value[:60]) for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docstrings and node.lineno <= assembly_starts
+                  and re.search(r"(^|[ (])--[a-z]", node.value)]
+        self.assertEqual(naming, [])                  # FieldError and option_of_field do
+
+    def test_every_listener_has_a_service_and_every_field_an_option(self):
+        self.assertEqual(set(finger.LISTENER_SERVICES),
+                         set(finger.LISTENERS) | {"setter-socket"})
+        options = {action.dest.replace("_", "-") for action in
+                   finger.build_parser(server=True)._actions}
+        self.assertEqual(set(finger.OPTION_OF_FIELD.values()) - options, set())
+
+    def test_a_field_error_names_the_option_that_gave_the_value(self):
+        with self.assertRaises(finger.FieldError) as raised:
+            finger.IRCBot(finger.MemoryDatabase(), "irc.example", nick="9lives")
+        self.assertEqual(str(raised.exception), "--irc-nick '9lives': a nick is a letter or "
+                         "one of []\\`^{}|_ followed by at most 63 letters, digits or those")
+        with self.assertRaises(finger.FieldError) as raised:
+            finger.IRCBot(finger.MemoryDatabase(), "irc.example", cafile="ca.pem")
+        self.assertEqual(str(raised.exception), "--irc-cafile: needs --irc-tls")
+
+
 class TestPrivileges(unittest.TestCase):
     def serve(self, *args):
         server = ServerProcess(self, "--users", readable_users(self), "--finger", "127.0.0.1:0",
@@ -5631,12 +5687,12 @@ class TestCheckConfig(unittest.TestCase):
         os.chown(in_sticky, nobody[1], nobody[2])
         self.assertIsNone(finger.replace_problem(in_sticky, nobody))
 
-    def test_a_plugin_may_use_any_option(self):
+    def test_a_plugin_may_use_any_back_end_option(self):
         directory = os.path.dirname(self.users)
         with open(os.path.join(directory, "fileplugin.py"), "w") as f:
             f.write("import finger\n"
-                    "def Plugin(options):\n"
-                    "    return finger.FileDatabase(options.users)\n")
+                    "def Plugin(users, **rest):\n"
+                    "    return finger.FileDatabase(users)\n")
         result = run_finger("--check-config", *self.readme, "--setter", "off", "--backend",
                             "fileplugin:Plugin", env=dict(os.environ, PYTHONPATH=directory))
         self.assertEqual((result.returncode, result.stderr), (0, ""))
