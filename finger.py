@@ -1914,11 +1914,14 @@ class Loop:
     `sock` is ready; watching again changes the events, events 0 stops), timer(callback,
     *args) -> Timer, schedule(timer, seconds), run_in_worker(function, args, then) (then(
     future) runs in the loop thread), stop().  From any thread: call_soon(callback, *args),
-    stop().  run() returns once stop() is called; close() frees the loop's resources."""
+    stop().  run() returns once stop() is called; close() frees the loop's resources.
+    Timers follow `clock` (time.monotonic; a test's clock moves as the test says, and the
+    test then wakes the loop with call_soon to have it look at its timers)."""
 
-    def __init__(self, name, workers=DEFAULT_WORKERS):
+    def __init__(self, name, workers=DEFAULT_WORKERS, clock=time.monotonic):
         self.name = name
         self.workers = workers
+        self.clock = clock
         self.in_flight = 0               # jobs handed to the pool and not yet back
         self._selector = selectors.DefaultSelector()
         self._waker, self._woken_by = socket.socketpair()
@@ -1953,7 +1956,7 @@ class Loop:
 
     def schedule(self, timer, seconds):
         """Run `timer` `seconds` from now (moving it if it was scheduled already)."""
-        when = time.monotonic() + seconds
+        when = self.clock() + seconds
         if timer.active and when >= timer.queued_at:
             timer.when = when                # later: found in the heap at its old time
             return
@@ -2019,7 +2022,7 @@ class Loop:
         timers = self._timers
         while timers:
             when, _, timer = timers[0]
-            now = time.monotonic()
+            now = self.clock()
             if when > now:
                 return when - now
             heapq.heappop(timers)
@@ -2093,13 +2096,14 @@ class TCPService(Service):
     protocol's refusal), at most `max_pending` answers (default 2 x `workers`) waiting for
     the pool, and the per-client `limits` (a ClientLimits).  Connections from the balancers
     of `proxy_headers` (ProxyHeaders) start with a PROXY header, whose client is then the
-    peer: for the limits, the protocol and the log."""
+    peer: for the limits, the protocol and the log.  `clock` is the deadlines' (tests)."""
 
     def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
                  workers=DEFAULT_WORKERS, max_pending=None, limits=None, proxy_headers=None,
-                 tls_context=None):
+                 tls_context=None, clock=time.monotonic):
         super().__init__()
+        self.clock = clock               # the Loop's, for deadlines
         self.protocol = protocol
         self.sessions = isinstance(protocol, SessionProtocol)
         self.limits = limits
@@ -2155,7 +2159,7 @@ class TCPService(Service):
         address = self._listener.getsockname()
         self.address = address if isinstance(address, str) else address[:2]
         if self.loop is None:
-            self.loop = Loop(self.name, self.workers)
+            self.loop = Loop(self.name, self.workers, self.clock)
         if self.tls_context is not None:
             import ssl
             self._would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -3585,12 +3589,14 @@ class WebService(TCPService):
     def __init__(self, site, address=("127.0.0.1", 0), *, sock=None, name="web",
                  cert=None, key=None, timeout=WEB_TIMEOUT,
                  max_connections=DEFAULT_WEB_MAX_CONNECTIONS, limits=None,
-                 hsts=DEFAULT_HSTS, proxy_headers=None, workers=DEFAULT_WORKERS):
+                 hsts=DEFAULT_HSTS, proxy_headers=None, workers=DEFAULT_WORKERS,
+                 clock=time.monotonic):
         headers = [("Strict-Transport-Security", "max-age=%d" % hsts)] if cert and hsts else []
         super().__init__(HTTPProtocol(site, name, limits, headers), address, sock=sock,
                          name=name, timeout=timeout, max_connections=max_connections,
                          workers=workers, limits=limits, proxy_headers=proxy_headers,
-                         tls_context=make_tls_context(cert, key) if cert else None)
+                         tls_context=make_tls_context(cert, key) if cert else None,
+                         clock=clock)
         self.site = site
         self.cert, self.key = cert, key
 

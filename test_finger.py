@@ -52,7 +52,6 @@ def _needs(*programs):
     return lambda test: test
 
 
-
 def wait_until(predicate, timeout=TIMEOUT, interval=0.01):
     """Poll `predicate` until it is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -98,6 +97,25 @@ def replace_file(path, data):
     with open(path + ".new", "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
     os.replace(path + ".new", path)
+
+
+class TestClock:
+    """A clock that moves only when the test says: the deadlines of a service's Loop."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, service, seconds):
+        """Move on, and return once the service's loop has run the timers now due (a timer
+        due now runs after them)."""
+        self.now += seconds
+        done = threading.Event()
+        service.loop.call_soon(service.loop.call_later, 0, done.set)
+        if not done.wait(TIMEOUT):
+            raise AssertionError("the loop did not run its timers")
 
 
 def start(test, service):
@@ -478,6 +496,14 @@ class TestFileDatabase(unittest.TestCase):
         self.assertEqual(misses, [])
         self.assertEqual(db.get_user("user4999"), "round 7")
 
+    def test_users_file_with_a_byte_order_mark(self):
+        path = write_file(self, "\ufeffmoshez: Happy and well\nshawn: alive\n", mode="w")
+        db = finger.FileDatabase(path, 0)
+        self.assertEqual(db.get_user("moshez"), "Happy and well")
+        db.set_user("moshez", "Still happy")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"\xef\xbb\xbfmoshez: Still happy\nshawn: alive\n")
+
 
 # == the finger server =========================================================================
 
@@ -810,16 +836,21 @@ class TestSessionConnections(unittest.TestCase):
         self.assertEqual(reader.readline(), b"THREE\n")
 
     def test_half_a_message_is_dropped_at_the_timeout_whole_ones_keep_it_open(self):
-        service = finger.TCPService(EchoLines(), (LOCALHOST, 0), timeout=0.3)
+        clock = TestClock()
+        service = finger.TCPService(EchoLines(), (LOCALHOST, 0), timeout=10, clock=clock)
         start(self, service)
         sock = connect(self, service.address)
         reader = sock.makefile("rb")
         reader.readline()
         for _ in range(3):                      # active for longer than the timeout
-            time.sleep(0.15)
+            clock.advance(service, 6)
             sock.sendall(b"ping\n")
             self.assertEqual(reader.readline(), b"PING\n")
         sock.sendall(b"half a mess")
+        wait_until(lambda: not next(iter(service._conns)).session.idle)
+        clock.advance(service, 9)
+        self.assertEqual(len(service._conns), 1)            # not yet
+        clock.advance(service, 1)
         self.assertEqual(reader.readline(), b"")
 
     def test_a_peer_that_never_reads_is_dropped(self):
@@ -1075,6 +1106,13 @@ class TestSetter(unittest.TestCase):
 
     def test_setter_listens_on_loopback_by_default(self):
         self.assertEqual(finger.default_options().setter, ("127.0.0.1", 1079))
+
+    def test_setter_status_with_other_line_breaks_is_cleaned(self):
+        db = finger.MemoryDatabase()
+        address = setter_service(self, db).address
+        status = "page\x0cbreak \x85next \u2028line".encode()
+        self.assertEqual(set_over(address, b"moshez\n" + status + b"\n"), b"OK\r\n")
+        self.assertEqual(db.get_user("moshez"), "pagebreak next line")
 
 
 def _limit_file_size(limit):
@@ -1475,6 +1513,16 @@ class TestWebSite(unittest.TestCase):
                 self.assertTrue(reply == b"" or reply.startswith(b"HTTP/1."), reply[:80])
         self.assertEqual(http(self.address, "GET", "/moshez")[0], 200)
 
+    def test_log_lines_are_defanged(self):
+        server = ServerProcess(self, "--users", write_file(self, USERS), "--finger", "off",
+                               "--setter", "off", "--web", "127.0.0.1:0", "--log-queries")
+        address = server.address("web")
+        ask_or_reset(address, b"GET /\x1b[2J\x1b]0;owned\x07 HTTP/1.1\r\n"
+                              b"Connection: close\r\n\r\n")
+        line = server.expect(r"GET /").string
+        self.assertNotIn("\x1b", line)
+        self.assertIn("^[[2J", line)
+
 
 class TestHTTPSession(unittest.TestCase):
     """The web's HTTP on a connection, without a socket: bytes in, answers out."""
@@ -1701,6 +1749,26 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
         self.assertIn('finger_build_info{version="%s",python="' % finger.__version__, text)
         self.assertNotIn("moshez", text)                           # never a user's name
         self.assertNotIn("127.0.0.1", text)                        # nor a client's address
+
+    def test_web_peer_dribbling_its_headers_is_dropped(self):
+        clock = TestClock()
+        service = web_service(self, timeout=10, clock=clock)
+        cut_at_the_deadline(self, service, clock, b"GET / HTTP/1.1\r\n", b"X-Slow: z\r\n")
+        self.assertEqual(http(service.address, "GET", "/moshez")[0], 200)
+        self.assertGreaterEqual(service.counts.get("timeout", 0), 1)
+
+    def test_a_slow_request_body_is_cut_at_the_deadline(self):
+        clock = TestClock()
+        service = web_service(self, timeout=10, clock=clock)
+        cut_at_the_deadline(self, service, clock,
+                            b"POST /RPC2 HTTP/1.1\r\nContent-Length: 1000\r\n\r\n", b"x")
+
+    def test_metrics_do_not_grow_with_user_names(self):
+        db = finger.MemoryDatabase()
+        service = setter_service(self, db)
+        for name in (b"a", b"b"):
+            set_over(service.address, name + b"\nx\n")
+        self.assertEqual(service.counts.get("set"), 2)
 
 
 class TestPerClientLimits(unittest.TestCase):
@@ -2371,6 +2439,13 @@ class TestForwarding(unittest.TestCase):
                              b"Happy and well\r\n")
             self.assertEqual(services.databases[0].get_user("moshez"), "Happy and well\r\n")
 
+    def test_proxy_target_port_must_be_allowed(self):
+        result = run_finger("--serve", "--backend", "memory", "--finger", "off", "--web", "off",
+                            "--setter", "off", "--proxy", "127.0.0.1:0", "--proxy-target",
+                            "127.0.0.1:7979")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("port 7979 is not in --forward-ports", result.stderr)
+
 
 PLUGIN = """
 import finger
@@ -2425,6 +2500,16 @@ class TestPlugins(unittest.TestCase):
                 self.assertEqual(result.stderr.splitlines()[1:],  # one line, and the hint
                                  ["try 'finger.py --serve --help'"], result.stderr)
                 self.assertIn(error, result.stderr)
+
+    def test_plugin_that_is_not_a_userdatabase(self):
+        directory = os.path.dirname(write_file(self, BARE_PLUGIN, name="bareplugin.py"))
+        env = dict(os.environ, PYTHONPATH=directory)
+        server = ServerProcess(self, "--backend", "bareplugin:Bare", "--finger", "127.0.0.1:0",
+                               "--web", "off", "--setter", "127.0.0.1:0", env=env)
+        finger_address, setter_address = server.address("finger"), server.address("setter")
+        self.assertEqual(ask(finger_address, b"x\r\n"), b"bare x\r\n")
+        self.assertEqual(set_over(setter_address, b"x\ny\n"),
+                         b"Could not save the status: this user database is read-only\r\n")
 
 
 # == hostile input: fuzzing with a fixed seed ==================================================
@@ -2670,6 +2755,31 @@ class TestSignals(unittest.TestCase):
         self.assertGreater(len(answered), 200)
         self.assertLessEqual(set(answered), {b"Happy and well\r\n", b"",
                                               b"Server busy, try again later\r\n"})
+
+    def test_sighup_with_a_memory_backend(self):
+        server = ServerProcess(self, "--backend", "memory", "--status", "a=b", "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "off")
+        address = server.address()
+        server.process.send_signal(signal.SIGHUP)
+        self.assertEqual(ask(address, b"a\r\n"), b"b\r\n")
+        server.process.terminate()
+        self.assertEqual(server.process.wait(TIMEOUT), 0)
+        self.assertFalse(any("Traceback" in line or "ERROR" in line for line in server.log))
+
+    def test_sigterm_does_not_wait_for_a_stuck_lookup(self):
+        directory = os.path.dirname(write_file(self, SLOW_PLUGIN, name="stuckplugin.py"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([directory, HERE]))
+        server = ServerProcess(self, "--backend", "stuckplugin:Stuck", "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "off",
+                               "--stop-timeout", "1", env=env)
+        stuck = connect(self, server.address())
+        stuck.sendall(b"moshez\r\n")
+        time.sleep(0.2)                                # the lookup is under way
+        started = time.monotonic()
+        server.process.terminate()
+        self.assertEqual(server.process.wait(TIMEOUT), 0)
+        self.assertLess(time.monotonic() - started, 3)
+        server.expect("still running after 1 s")
 
 
 # == Perspective Broker (issue 7) ==============================================================
@@ -3357,7 +3467,8 @@ class TestPBServer(unittest.TestCase):
                          ("answer", "Happy and well"))
 
     def test_idle_and_slow_peers_are_dropped_at_the_timeout(self):
-        service = pb_service(self, timeout=0.3)
+        clock = TestClock()
+        service = pb_service(self, timeout=10, clock=clock)
         busy = PBTestClient(self, service.address)
         idle = PBTestClient(self, service.address)
         slow = connect(self, service.address)
@@ -3365,7 +3476,7 @@ class TestPBServer(unittest.TestCase):
         web = connect(self, service.address)
         web.sendall(b"GET / HTTP/1.0\r\n\r\n")     # all prefix digits: waits for more
         for _ in range(4):                          # active for longer than the timeout
-            time.sleep(0.15)
+            clock.advance(service, 5)
             self.assertEqual(busy.call("getUsers"), ("answer", ["moshez"]))
         self.assertTrue(dropped(slow))
         self.assertTrue(dropped(web))
@@ -3395,6 +3506,39 @@ class TestPBServer(unittest.TestCase):
         for thread in threads:
             thread.join(TIMEOUT)
         self.assertEqual(results, [[("answer", "Happy and well")] * 10] * 8)
+
+    def test_pb_connection_over_the_cap_does_not_kill_the_service(self):
+        service = pb_service(self, max_connections=1)
+        first = PBTestClient(self, service.address)
+        extra = connect(self, service.address)
+        extra.sendall(b"\x02\x82pb")
+        self.assertTrue(dropped(extra))
+        self.assertEqual(first.call("getUser", "moshez"), ("answer", "Happy and well"))
+        self.assertTrue(service._thread.is_alive())
+
+    def test_a_slow_pb_lookup_does_not_stall_other_pb_clients(self):
+        db = SlowDatabase()
+        service = pb_service(self, db)
+        slow = PBTestClient(self, service.address)
+        call = slow.send_call("getUser", "slow")
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
+        other = PBTestClient(self, service.address)           # greeted meanwhile
+        self.assertEqual(other.call("getUser", "moshez"), ("answer", "Happy and well"))
+        db.release.set()
+        self.assertEqual(slow.reply(call), ("answer", "finally"))
+        self.assertEqual(slow.call("getUser", "moshez"), ("answer", "Happy and well"))
+
+    def test_a_pb_call_after_idling_is_not_cut_by_a_slow_lookup(self):
+        db = SlowDatabase()
+        clock = TestClock()
+        service = pb_service(self, db, timeout=10, clock=clock)
+        client = PBTestClient(self, service.address)
+        clock.advance(service, 8)                 # idle for most of the timeout
+        call = client.send_call("getUser", "slow")
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
+        clock.advance(service, 5)                 # the lookup runs past the old deadline
+        db.release.set()
+        self.assertEqual(client.reply(call), ("answer", "finally"))
 
 
 # -- real Twisted clients (make interop) --------------------------------------------------------
@@ -4168,6 +4312,14 @@ class TestIRCBot(unittest.TestCase):
             bot.stop()
             self.assertLess(time.monotonic() - started, 1.0)
 
+    def test_stopping_the_irc_bot_logs_no_error(self):
+        server, bot = registered_irc_bot(self)
+        with self.assertLogs("finger", "INFO") as logs:
+            finger.log.info("stopping the bot")
+            bot.stop()
+        self.assertEqual([r for r in logs.records if r.levelno >= logging.ERROR], [])
+        self.assertFalse(any("reconnecting" in line for line in logs.output))
+
 
 class TestIRCOnEveryNetwork(unittest.TestCase):
     """What the bot learns from each server (005), throttles against bans, SASL failures
@@ -4807,7 +4959,21 @@ class TestIRCInterop(IRCInteropTests, unittest.TestCase):
                 "SIGCONT; answered in %.3f s" % (detected, back, latency))
 
 
-# == regressions: bugs found in review and in the soak run, each fixed ========================
+# == regressions: bugs found in review and in the soak run, each fixed (their tests are in the
+# classes of the parts they are about) ===========================================================
+
+def cut_at_the_deadline(test, service, clock, start, dribble):
+    """A web request begun with `start` and dribbled (`dribble` every 3 s) is still open
+    at 9 s and dropped once the service's timeout (10 s) is over, however it dribbles."""
+    sock = connect(test, service.address)
+    sock.sendall(start)
+    wait_until(lambda: service.open_connections() == 1)
+    for _ in range(3):
+        clock.advance(service, 3)
+        sock.sendall(dribble)
+    test.assertEqual(service.open_connections(), 1)
+    clock.advance(service, 1.5)
+    test.assertTrue(dropped(sock))
 
 SLOW_PLUGIN = """
 import time, finger
@@ -4831,182 +4997,6 @@ class Bare:
     def get_user(self, name):
         return "bare " + name
 """
-
-
-class TestRegressions(unittest.TestCase):
-    def test_pb_connection_over_the_cap_does_not_kill_the_service(self):
-        service = pb_service(self, max_connections=1)
-        first = PBTestClient(self, service.address)
-        extra = connect(self, service.address)
-        extra.sendall(b"\x02\x82pb")
-        self.assertTrue(dropped(extra))
-        self.assertEqual(first.call("getUser", "moshez"), ("answer", "Happy and well"))
-        self.assertTrue(service._thread.is_alive())
-
-    def test_a_slow_pb_lookup_does_not_stall_other_pb_clients(self):
-        db = SlowDatabase()
-        service = pb_service(self, db)
-        slow = PBTestClient(self, service.address)
-        call = slow.send_call("getUser", "slow")
-        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
-        other = PBTestClient(self, service.address)           # greeted meanwhile
-        self.assertEqual(other.call("getUser", "moshez"), ("answer", "Happy and well"))
-        db.release.set()
-        self.assertEqual(slow.reply(call), ("answer", "finally"))
-        self.assertEqual(slow.call("getUser", "moshez"), ("answer", "Happy and well"))
-
-    def test_relative_paths_survive_rundir(self):
-        users = write_file(self, USERS)
-        server = ServerProcess(self, "--users", os.path.basename(users), "--finger",
-                               "127.0.0.1:0", "--web", "off", "--setter", "127.0.0.1:0",
-                               "--rundir", "/", cwd=os.path.dirname(users))
-        finger_address, setter_address = server.address("finger"), server.address("setter")
-        self.assertEqual(set_over(setter_address, b"shawn\nmoved\n"), b"OK\r\n")
-        self.assertEqual(ask(finger_address, b"shawn\r\n"), b"moved\r\n")
-
-    def test_sighup_with_a_memory_backend(self):
-        server = ServerProcess(self, "--backend", "memory", "--status", "a=b", "--finger",
-                               "127.0.0.1:0", "--web", "off", "--setter", "off")
-        address = server.address()
-        server.process.send_signal(signal.SIGHUP)
-        self.assertEqual(ask(address, b"a\r\n"), b"b\r\n")
-        server.process.terminate()
-        self.assertEqual(server.process.wait(TIMEOUT), 0)
-        self.assertFalse(any("Traceback" in line or "ERROR" in line for line in server.log))
-
-    def seconds_until_dropped(self, service, start, dribble):
-        """Send `start`, then `dribble` every 0.05 s (each read is quick) until the web
-        service drops the connection, for 4 s at most; how long that took."""
-        sock = connect(self, service.address)
-        sock.sendall(start)
-        wait_until(lambda: service.open_connections() == 1)
-        started = time.monotonic()
-        with contextlib.suppress(OSError):
-            while service.open_connections() and time.monotonic() - started < 4:
-                sock.send(dribble)
-                time.sleep(0.05)
-        return time.monotonic() - started
-
-    def test_web_peer_dribbling_its_headers_is_dropped(self):
-        service = web_service(self, timeout=0.4)
-        self.assertLess(self.seconds_until_dropped(service, b"GET / HTTP/1.1\r\n",
-                                                   b"X-Slow: z\r\n"), 2.0)
-        self.assertEqual(http(service.address, "GET", "/moshez")[0], 200)
-        self.assertGreaterEqual(service.counts.get("timeout", 0), 1)
-
-    def test_dtd_in_utf16_is_refused(self):
-        address = web_service(self).address
-        body = ('<?xml version="1.0" encoding="utf-16"?><!DOCTYPE x [<!ENTITY a "moshez">]>'
-                "<methodCall><methodName>getUser</methodName><params><param><value>"
-                "<string>&a;</string></value></param></params></methodCall>").encode("utf-16")
-        self.assertEqual(http(address, "POST", "/RPC2", body=body)[0], 400)
-
-    def test_log_lines_are_defanged(self):
-        server = ServerProcess(self, "--users", write_file(self, USERS), "--finger", "off",
-                               "--setter", "off", "--web", "127.0.0.1:0", "--log-queries")
-        address = server.address("web")
-        ask_or_reset(address, b"GET /\x1b[2J\x1b]0;owned\x07 HTTP/1.1\r\n"
-                              b"Connection: close\r\n\r\n")
-        line = server.expect(r"GET /").string
-        self.assertNotIn("\x1b", line)
-        self.assertIn("^[[2J", line)
-
-    def test_plugin_that_is_not_a_userdatabase(self):
-        directory = os.path.dirname(write_file(self, BARE_PLUGIN, name="bareplugin.py"))
-        env = dict(os.environ, PYTHONPATH=directory)
-        server = ServerProcess(self, "--backend", "bareplugin:Bare", "--finger", "127.0.0.1:0",
-                               "--web", "off", "--setter", "127.0.0.1:0", env=env)
-        finger_address, setter_address = server.address("finger"), server.address("setter")
-        self.assertEqual(ask(finger_address, b"x\r\n"), b"bare x\r\n")
-        self.assertEqual(set_over(setter_address, b"x\ny\n"),
-                         b"Could not save the status: this user database is read-only\r\n")
-
-    def test_a_failed_bind_closes_the_listeners_already_bound(self):
-        with socket.socket() as taken:
-            taken.bind((LOCALHOST, 0))
-            taken.listen()
-            options = finger.default_options(finger="127.0.0.1:0", setter="off",
-                                             web="127.0.0.1:%d" % taken.getsockname()[1])
-            group = finger.build_services(options, finger.MemoryDatabase())
-            with self.assertRaises(finger.FingerError):
-                group.start()
-        self.assertEqual(group.services[0]._listener.fileno(), -1)
-        self.assertIsNone(_try_ask(group.services[0].address))       # nobody listens
-
-    def test_a_slow_request_body_is_cut_at_the_deadline(self):
-        service = web_service(self, timeout=0.4)
-        start = b"POST /RPC2 HTTP/1.1\r\nContent-Length: 1000\r\n\r\n"
-        self.assertLess(self.seconds_until_dropped(service, start, b"x"), 2.0)
-
-    def test_a_pb_call_after_idling_is_not_cut_by_a_slow_lookup(self):
-        db = SlowDatabase()
-        service = pb_service(self, db, timeout=0.6)
-        client = PBTestClient(self, service.address)
-        time.sleep(0.4)                           # idle for most of the timeout
-        call = client.send_call("getUser", "slow")
-        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
-        time.sleep(0.3)                           # the lookup runs past the old deadline
-        db.release.set()
-        self.assertEqual(client.reply(call), ("answer", "finally"))
-
-    def test_sigterm_does_not_wait_for_a_stuck_lookup(self):
-        directory = os.path.dirname(write_file(self, SLOW_PLUGIN, name="stuckplugin.py"))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([directory, HERE]))
-        server = ServerProcess(self, "--backend", "stuckplugin:Stuck", "--finger",
-                               "127.0.0.1:0", "--web", "off", "--setter", "off",
-                               "--stop-timeout", "1", env=env)
-        stuck = connect(self, server.address())
-        stuck.sendall(b"moshez\r\n")
-        time.sleep(0.2)                                # the lookup is under way
-        started = time.monotonic()
-        server.process.terminate()
-        self.assertEqual(server.process.wait(TIMEOUT), 0)
-        self.assertLess(time.monotonic() - started, 3)
-        server.expect("still running after 1 s")
-
-    def test_setter_status_with_other_line_breaks_is_cleaned(self):
-        db = finger.MemoryDatabase()
-        address = setter_service(self, db).address
-        status = "page\x0cbreak \x85next \u2028line".encode()
-        self.assertEqual(set_over(address, b"moshez\n" + status + b"\n"), b"OK\r\n")
-        self.assertEqual(db.get_user("moshez"), "pagebreak next line")
-
-    def test_metrics_do_not_grow_with_user_names(self):
-        db = finger.MemoryDatabase()
-        service = setter_service(self, db)
-        for name in (b"a", b"b"):
-            set_over(service.address, name + b"\nx\n")
-        self.assertEqual(service.counts.get("set"), 2)
-
-    def test_users_file_with_a_byte_order_mark(self):
-        path = write_file(self, "\ufeffmoshez: Happy and well\nshawn: alive\n", mode="w")
-        db = finger.FileDatabase(path, 0)
-        self.assertEqual(db.get_user("moshez"), "Happy and well")
-        db.set_user("moshez", "Still happy")
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), b"\xef\xbb\xbfmoshez: Still happy\nshawn: alive\n")
-
-    def test_proxy_target_port_must_be_allowed(self):
-        result = run_finger("--serve", "--backend", "memory", "--finger", "off", "--web", "off",
-                            "--setter", "off", "--proxy", "127.0.0.1:0", "--proxy-target",
-                            "127.0.0.1:7979")
-        self.assertEqual(result.returncode, 2)
-        self.assertIn("port 7979 is not in --forward-ports", result.stderr)
-
-    def test_stopping_the_irc_bot_logs_no_error(self):
-        server, bot = registered_irc_bot(self)
-        with self.assertLogs("finger", "INFO") as logs:
-            finger.log.info("stopping the bot")
-            bot.stop()
-        self.assertEqual([r for r in logs.records if r.levelno >= logging.ERROR], [])
-        self.assertFalse(any("reconnecting" in line for line in logs.output))
-
-    def test_operating_system_errors_are_one_line(self):
-        result = run_finger("--serve", "--backend", "memory", "--finger", "127.0.0.1:0",
-                            "--web", "off", "--setter", "off", "--rundir", "/nonexistent")
-        self.assertEqual(result.returncode, 1)
-        self.assertNotIn("Traceback", result.stderr)
-        self.assertIn("/nonexistent", result.stderr)
 
 
 # == running as a daemon =======================================================================
@@ -5252,6 +5242,15 @@ class TestDaemon(unittest.TestCase):
         self.assertEqual(http(web, "GET", "/api/users/moshez")[0], 200)
         os.chmod(users, 0o666)
         self.assertEqual(set_over(setter, b"shawn\nin jail\n"), b"OK\r\n")
+
+    def test_relative_paths_survive_rundir(self):
+        users = write_file(self, USERS)
+        server = ServerProcess(self, "--users", os.path.basename(users), "--finger",
+                               "127.0.0.1:0", "--web", "off", "--setter", "127.0.0.1:0",
+                               "--rundir", "/", cwd=os.path.dirname(users))
+        finger_address, setter_address = server.address("finger"), server.address("setter")
+        self.assertEqual(set_over(setter_address, b"shawn\nmoved\n"), b"OK\r\n")
+        self.assertEqual(ask(finger_address, b"shawn\r\n"), b"moved\r\n")
 
 
 class TestSyslog(unittest.TestCase):
@@ -5532,6 +5531,13 @@ class TestXMLRPCFaults(unittest.TestCase):
         self.assertEqual((caught.exception.faultCode, caught.exception.faultString),
                          (finger.RPC_INTERNAL_ERROR, finger.INTERNAL_ERROR))
 
+    def test_dtd_in_utf16_is_refused(self):
+        address = web_service(self).address
+        body = ('<?xml version="1.0" encoding="utf-16"?><!DOCTYPE x [<!ENTITY a "moshez">]>'
+                "<methodCall><methodName>getUser</methodName><params><param><value>"
+                "<string>&a;</string></value></param></params></methodCall>").encode("utf-16")
+        self.assertEqual(http(address, "POST", "/RPC2", body=body)[0], 400)
+
 
 class TestCommandLineErrors(unittest.TestCase):
     """Usage errors are one line and a hint; each audience gets its own help."""
@@ -5591,6 +5597,13 @@ class TestCommandLineErrors(unittest.TestCase):
         self.assertIn("[::1]:79", lines[1])
         self.assertIn(":4: reload: expected a number of seconds 0 or more", lines[2])
         self.assertEqual(lines[3], "try 'finger.py --serve --help'")
+
+    def test_operating_system_errors_are_one_line(self):
+        result = run_finger("--serve", "--backend", "memory", "--finger", "127.0.0.1:0",
+                            "--web", "off", "--setter", "off", "--rundir", "/nonexistent")
+        self.assertEqual(result.returncode, 1)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("/nonexistent", result.stderr)
 
 
 def check_config(test, *args):
@@ -6124,6 +6137,18 @@ class TestServeCommand(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("ports below 1024 need root", result.stderr)
         self.assertIn("--finger 127.0.0.1:7979", result.stderr)
+
+    def test_a_failed_bind_closes_the_listeners_already_bound(self):
+        with socket.socket() as taken:
+            taken.bind((LOCALHOST, 0))
+            taken.listen()
+            options = finger.default_options(finger="127.0.0.1:0", setter="off",
+                                             web="127.0.0.1:%d" % taken.getsockname()[1])
+            group = finger.build_services(options, finger.MemoryDatabase())
+            with self.assertRaises(finger.FingerError):
+                group.start()
+        self.assertEqual(group.services[0]._listener.fileno(), -1)
+        self.assertIsNone(_try_ask(group.services[0].address))       # nobody listens
 
 
 LISTENER_OPTIONS = ["--" + name for name in finger.LISTENERS]
