@@ -78,6 +78,8 @@ MAX_WARNINGS_PER_SECOND = 10      # warnings about peers one service logs a seco
 MAX_ERROR_SHOWN = 200             # characters of an error about a peer that a log line shows
 ACCEPT_PAUSE = 0.1                # seconds a listener waits when out of file descriptors
 RECV_SIZE = 4096
+TLS_SEND_SIZE = 16 * 1024         # bytes given to one TLS send: a record
+HTTP_JOIN_BYTES = 16 * 1024       # a web body this short leaves in one send with its head
 MAX_SESSION_OUTPUT = 1 << 20      # bytes a session peer may leave unread before it is dropped
 STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when stopping
 DEFAULT_PER_CLIENT_CONNECTIONS = 64  # connections one client address may have open at once
@@ -1246,12 +1248,13 @@ class RequestProtocol(Protocol):
 
 
 class Session:
-    """One connection of a SessionProtocol.  feed(data) -> the bytes to send back (raising
-    drops the connection); while it has `pending` whole messages left (it stops early after
-    a large answer, or before one that must run in a worker: then `slow`), resume() answers
-    more of them once the answers so far are sent; `idle` when it holds no part of a message
-    (the connection's deadline then starts again); `closing` once the connection should
-    close after what is sent; close() when the connection has closed."""
+    """One connection of a SessionProtocol.  feed(data) -> what to send back: bytes, or a
+    list of them (raising drops the connection); while it has `pending` whole messages left
+    (it stops early after a large answer, or before one that must run in a worker: then
+    `slow`), resume() answers more of them once the answers so far are sent, and busy()
+    answers the next one when no worker is free (None: drop the connection); `idle` when it
+    holds no part of a message (the connection's deadline then starts again); `closing`
+    once the connection should close after what is sent; close() when it has closed."""
 
     idle = True
     pending = slow = closing = False
@@ -1264,6 +1267,9 @@ class Session:
 
     def resume(self):
         return b""
+
+    def busy(self):
+        return None
 
     def close(self):
         pass
@@ -2191,8 +2197,7 @@ class TCPService(Service):
         self._listener.close()
         for conn in list(self._conns) + list(self._lingering):
             if conn.state in ("handshake", "reading", "lingering") or (
-                    conn.state == "session" and conn.session.idle and not conn.outbuf
-                    and not conn.session.pending):
+                    conn.state == "session" and not conn.outbuf and not conn.session.pending):
                 self._close(conn)
         self.loop.call_later(STOP_GRACE, self.loop.stop)
         self._stop_when_idle()
@@ -2348,8 +2353,11 @@ class TCPService(Service):
         return data
 
     def _send_some(self, conn, data):
+        """Bytes of `data` the socket took now.  TLS is given a record's worth at a time:
+        Python's TLS send takes a buffer whole or not at all, and a large answer would
+        show no progress to the deadline until its last byte."""
         try:
-            return conn.sock.send(data)
+            return conn.sock.send(data[:TLS_SEND_SIZE] if conn.tls else data)
         except self._would_block:
             return 0
 
@@ -2495,22 +2503,31 @@ class TCPService(Service):
         if conn.session is None:
             self._send(conn, conn.outbuf)
             return
-        try:
-            sent = self._send_some(conn, conn.outbuf)
-        except OSError:
-            self._close(conn)
-            return
-        conn.outbuf = conn.outbuf[sent:]
-        if conn.outbuf:
-            if sent:
-                self._set_deadline(conn)             # it takes its answer: time for the rest
-        else:
+        progress = False
+        while conn.outbuf:                           # a session's queue of chunks
+            chunk = conn.outbuf[0]
+            try:
+                sent = self._send_some(conn, chunk)
+            except OSError:
+                self._close(conn)
+                return
+            progress = progress or sent > 0
+            if sent < len(chunk):
+                conn.outbuf[0] = chunk[sent:]
+                break
+            conn.outbuf.popleft()
+        if not conn.outbuf:
             self._drained(conn)
+            return
+        if progress:
+            self._set_deadline(conn)                 # it takes its answer: time for the rest
+        self._wait(conn, selectors.EVENT_WRITE)
 
     # -- session connections (they stay open)
 
     def _start_session(self, conn):
         conn.session = self.protocol.new_session(conn.peer)
+        conn.outbuf = collections.deque()           # memoryviews of what is to be sent
         conn.state = "session"
         self._set_deadline(conn)
         self._output(conn, conn.session.greeting())
@@ -2536,7 +2553,14 @@ class TCPService(Service):
             self._fed(conn, self._run_session(conn, conn.session.feed, data))
 
     def _in_worker(self, conn, method, *args):
+        """Run a session's method in the pool; the connection's deadline waits meanwhile
+        (the time is the server's, not the peer's).  With every worker busy, the session
+        answers busy() instead, or the connection is dropped."""
         if self.loop.in_flight >= self.max_pending:
+            answer = conn.session.busy()
+            if answer is not None:
+                self._fed(conn, answer)
+                return
             self._warnings.warn("%s %s: dropped: every worker is busy", self.name,
                                 format_peer(conn.peer))
             self._close(conn)
@@ -2544,7 +2568,8 @@ class TCPService(Service):
         self.loop.watch(conn.sock, 0)
         conn.events = 0
         conn.state = "working"
-        self._set_deadline(conn)               # the peer is active: its timeout starts over
+        if conn.deadline is not None:
+            conn.deadline.cancel()
         self.loop.run_in_worker(self._run_session, (conn, method) + args,
                                 lambda future: self._fed(conn, future.result()))
 
@@ -2563,36 +2588,28 @@ class TCPService(Service):
         if conn.state == "closed":
             conn.session.close()               # dropped while it was fed in a worker
             return
-        conn.state = "session"
+        was_working, conn.state = conn.state == "working", "session"
         if reply is None:
             self._close(conn)
             return
-        if conn.session.idle:
+        if conn.session.idle or was_working:
             self._set_deadline(conn)
         self._output(conn, reply)
 
     def _output(self, conn, data):
-        """Send what the socket takes now; the rest waits for EVENT_WRITE, and the
-        connection is not read meanwhile.  A peer that leaves more than the protocol's
-        max_output unread is dropped."""
-        pending = bytes(conn.outbuf) + data if conn.outbuf else data
-        try:
-            sent = self._send_some(conn, pending) if pending else 0
-        except OSError:
-            self._close(conn)
-            return
-        conn.outbuf = pending[sent:] if sent < len(pending) else b""
+        """Queue `data` (bytes, or a list of them: a body kept elsewhere, such as the users
+        page, is sent from where it is, never copied) and send what the socket takes now;
+        the rest waits for EVENT_WRITE, and the connection is not read meanwhile.  A peer
+        that leaves more than the protocol's max_output unread is dropped."""
+        conn.outbuf.extend(memoryview(chunk) for chunk in (
+            data if isinstance(data, list) else [data]) if chunk)
         limit = self.protocol.max_output
-        if limit is not None and len(conn.outbuf) > limit:
+        if limit is not None and sum(map(len, conn.outbuf)) > limit:
             self._warnings.warn("%s %s: dropped: it does not read its answers", self.name,
                                 format_peer(conn.peer))
             self._close(conn)
-        elif conn.outbuf:
-            if not isinstance(conn.outbuf, memoryview):
-                conn.outbuf = memoryview(conn.outbuf)
-            self._wait(conn, selectors.EVENT_WRITE)
         else:
-            self._drained(conn)
+            self._write(conn)
 
     def _drained(self, conn):
         """Everything is sent: close, answer the messages it holds, or read again."""
@@ -2604,10 +2621,10 @@ class TCPService(Service):
                 self._in_worker(conn, session.resume)
             else:
                 self._fed(conn, self._run_session(conn, session.resume))
+        elif self._stopping:
+            self._close(conn)
         else:
             self._wait(conn, selectors.EVENT_READ)
-            if self._stopping and session.idle:
-                self._close(conn)
 
     def _close(self, conn, linger=False):
         """Close a connection; with `linger` (and room for it), shut our side only and read
@@ -2840,6 +2857,7 @@ class WebSite:
         self.title = title
         self.rpc = self._make_rpc_dispatcher()
         self._users_page = None        # (db version, WebResponse)
+        self._rendering = threading.Lock()   # held while the users page is made
         self._pages, self._pages_bytes = {}, 0    # name -> WebResponse of its page
         self._pages_for = None, None   # (db version, templates) of those pages
         self._last_modified = None, None   # (db.changed_at, as an HTTP date)
@@ -3014,13 +3032,19 @@ class WebSite:
             return self.error(403, LIST_DENIED, "The list of users is not public here; "
                               "a user's page is at /NAME.")
         version = getattr(self.db, "version", None)
-        cached = self._users_page
-        if version is not None and cached is not None and cached[0] == version:
-            return cached[1]
-        response = self._render_users_page(names)
-        if version is not None and version == self.db.version:
-            self._users_page = version, response
-        return response
+        if version is None:
+            return self._render_users_page(names)
+        with self._rendering:                  # one render per version, however many ask
+            cached = self._users_page
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            response = self._render_users_page(names)
+            if len(response.body) >= GZIP_MIN_BYTES:
+                response.etag()                # both made here, in a worker, not on the loop
+                response.gzipped()
+            if version == self.db.version:
+                self._users_page = version, response
+            return response
 
     def _render_users_page(self, names):
         from html import escape
@@ -3268,8 +3292,32 @@ class WebRequest:
         if len(self.raw_requestline) > 65536:
             self.send_error(414, "Request line too long")
             return False
-        return (BaseHTTPRequestHandler.parse_request(self) and self.framing_ok()
-                and self.within_rate())
+        return (BaseHTTPRequestHandler.parse_request(self) and self.fields_ok()
+                and self.framing_ok() and self.target_ok() and self.within_rate())
+
+    def fields_ok(self):
+        """RFC 9112 section 5: a field name is a token right before its colon, and no value
+        holds CR, LF (obs-fold) or NUL; a line without a colon is no field.  Else 400, and
+        the connection closes: what one server ignores, a proxy in front may not."""
+        if self.headers.defects or any(
+                _NOT_TOKEN.search(name) or _BAD_VALUE.search(value)
+                for name, value in self.headers.items()):
+            self.send_error(400, "Bad request", "A header line is malformed.")
+            return False
+        return True
+
+    def target_ok(self):
+        """The target in origin form (/path?query); the absolute form (http://host/path),
+        which RFC 9112 says a server must take, is turned into it.  Else 400."""
+        if self.path.startswith("/"):
+            return True
+        if self.path.lower().startswith(("http://", "https://")):
+            from urllib.parse import urlsplit
+            parts = urlsplit(self.path)
+            self.path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+            return True
+        self.send_error(400, "Bad request", "The request target is not a path.")
+        return False
 
     def body_wanted(self):
         """Bytes of body to read before the request is whole: a POST's within MAX_RPC_BODY
@@ -3282,7 +3330,8 @@ class WebRequest:
         return self.protocol.site.needs_worker(self.command, self.path)
 
     def output(self):
-        out, self.out = b"".join(self.out), []
+        """What was written so far, as a list of bytes (a body is never copied), taken."""
+        out, self.out = self.out, []
         return out
 
     def within_rate(self):
@@ -3362,8 +3411,10 @@ class WebRequest:
                 head.append("Connection: close\r\n")
             head.append(_FIXED_HEADERS)
             self.out.append("".join(head).encode("latin-1"))
-        if with_body:
-            self.out.append(response.body)
+        if with_body and len(response.body) <= HTTP_JOIN_BYTES and self.out:
+            self.out[-1] += response.body          # one send, one segment
+        elif with_body:
+            self.out.append(response.body)         # sent from where it is kept
         self.protocol.latency.observe(time.monotonic() - self.started)
         self.protocol.count(response.status)
         if query_log.enabled:
@@ -3380,6 +3431,8 @@ class WebRequest:
 
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+_NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")     # RFC 9110 5.6.2, tchar
+_BAD_VALUE = re.compile("[\r\n\0]")
 _FIXED_HEADERS = ("Server: finger.py/%s\r\nX-Content-Type-Options: nosniff\r\n"
                   "Content-Security-Policy: %s\r\nReferrer-Policy: no-referrer\r\n\r\n"
                   % (__version__, CONTENT_SECURITY_POLICY))
@@ -3402,6 +3455,7 @@ class HTTPSession(Session):
         self.protocol, self.peer = protocol, peer
         self.buffer = bytearray()
         self.scanned = 0               # bytes of buffer known to hold no blank line
+        self.skipped_blank = False     # the one empty line allowed before this request
         self.request = None            # a WebRequest read in part, or not yet answered
         self.requests = 0
 
@@ -3416,6 +3470,18 @@ class HTTPSession(Session):
     def resume(self):
         return self._answer(allow_slow=self.slow)
 
+    def busy(self):
+        """Every worker is busy: the waiting request gets 503 and Retry-After: 1, and the
+        connection goes on with the next one."""
+        request, self.request = self.request, None
+        if request is None:
+            return None
+        request.respond(self.protocol.site.error(503, "Busy", "Every worker is busy; try "
+                                                 "again in a second.", [("Retry-After", "1")]))
+        self.closing = request.close_connection
+        self.slow = False
+        self.pending = bool(self.buffer)
+        return request.output()
     def _answer(self, allow_slow):
         """Answer the whole requests the buffer holds, in order, until one must run in a
         worker (unless allow_slow), HTTP_BATCH bytes are answered, or the connection is
@@ -3432,13 +3498,13 @@ class HTTPSession(Session):
                 break
             self.request = None
             answer = request.answer()
-            out.append(answer)
-            size += len(answer)
+            out.extend(answer)
+            size += sum(map(len, answer))
             self.closing = request.close_connection
             if size >= HTTP_BATCH and self.buffer and not self.closing:
                 self.pending = True
                 break
-        return out[0] if len(out) == 1 else b"".join(out)
+        return out
 
     def _whole_request(self, out):
         """The next request once it is whole (head and body), taken from the buffer; None
@@ -3452,16 +3518,26 @@ class HTTPSession(Session):
                     request.send_error(431, "Request header fields too large",
                                        "At most %d bytes of request line and headers."
                                        % MAX_REQUEST_HEAD)
-                    out.append(request.output())
+                    out.extend(request.output())
                     self.closing = True
+                return None
+            if end > MAX_REQUEST_HEAD:        # whole in one read, but over the limit all the same
+                del self.buffer[:]
+                request = WebRequest(self.protocol, self.peer, b"", self.requests == 0)
+                request.send_error(431, "Request header fields too large",
+                                   "At most %d bytes of request line and headers."
+                                   % MAX_REQUEST_HEAD)
+                out.extend(request.output())
+                self.closing = True
                 return None
             head = bytes(self.buffer[:end])
             del self.buffer[:end]
             self.scanned = 0
+            self.skipped_blank = False
             request = WebRequest(self.protocol, self.peer, head, self.requests == 0)
             self.requests += 1
             complete = request.read_head()
-            out.append(request.output())
+            out.extend(request.output())
             if not complete:
                 self.closing = True
                 return None
@@ -3477,11 +3553,16 @@ class HTTPSession(Session):
     def _head_end(self):
         """Where the request line and headers end (after their blank line), or None while
         they are incomplete.  A request line of fewer than three words (blank, HTTP/0.9,
-        malformed) has no headers."""
+        malformed; split as http.server splits it) has no headers.  One empty line before
+        a request is skipped (RFC 9112 section 2.2: a client may send one after a body)."""
+        if self.buffer[:1] == b"\n" or self.buffer[:2] == b"\r\n":
+            if not self.skipped_blank:
+                del self.buffer[:1 if self.buffer[:1] == b"\n" else 2]
+                self.skipped_blank = True
         line_end = self.buffer.find(b"\n", 0, MAX_REQUEST_HEAD)
         if line_end < 0:
             return None
-        if len(self.buffer[:line_end].split()) < 3:
+        if len(str(self.buffer[:line_end], "iso-8859-1").split()) < 3:
             return line_end + 1
         blank = _BLANK_LINE.search(self.buffer, max(self.scanned, line_end))
         if blank is None:
@@ -6805,8 +6886,8 @@ def build_parser(server=False):
                         "%(default)s)")
     limits.add_argument("--web-max-connections", type=_count,
                         default=DEFAULT_WEB_MAX_CONNECTIONS, metavar="N",
-                        help="web connections at once, one thread each; more get 503 "
-                             "(default: %(default)s)")
+                        help="web connections open at once, idle keep-alive ones included "
+                             "(none takes a thread); more get 503 (default: %(default)s)")
     limits.add_argument("--workers", type=_count, default=DEFAULT_WORKERS, metavar="N",
                         help="threads for back-ends that may block (default: %(default)s)")
     limits.add_argument("--per-client-connections", type=_count_or_zero,

@@ -1532,11 +1532,35 @@ class TestHTTPSession(unittest.TestCase):
         self.protocol = finger.HTTPProtocol(finger.WebSite(self.db))
         self.session = self.protocol.new_session(("192.0.2.1", 4000))
 
+    def feed(self, data):
+        return b"".join(self.session.feed(data))
+
+    def resume(self):
+        return b"".join(self.session.resume())
+
     def statuses(self, data):
         return [int(code) for code in re.findall(rb"(?m)^HTTP/1\.1 (\d{3}) ", data)]
 
+    def test_the_users_page_is_made_once_however_many_ask_at_once(self):
+        db = finger.MemoryDatabase({"u%05d" % n: "status %d" % n for n in range(20000)})
+        site = finger.WebSite(db)
+        barrier = threading.Barrier(6)
+        pages = []
+
+        def ask():
+            barrier.wait()
+            pages.append(site.users_page())
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual(len({id(page) for page in pages}), 1)      # one render, shared
+        self.assertIsNotNone(pages[0]._gzipped)                      # gzipped off the loop
+
     def test_pipelined_requests_are_answered_in_order(self):
-        answer = self.session.feed(b"GET /moshez HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = self.feed(b"GET /moshez HTTP/1.1\r\nHost: x\r\n\r\n"
                                    b"GET /nobody HTTP/1.1\r\nHost: x\r\n\r\n"
                                    b"GET /shawn HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(self.statuses(answer), [200, 404, 200])
@@ -1547,42 +1571,76 @@ class TestHTTPSession(unittest.TestCase):
     def test_a_request_dribbled_byte_by_byte_is_answered_once_whole(self):
         request = b"GET /moshez HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n" % (b"p" * 3000)
         for byte in range(len(request) - 1):
-            self.assertEqual(self.session.feed(request[byte:byte + 1]), b"")
+            self.assertEqual(self.feed(request[byte:byte + 1]), b"")
             self.assertFalse(self.session.idle)             # the deadline is not restarted
-        self.assertEqual(self.statuses(self.session.feed(request[-1:])), [200])
+        self.assertEqual(self.statuses(self.feed(request[-1:])), [200])
         self.assertTrue(self.session.idle)
 
     def test_slow_requests_wait_for_a_worker(self):
         call = (b"<?xml version='1.0'?><methodCall><methodName>getUser</methodName><params>"
                 b"<param><value><string>moshez</string></value></param></params></methodCall>")
-        answer = self.session.feed(b"GET /shawn HTTP/1.1\r\n\r\nPOST /RPC2 HTTP/1.1\r\n"
+        answer = self.feed(b"GET /shawn HTTP/1.1\r\n\r\nPOST /RPC2 HTTP/1.1\r\n"
                                    b"Content-Length: %d\r\n\r\n" % len(call) + call)
         self.assertEqual(self.statuses(answer), [200])      # what is quick, now
         self.assertTrue(self.session.pending and self.session.slow)
-        answer = self.session.resume()                      # what a worker runs
+        answer = self.resume()                      # what a worker runs
         self.assertEqual(self.statuses(answer), [200])
         self.assertIn(b"Happy and well", answer)
         self.assertFalse(self.session.pending)
 
     def test_answers_to_a_pipelined_flood_come_a_batch_at_a_time(self):
         self.db.set_user("big", "b" * 8000)
-        answer = self.session.feed(b"GET /big HTTP/1.1\r\n\r\n" * 100)
+        answer = self.feed(b"GET /big HTTP/1.1\r\n\r\n" * 100)
         self.assertLess(len(answer), finger.HTTP_BATCH + 10000)
         self.assertTrue(self.session.pending)
         answers = [answer]
         while self.session.pending:
-            answers.append(self.session.resume())
+            answers.append(self.resume())
         self.assertEqual(len(self.statuses(b"".join(answers))), 100)
 
     def test_100_continue_comes_before_the_body(self):
-        answer = self.session.feed(b"POST /RPC2 HTTP/1.1\r\nExpect: 100-continue\r\n"
+        answer = self.feed(b"POST /RPC2 HTTP/1.1\r\nExpect: 100-continue\r\n"
                                    b"Content-Length: 10\r\n\r\n")
         self.assertEqual(answer, b"HTTP/1.1 100 Continue\r\n\r\n")
         self.assertFalse(self.session.idle)
 
+    def test_a_head_whole_in_one_read_is_refused_past_its_limit_too(self):
+        answer = self.feed(b"GET / HTTP/1.1\r\nX: " + b"y" * finger.MAX_REQUEST_HEAD +
+                           b"\r\n\r\n")
+        self.assertEqual(self.statuses(answer), [431])
+
+    def test_malformed_header_lines_are_refused(self):
+        for case in (b"Transfer-Encoding : chunked", b"X-Nul: a\0b", b"No colon here",
+                     b" leading: space"):
+            with self.subTest(case=case):
+                session = self.protocol.new_session(("192.0.2.1", 4000))
+                answer = b"".join(session.feed(b"POST /RPC2 HTTP/1.1\r\n" + case +
+                                               b"\r\nContent-Length: 4\r\n\r\nabcd"))
+                self.assertEqual(self.statuses(answer), [400])
+                self.assertTrue(session.closing)
+
+    def test_request_lines_are_split_as_http_server_splits_them(self):
+        answer = self.feed(b"GET\xa0/moshez\xa0HTTP/1.1\r\nGET /shawn HTTP/1.1\r\n\r\n")
+        self.assertLessEqual(len(self.statuses(answer)), 1)      # one request, never two
+
+    def test_one_empty_line_before_a_request_and_the_absolute_form(self):
+        answer = self.feed(b"\r\nGET http://example.org/moshez HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.statuses(answer), [200])
+        self.assertIn(b"Happy and well", answer)
+
+    def test_a_slow_request_gets_503_when_every_worker_is_busy(self):
+        self.feed(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd"
+                  b"GET /shawn HTTP/1.1\r\n\r\n")
+        self.assertTrue(self.session.slow)
+        answer = b"".join(self.session.busy())
+        self.assertEqual(self.statuses(answer), [503])
+        self.assertIn(b"Retry-After: 1", answer)
+        self.assertTrue(self.session.pending and not self.session.slow)
+        self.assertIn(b"alive", self.resume())                # and the next one is answered
+
     def test_a_head_without_end_is_refused_past_its_limit(self):
-        self.assertEqual(self.session.feed(b"GET / HTTP/1.1\r\n"), b"")
-        answer = self.session.feed(b"X: " + b"y" * finger.MAX_REQUEST_HEAD)
+        self.assertEqual(self.feed(b"GET / HTTP/1.1\r\n"), b"")
+        answer = self.feed(b"X: " + b"y" * finger.MAX_REQUEST_HEAD)
         self.assertEqual(self.statuses(answer), [431])
         self.assertTrue(self.session.closing)
 
@@ -1653,6 +1711,47 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
         self.assertEqual(http(service.address, "GET", "/moshez")[0], 200)
         db.release.set()
         self.assertIn(b"finally", read_to_end(slow))
+
+    def test_readers_of_a_big_page_share_the_copy_the_site_keeps(self):
+        db = finger.MemoryDatabase({"big": "x" * 3000000})
+        service = web_service(self, db=db)
+        self.assertEqual(http(service.address, "GET", "/big")[0], 200)   # made, and kept
+        for _ in range(3):
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(service.address)
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")      # and reads nothing
+        wait_until(lambda: service.open_connections() == 3 and all(
+            conn.outbuf for conn in list(service._conns)))
+        page = service.site._pages["big"].body
+        for conn in list(service._conns):
+            self.assertIs(conn.outbuf[-1].obj, page)           # a view of it, not a copy
+
+    def test_a_slow_request_gets_503_when_every_worker_is_busy(self):
+        db = SlowDatabase()
+        service = web_service(self, db=db, workers=1)           # 2 may wait for it
+        waiting = []
+        for _ in range(2):
+            sock = connect(self, service.address)
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            waiting.append(sock)
+        self.assertTrue(db.waiting.acquire(timeout=TIMEOUT))
+        wait_until(lambda: service.loop.in_flight == 2)
+        status, headers, _ = http(service.address, "GET", "/moshez")
+        self.assertEqual((status, headers.get("Retry-After")), (503, "1"))
+        db.release.set()
+        for sock in waiting:
+            self.assertIn(b"finally", read_to_end(sock))
+
+    def test_stop_closes_requests_not_yet_whole_at_once(self):
+        service = web_service(self)
+        for _ in range(50):
+            connect(self, service.address).sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        wait_until(lambda: service.open_connections() == 50)
+        started = time.monotonic()
+        service.stop()
+        self.assertLess(time.monotonic() - started, finger.STOP_GRACE / 2)
 
     def test_idle_connection_times_out(self):
         service = web_service(self, timeout=0.2)
@@ -2099,6 +2198,29 @@ class TestHTTPS(unittest.TestCase):
         wait_until(lambda: service.open_connections() == 0)
         self.assertEqual(http(service.address, "GET", "/", context=self.client_context())[0],
                          200)
+
+    def test_a_slow_reader_of_a_big_answer_is_not_cut(self):
+        clock = TestClock()
+        db = finger.MemoryDatabase({"big": "x" * 16000000})    # more than socket buffers
+        service = web_service(self, db=db, cert=self.pem, name="https", timeout=10,
+                              clock=clock)
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.settimeout(TIMEOUT)
+        raw.connect(service.address)
+        tls = self.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
+        self.addCleanup(tls.close)
+        tls.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got, marks = 0, list(range(2000000, 16000000, 2000000))
+        while True:                    # 42 s of the clock pass while it reads: each part
+            chunk = tls.recv(65536)    # it takes restarts the deadline
+            if not chunk:
+                break
+            got += len(chunk)
+            while marks and got > marks[0]:
+                marks.pop(0)
+                clock.advance(service, 6)
+        self.assertGreater(got, 16000000)
 
     def test_stop_ends_connections_still_in_their_handshake(self):
         service = web_service(self, cert=self.pem, name="https")
