@@ -2808,13 +2808,17 @@ def load_templates(template_dir=None):
 class WebResponse:
     """What the site answers: status code, content type, body bytes, extra headers.  Its
     entity tag and gzipped body are made on first use, once for a response that is kept
-    (the users page, per version of the users)."""
-    __slots__ = ("status", "content_type", "body", "headers", "_etag", "_gzipped")
+    (the users page and users' pages, per version of the users); so are `variants` (its
+    forms for clients that do or do not take gzip, made by WebSite._negotiate) and `head`
+    (its response head for a second of Date, made by WebRequest.respond)."""
+    __slots__ = ("status", "content_type", "body", "headers", "_etag", "_gzipped",
+                 "variants", "head")
 
     def __init__(self, status, content_type, body, headers=()):
         self.status, self.content_type, self.body = status, content_type, body
         self.headers = list(headers)
-        self._etag = self._gzipped = None
+        self._etag = self._gzipped = self.head = None
+        self.variants = {}
 
     def etag(self):
         if self._etag is None:
@@ -2915,6 +2919,9 @@ class WebSite:
         long.  ETag from the body (per encoding), Last-Modified from the last change."""
         gzip = len(response.body) >= GZIP_MIN_BYTES and _accepts_gzip(
             headers.get("Accept-Encoding", ""))
+        conditional = "If-None-Match" in headers or "If-Modified-Since" in headers
+        if not conditional and gzip in response.variants:
+            return response.variants[gzip]
         etag = response.etag()[:-1] + '-gzip"' if gzip else response.etag()
         extra = [("ETag", etag)]
         changed_at = getattr(self.db, "changed_at", None)
@@ -2928,9 +2935,12 @@ class WebSite:
             return WebResponse(304, response.content_type, b"", response.headers + extra)
         if gzip:
             extra.append(("Content-Encoding", "gzip"))
-        return WebResponse(200, response.content_type,
-                           response.gzipped() if gzip else response.body,
-                           response.headers + extra)
+        variant = WebResponse(200, response.content_type,
+                              response.gzipped() if gzip else response.body,
+                              response.headers + extra)
+        if not conditional:
+            response.variants[gzip] = variant
+        return variant
 
     def _route(self, method, target, body):
         path, _, query = target.split("#", 1)[0].partition("?")
@@ -3397,20 +3407,10 @@ class WebRequest:
         if close:
             self.close_connection = True
         if self.request_version != "HTTP/0.9":      # which has no status line nor headers
-            extra = self.protocol.headers + response.headers
-            head = ["HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\n" % (
-                response.status, _status_phrase(response.status), _http_now(),
-                response.content_type)]
-            if response.status != 304:             # a 304's length would be the page's
-                head.append("Content-Length: %d\r\n" % len(response.body))
-            if not any(name == "Cache-Control" for name, _ in extra):
-                head.append("Cache-Control: %s\r\n" % (WEB_CACHE if response.status < 400
-                                                        else "no-store"))
-            head.extend("%s: %s\r\n" % item for item in extra)
-            if self.close_connection:
-                head.append("Connection: close\r\n")
-            head.append(_FIXED_HEADERS)
-            self.out.append("".join(head).encode("latin-1"))
+            key = _http_now(), self.close_connection, self.protocol
+            if response.head is None or response.head[0] != key:
+                response.head = key, self._head(response, key[0])
+            self.out.append(response.head[1])
         if with_body and len(response.body) <= HTTP_JOIN_BYTES and self.out:
             self.out[-1] += response.body          # one send, one segment
         elif with_body:
@@ -3421,6 +3421,22 @@ class WebRequest:
             query_log.record(self.protocol.name, self.client_address, self.requestline[:200],
                              "%s %s" % (response.status, len(response.body) if with_body
                                         else 0), self.started)
+
+    def _head(self, response, date):
+        """The status line and headers of `response`, encoded."""
+        extra = self.protocol.headers + response.headers
+        head = ["HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\n" % (
+            response.status, _status_phrase(response.status), date, response.content_type)]
+        if response.status != 304:                 # a 304's length would be the page's
+            head.append("Content-Length: %d\r\n" % len(response.body))
+        if not any(name == "Cache-Control" for name, _ in extra):
+            head.append("Cache-Control: %s\r\n" % (WEB_CACHE if response.status < 400
+                                                    else "no-store"))
+        head.extend("%s: %s\r\n" % item for item in extra)
+        if self.close_connection:
+            head.append("Connection: close\r\n")
+        head.append(_FIXED_HEADERS)
+        return "".join(head).encode("latin-1")
 
     def send_error(self, code, message=None, explain=None):
         """http.server's parser's errors (bad request line, headers too long) on our page."""
