@@ -2897,15 +2897,17 @@ class WebSite:
         path = target.partition("?")[0]
         if path == "/":
             version, cached = getattr(self.db, "version", None), self._users_page
-            return version is None or cached is None or cached[0] != version
+            return version is None or cached is None or (
+                cached[0] != version and not self._rendering.locked())
         return path.rstrip("/") == "/api/users"
 
-    def handle(self, method, target, body=b"", headers=None):
+    def handle(self, method, target, body=b"", headers=None, may_block=True):
         """One request -> WebResponse.  `target` is the request target, query included;
-        `headers` (a mapping) those of the request, for conditional requests and gzip.
+        `headers` (a mapping) those of the request, for conditional requests and gzip;
+        without `may_block` (on the event loop), the users page is never made here.
         A failing back-end is a 500 page (and one log line with the traceback)."""
         try:
-            response = self._route(method, target, body)
+            response = self._route(method, target, body, may_block)
         except Exception:
             log.exception("web: answering %s %r failed", method, target[:200])
             return self.error(500, INTERNAL_ERROR, "The user database failed; it is logged.")
@@ -2942,7 +2944,7 @@ class WebSite:
             response.variants[gzip] = variant
         return variant
 
-    def _route(self, method, target, body):
+    def _route(self, method, target, body, may_block=True):
         path, _, query = target.split("#", 1)[0].partition("?")
         first, _, rest = path[1:].partition("/")
         route = self.routes.get(first)
@@ -2955,7 +2957,7 @@ class WebSite:
         if route is not None:
             return getattr(self, route)(method, rest, query, body)
         if path == "/":
-            return self.users_page()
+            return self.users_page(may_block)
         name = _user_in_path(path[1:], tilde=True)
         return self.not_found() if name is None else self.user_page(name)
 
@@ -3034,8 +3036,11 @@ class WebSite:
                             % urlencode({"limit": limit, "after": page[-1]})))
         return self.json(200, users, headers)
 
-    def users_page(self):
-        """The list of users; rendered once per version of a database that has one."""
+    def users_page(self, may_block=True):
+        """The list of users; made once per version of a database that has one, by one
+        thread at a time.  While it is made, the page of the version before is answered
+        (stale for that long, as with HTTP's stale-while-revalidate); without `may_block`,
+        the page there is answered whatever its version."""
         try:
             names = self.db.public_users()
         except ListRefused:
@@ -3044,6 +3049,10 @@ class WebSite:
         version = getattr(self.db, "version", None)
         if version is None:
             return self._render_users_page(names)
+        cached = self._users_page
+        if cached is not None and (cached[0] == version or not may_block
+                                   or self._rendering.locked()):
+            return cached[1]
         with self._rendering:                  # one render per version, however many ask
             cached = self._users_page
             if cached is not None and cached[0] == version:
@@ -3294,6 +3303,7 @@ class WebRequest:
         self.headers = {}
         self.body_length = None
         self.body = None
+        self.may_block = False         # answered in a worker: the users page may be made
         self.started = time.monotonic()
 
     def read_head(self):
@@ -3384,7 +3394,8 @@ class WebRequest:
     def answer(self):
         site = self.protocol.site
         if self.command in ("GET", "HEAD"):
-            self.respond(site.handle("GET", self.path, headers=self.headers),
+            self.respond(site.handle("GET", self.path, headers=self.headers,
+                                     may_block=self.may_block),
                          with_body=self.command == "GET")
         elif self.command != "POST":          # any other method: 405, not http.server's 501
             self.respond(site.error(405, "Method not allowed", "This site takes GET, HEAD "
@@ -3513,6 +3524,7 @@ class HTTPSession(Session):
                 self.pending = self.slow = True
                 break
             self.request = None
+            request.may_block = allow_slow
             answer = request.answer()
             out.extend(answer)
             size += sum(map(len, answer))
@@ -3699,6 +3711,12 @@ class WebService(TCPService):
 
     def relocate(self, inside):
         self.cert, self.key = inside(self.cert), inside(self.key)
+
+    def serve(self):
+        """The users page is made first, in a worker: the first clients find it made."""
+        if getattr(self.site.db, "version", None) is not None:
+            self.loop.run_in_worker(self.site.users_page, (), lambda future: None)
+        super().serve()
 
     def reload(self):
         """Load the certificate again (renewals); a bad one is logged and the old one kept.

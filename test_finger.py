@@ -1559,6 +1559,22 @@ class TestHTTPSession(unittest.TestCase):
         self.assertEqual(len({id(page) for page in pages}), 1)      # one render, shared
         self.assertIsNotNone(pages[0]._gzipped)                      # gzipped off the loop
 
+    def test_while_the_users_page_is_made_the_one_before_is_answered(self):
+        site = self.protocol.site
+        old = site.users_page()
+        self.db.set_user("new", "here")
+        self.assertTrue(site.needs_worker("GET", "/"))          # no one makes it yet
+        with site._rendering:                                   # as a worker making it
+            self.assertFalse(site.needs_worker("GET", "/"))
+            self.assertIs(site.users_page(), old)
+        fresh = site.users_page()
+        self.assertIn(b"here", fresh.body)
+        self.assertIs(site.users_page(may_block=False), fresh)
+
+    def test_the_users_page_is_made_before_the_first_client_asks(self):
+        service = web_service(self)
+        wait_until(lambda: service.site._users_page is not None)
+
     def test_pipelined_requests_are_answered_in_order(self):
         answer = self.feed(b"GET /moshez HTTP/1.1\r\nHost: x\r\n\r\n"
                                    b"GET /nobody HTTP/1.1\r\nHost: x\r\n\r\n"
