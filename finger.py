@@ -1256,6 +1256,7 @@ class Session:
     holds no part of a message (the connection's deadline then starts again); `closing`
     once the connection should close after what is sent; close() when it has closed."""
 
+    __slots__ = ()
     idle = True
     pending = slow = closing = False
 
@@ -2515,7 +2516,7 @@ class TCPService(Service):
             if sent < len(chunk):
                 conn.outbuf[0] = chunk[sent:]
                 break
-            conn.outbuf.popleft()
+            del conn.outbuf[0]
         if not conn.outbuf:
             self._drained(conn)
             return
@@ -2527,7 +2528,7 @@ class TCPService(Service):
 
     def _start_session(self, conn):
         conn.session = self.protocol.new_session(conn.peer)
-        conn.outbuf = collections.deque()           # memoryviews of what is to be sent
+        conn.outbuf = []                            # memoryviews of what is to be sent
         conn.state = "session"
         self._set_deadline(conn)
         self._output(conn, conn.session.greeting())
@@ -3476,10 +3477,13 @@ class HTTPSession(Session):
     headers (at most MAX_REQUEST_HEAD bytes) and the body must arrive within the
     connection's timeout (the deadline restarts only between requests); answers are
     given in order, HTTP_BATCH bytes of them at a time, a request the site answers slowly
-    (needs_worker) in the worker pool."""
+    (needs_worker) in the worker pool.  Slots: an idle connection costs little."""
+    __slots__ = ("protocol", "peer", "buffer", "scanned", "skipped_blank", "request",
+                 "requests", "pending", "slow", "closing")
 
     def __init__(self, protocol, peer):
         self.protocol, self.peer = protocol, peer
+        self.pending = self.slow = self.closing = False
         self.buffer = bytearray()
         self.scanned = 0               # bytes of buffer known to hold no blank line
         self.skipped_blank = False     # the one empty line allowed before this request
