@@ -3544,16 +3544,8 @@ class HTTPSession(Session):
         request = self.request
         if request is None:
             end = self._head_end()
-            if end is None:
-                if len(self.buffer) > MAX_REQUEST_HEAD:
-                    request = WebRequest(self.protocol, self.peer, b"", self.requests == 0)
-                    request.send_error(431, "Request header fields too large",
-                                       "At most %d bytes of request line and headers."
-                                       % MAX_REQUEST_HEAD)
-                    out.extend(request.output())
-                    self.closing = True
-                return None
-            if end > MAX_REQUEST_HEAD:        # whole in one read, but over the limit all the same
+            # Over the limit: not ended within it, or ended past it in a single read.
+            if (len(self.buffer) if end is None else end) > MAX_REQUEST_HEAD:
                 del self.buffer[:]
                 request = WebRequest(self.protocol, self.peer, b"", self.requests == 0)
                 request.send_error(431, "Request header fields too large",
@@ -3561,6 +3553,8 @@ class HTTPSession(Session):
                                    % MAX_REQUEST_HEAD)
                 out.extend(request.output())
                 self.closing = True
+                return None
+            if end is None:
                 return None
             head = bytes(self.buffer[:end])
             del self.buffer[:end]

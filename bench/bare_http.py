@@ -13,14 +13,13 @@ Stops on SIGTERM or SIGINT.
 Standard library only; Python 3.9 or newer.
 """
 
-import argparse
 import html
 import http.server
 import signal
 import sys
 import urllib.parse
 
-from bare_server import load_users
+from bare_server import command_line
 
 
 def make_handler(users):
@@ -79,15 +78,7 @@ def serve(users, port):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--users", required=True)
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        serve(load_users(args.users), args.port)
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return command_line(serve, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

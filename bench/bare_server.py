@@ -64,8 +64,10 @@ def serve(users, port):
             sock.close()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def command_line(serve, description, argv=None):
+    """--users FILE --port PORT, then serve(users, port) until SIGTERM or SIGINT: the
+    command line of both baselines."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--users", required=True)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
@@ -74,6 +76,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def main(argv=None):
+    return command_line(serve, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":
