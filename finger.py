@@ -1911,6 +1911,12 @@ class Timer:
     def cancel(self):
         self.active = False
 
+    def discard(self):
+        """Cancel it for good: what it would have been called with is let go now, not when
+        its old time comes out of the heap (a closed connection's memory goes at once)."""
+        self.active = False
+        self.callback, self.args = None, ()
+
 
 class Loop:
     """The event loop every service runs on (each service in its own thread, with its own
@@ -2007,6 +2013,7 @@ class Loop:
                     callback(arg, mask)
                 except Exception:
                     log.exception("%s: an event handler failed", self.name)
+            key = callback = arg = None       # hold no closed connection while it waits
 
     def stop(self):
         self._running = False
@@ -2636,7 +2643,8 @@ class TCPService(Service):
         if conn.events:
             self.loop.watch(conn.sock, 0)
         if conn.deadline is not None:
-            conn.deadline.cancel()
+            conn.deadline.discard()
+            conn.deadline = None
         if conn.session is not None and conn.state not in ("working", "lingering"):
             conn.session.close()               # one being fed: when its job is done
         if conn.state == "lingering":
@@ -4191,8 +4199,10 @@ class PBSession(Session):
         return b"".join(replies)
 
     def close(self):
+        """Give back the share of the budget, and let go of the unfinished call."""
         self._budget.charge(-self._held)
         self._held = 0
+        self._decoder = BananaDecoder(PB_MAX_CALL, PB_MAX_VALUES)
 
     def _encode(self, sexp):
         return banana_encode(sexp, vocab=self.dialect == b"pb")

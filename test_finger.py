@@ -3604,6 +3604,19 @@ class TestPBServer(unittest.TestCase):
         self.assertEqual(PBTestClient(self, service.address).call("getUser", "moshez"),
                          ("answer", "Happy and well"))
 
+    def test_a_dropped_client_leaves_nothing_behind(self):
+        import gc
+        import weakref
+        service = pb_service(self)
+        sock = connect(self, service.address)
+        sock.sendall(b"\x02\x82pb" + b"\x01\x80" * 60)        # a call left unfinished
+        wait_until(lambda: service._conns and not next(iter(service._conns)).session.idle)
+        session = weakref.ref(next(iter(service._conns)).session)
+        gc.disable()                          # freed at once, not by a collection some day
+        self.addCleanup(gc.enable)
+        sock.close()
+        wait_until(lambda: session() is None)
+
     def test_idle_and_slow_peers_are_dropped_at_the_timeout(self):
         clock = TestClock()
         service = pb_service(self, timeout=10, clock=clock)
