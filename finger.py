@@ -2759,6 +2759,7 @@ def selectors_wait(fd, timeout):
 WEB_TIMEOUT = 10.0                # seconds a web request may take to arrive, and an idle
                                   # keep-alive connection may stay open
 DEFAULT_WEB_MAX_CONNECTIONS = 4096  # open web connections; more get 503
+WEB_PREWARM_USERS = 10000         # users at most for the users page to be made at start
 HTTP_BATCH = 64 * 1024            # bytes of answers to pipelined requests made before they are sent
 MAX_RPC_BODY = 64 * 1024         # bytes of XML-RPC request (a call is tiny); more get 413
 MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 431
@@ -3719,8 +3720,11 @@ class WebService(TCPService):
         self.cert, self.key = inside(self.cert), inside(self.key)
 
     def serve(self):
-        """The users page is made first, in a worker: the first clients find it made."""
-        if getattr(self.site.db, "version", None) is not None:
+        """A short users page is made first, in a worker, so that the first clients find it
+        made; a long one (a second of CPU and hundreds of MB for a million users) only
+        when someone asks for it."""
+        db = self.site.db
+        if getattr(db, "version", None) is not None and db.count() <= WEB_PREWARM_USERS:
             self.loop.run_in_worker(self.site.users_page, (), lambda future: None)
         super().serve()
 
