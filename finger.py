@@ -3225,6 +3225,7 @@ def declares_dtd(body):
     return False
 
 
+@functools.lru_cache(maxsize=4096)             # the same few names, asked again and again
 def _user_in_path(segment, tilde=False):
     """The user name a %-encoded path segment names (after a '~' it may start with, with
     `tilde`), or None when it can name nobody."""
@@ -3529,7 +3530,7 @@ class HTTPSession(Session):
         is such."""
         out, size = [], 0
         self.pending = self.slow = False
-        while not self.closing:
+        while not self.closing and (self.buffer or self.request is not None):
             request = self._whole_request(out)
             if request is None:
                 break
