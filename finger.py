@@ -1324,8 +1324,11 @@ class FingerProtocol(RequestProtocol):
 
     def needs_worker(self, line):
         """Whether answering `line` may block (a slow back-end, or a forwarded query) or
-        take long (the list: a large one is built once per version, off the loop)."""
-        return self.db.blocking or self.forwarder is not None and (
+        take long: the list (a large one is built once per version, off the loop), and a
+        query of several names (up to MAX_QUERY_NAMES long statuses, never remembered)."""
+        words = line.split()
+        several_names = len(words) > (2 if words and words[0].upper() == b"/W" else 1)
+        return self.db.blocking or several_names or self.forwarder is not None and (
             self.forward_all_to is not None or b"@" in line) or (
             self.db.listable and line.strip().upper() in (b"", b"/W"))
 

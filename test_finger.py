@@ -508,6 +508,12 @@ class TestFileDatabase(unittest.TestCase):
 # == the finger server =========================================================================
 
 class TestFingerServer(unittest.TestCase):
+    def test_what_is_answered_off_the_loop(self):
+        protocol = finger.FingerProtocol(finger.MemoryDatabase({"a": "b"}))
+        self.assertEqual([protocol.needs_worker(line) for line in (
+            b"a", b"/W a", b"a b", b"/W a b", b"", b"/W")],
+            [False, False, True, True, True, True])    # several names, and the list
+
     def test_known_and_unknown_user_then_server_closes(self):
         service = finger_service(self)
         self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
