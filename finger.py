@@ -72,7 +72,8 @@ MAX_REPLY_CACHE_BYTES = 4 << 20   # finger replies remembered per version of the
 MAX_CACHED_REPLY = 64 * 1024      # a longer reply is never remembered
 MAX_QUERY_NAMES = 64              # names in one query; more are answered QUERY_TOO_MANY
 REPLY_CHUNK_LINES = 1000          # lines of a list answer formatted in one step
-LISTEN_BACKLOG = 1024
+LISTEN_BACKLOG = 4096             # connections queued before accept (the kernel caps it at
+                                  # net.core.somaxconn): a burst waits, not a 1 s SYN retry
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
 MAX_WARNINGS_PER_SECOND = 10      # warnings about peers one service logs a second, at most
 MAX_ERROR_SHOWN = 200             # characters of an error about a peer that a log line shows
