@@ -1633,7 +1633,7 @@ class TestHTTPSession(unittest.TestCase):
 
     def test_malformed_header_lines_are_refused(self):
         for case in (b"Transfer-Encoding : chunked", b"X-Nul: a\0b", b"No colon here",
-                     b" leading: space"):
+                     b" leading: space", b"X-A: a\rX-B: b"):       # a bare CR: two fields to some
             with self.subTest(case=case):
                 session = self.protocol.new_session(("192.0.2.1", 4000))
                 answer = b"".join(session.feed(b"POST /RPC2 HTTP/1.1\r\n" + case +
