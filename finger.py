@@ -3311,6 +3311,7 @@ class WebRequest:
         from http.client import HTTPMessage
         self.MessageClass = HTTPMessage
         self.protocol, self.client_address, self.first = protocol, peer, first
+        self.head = head
         self.rfile = io.BytesIO(head)
         self.out = []
         self.close_connection = True
@@ -3336,7 +3337,7 @@ class WebRequest:
         obs-fold, no line without a colon.  Else 400, and the connection closes: what one
         parser splits or joins differently from a proxy in front is how requests are
         smuggled."""
-        head = self.rfile.getvalue()
+        head = self.head
         start = head.find(b"\n") + 1
         end = len(head) - (2 if head.endswith(b"\r\n") else 1)   # before the blank line
         if start < end and not _FIELD_LINES.fullmatch(head, start, end):
