@@ -456,7 +456,13 @@ def text_lines(f):
     their ends.
 
     Read and decoded USERS_DECODE_CHUNK bytes at a time: little memory on top of the table
-    being built, and no single step that holds the GIL for long (see background_job)."""
+    being built, and no single step that holds the GIL for long (see background_job).  The
+    chunks' lists of lines are joined in C, not by a generator resumed for every line."""
+    return itertools.chain.from_iterable(_line_lists(f))
+
+
+def _line_lists(f):
+    """text_lines, a list of lines per chunk read."""
     rest = f.read(USERS_DECODE_CHUNK)
     if rest.startswith(UTF8_BOM):
         rest = rest[len(UTF8_BOM):]
@@ -471,7 +477,7 @@ def text_lines(f):
         lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         if lines[-1] == "":
             lines.pop()                    # the end of the chunk's last line
-        yield from lines
+        yield lines
 
 
 def parse_users(lines, source="<users>"):
