@@ -22,6 +22,7 @@ import errno
 import functools
 import grp
 import heapq
+import io
 import itertools
 import logging
 import os
@@ -2952,7 +2953,8 @@ class WebSite:
         long.  ETag from the body (per encoding), Last-Modified from the last change."""
         gzip = len(response.body) >= GZIP_MIN_BYTES and _accepts_gzip(
             headers.get("Accept-Encoding", ""))
-        conditional = "If-None-Match" in headers or "If-Modified-Since" in headers
+        conditional = (headers.get("If-None-Match") is not None
+                       or headers.get("If-Modified-Since") is not None)
         if not conditional and gzip in response.variants:
             return response.variants[gzip]
         etag = response.etag()[:-1] + '-gzip"' if gzip else response.etag()
@@ -3324,9 +3326,7 @@ class WebRequest:
     default_request_version = "HTTP/1.1"   # errors before the version is read get one
 
     def __init__(self, protocol, peer, head, first):
-        import io
-        from http.client import HTTPMessage
-        self.MessageClass = HTTPMessage
+        self.MessageClass = protocol.message_class
         self.protocol, self.client_address, self.first = protocol, peer, first
         self.head = head
         self.rfile = io.BytesIO(head)
@@ -3340,12 +3340,11 @@ class WebRequest:
         self.started = time.monotonic()
 
     def read_head(self):
-        from http.server import BaseHTTPRequestHandler
         self.raw_requestline = self.rfile.readline(65537)
         if len(self.raw_requestline) > 65536:
             self.send_error(414, "Request line too long")
             return False
-        return (BaseHTTPRequestHandler.parse_request(self) and self.fields_ok()
+        return (self.protocol.parse_request(self) and self.fields_ok()
                 and self.framing_ok() and self.target_ok() and self.within_rate())
 
     def fields_ok(self):
@@ -3494,6 +3493,10 @@ class WebRequest:
 
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+# A request line of at least three words, as http.server splits it: str.split() of its
+# Latin-1 text, whose white space is these bytes.
+_SPACE, _WORD = rb"[\t-\r\x1c- \x85\xa0]", rb"[^\t-\r\x1c- \x85\xa0]"
+_THREE_WORDS = re.compile(rb"%s*(?:%s+%s+){2}%s" % (_SPACE, _WORD, _SPACE, _WORD))
 # Field lines (RFC 9110 5.6.2's tchar for the name), each ended by CRLF or LF.
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*\r?\n)*")
 _FIXED_HEADERS = ("Server: finger.py/%s\r\nX-Content-Type-Options: nosniff\r\n"
@@ -3616,14 +3619,13 @@ class HTTPSession(Session):
         they are incomplete.  A request line of fewer than three words (blank, HTTP/0.9,
         malformed; split as http.server splits it) has no headers.  One empty line before
         a request is skipped (RFC 9112 section 2.2: a client may send one after a body)."""
-        if self.buffer[:1] == b"\n" or self.buffer[:2] == b"\r\n":
-            if not self.skipped_blank:
-                del self.buffer[:1 if self.buffer[:1] == b"\n" else 2]
-                self.skipped_blank = True
+        if not self.skipped_blank and self.buffer.startswith((b"\n", b"\r\n")):
+            del self.buffer[:self.buffer.index(b"\n") + 1]
+            self.skipped_blank = True
         line_end = self.buffer.find(b"\n", 0, MAX_REQUEST_HEAD)
         if line_end < 0:
             return None
-        if len(str(self.buffer[:line_end], "iso-8859-1").split()) < 3:
+        if _THREE_WORDS.match(self.buffer, 0, line_end) is None:
             return line_end + 1
         blank = _BLANK_LINE.search(self.buffer, max(self.scanned, line_end))
         if blank is None:
@@ -3640,9 +3642,13 @@ class HTTPProtocol(SessionProtocol):
     max_output = None              # answers are sent before more requests are read
 
     def __init__(self, site, name="web", limits=None, headers=()):
+        from http.client import HTTPMessage
+        from http.server import BaseHTTPRequestHandler
         super().__init__()
         self.site, self.name, self.limits = site, name, limits
         self.headers = list(headers)
+        self.parse_request = BaseHTTPRequestHandler.parse_request     # run on a WebRequest
+        self.message_class = HTTPMessage
 
     def new_session(self, peer):
         return HTTPSession(self, peer)

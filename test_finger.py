@@ -1642,8 +1642,16 @@ class TestHTTPSession(unittest.TestCase):
                 self.assertTrue(session.closing)
 
     def test_request_lines_are_split_as_http_server_splits_them(self):
-        answer = self.feed(b"GET\xa0/moshez\xa0HTTP/1.1\r\nGET /shawn HTTP/1.1\r\n\r\n")
-        self.assertLessEqual(len(self.statuses(answer)), 1)      # one request, never two
+        for space in b"\t\x0b\x0c\x1c\x1d\x1e\x1f \x85\xa0":     # str.split()'s, in Latin-1
+            with self.subTest(space=space):
+                session = self.protocol.new_session(("192.0.2.1", 4000))
+                answer = b"".join(session.feed(b"GET%c/moshez%cHTTP/1.1\r\n" % (space, space)
+                                               + b"GET /shawn HTTP/1.1\r\n\r\n"))
+                self.assertEqual(len(self.statuses(answer)), 1)     # one request, never two
+        # Fewer than three words (0x84 is no space): the line is the whole request.
+        answer = self.feed(b"GET /moshez\x84HTTP/1.1\r\n")
+        self.assertEqual(self.statuses(answer), [404])
+        self.assertTrue(self.session.closing)
 
     def test_one_empty_line_before_a_request_and_the_absolute_form(self):
         answer = self.feed(b"\r\nGET http://example.org/moshez HTTP/1.1\r\n\r\n")
