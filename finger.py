@@ -2153,6 +2153,7 @@ class TCPService(Service):
         self.max_pending = max_pending or 2 * workers
         self.loop = None
         self._listener = sock
+        self._unix = False               # a unix socket listener: peers are credentials
         self._owns_path = False          # a unix socket file we made, removed at stop
         self._conns = {}                 # Connection -> None: those open
         self._lingering = {}             # Connection -> None: those turned away, still read
@@ -2192,6 +2193,7 @@ class TCPService(Service):
             else:
                 self._listener = bind_tcp(self.requested_address, self.name)
         self._listener.setblocking(False)
+        self._unix = self._listener.family == socket.AF_UNIX
         address = self._listener.getsockname()
         self.address = address if isinstance(address, str) else address[:2]
         if self.loop is None:
@@ -2261,7 +2263,7 @@ class TCPService(Service):
                 self.protocol.count(refusal[1])
                 self._turn_away(Connection(sock, peer), refusal)
                 continue
-            if sock.family == socket.AF_UNIX:
+            if self._unix:
                 peer = PeerCredentials(sock)
             elif self.sessions:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2727,7 +2729,7 @@ class TCPService(Service):
     def _log(self, conn, request, outcome):
         self.protocol.count(outcome)
         if conn.session is None:
-            self.latency.observe(time.monotonic() - conn.started)
+            self.protocol.latency.observe(time.monotonic() - conn.started)
         if query_log.enabled:
             query_log.record(self.name, conn.peer, self.protocol.log_text(request), outcome,
                              conn.started)
