@@ -2790,8 +2790,8 @@ MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 
 API_PAGE = 1000                   # users in one /api/users answer unless ?limit= says
 API_MAX_PAGE = 10000              # ... and at most, whatever ?limit= says
 DEFAULT_HSTS = 365 * 24 * 3600    # Strict-Transport-Security max-age on HTTPS (one year)
-WEB_CACHE = "public, max-age=30"
-GZIP_MIN_BYTES = 1024             # bodies at least this long are gzipped for clients that ask  # statuses change at most every reload (30 s by default)
+WEB_CACHE = "public, max-age=30"  # statuses change at most every reload (30 s by default)
+GZIP_MIN_BYTES = 1024             # bodies at least this long are gzipped for clients that ask
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
                            "form-action 'none'; frame-ancestors 'none'")
 
@@ -2799,7 +2799,7 @@ PAGE_CSS = ("body{font:1.05rem/1.5 system-ui,sans-serif;margin:0;background:#f6f
             "color:#222}main{max-width:40rem;margin:0 auto;padding:1rem}"
             "h1{font-size:1.5rem;border-bottom:2px solid #ccc}ul{padding:0;list-style:none}"
             "li{padding:.4rem 0;border-bottom:1px solid #ddd}a{color:#0645ad}"
-            ".status{white-space:pre-wrap;overflow-wrap:anywhere}.note{color:#666;"
+            "li,.status{white-space:pre-wrap;overflow-wrap:anywhere}.note{color:#666;"
             "font-size:.9rem}")
 _PAGE = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
          '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -3107,7 +3107,7 @@ class WebSite:
         for name in names:
             status = self.db.get_user(name)
             page = ("~" if name in RESERVED_NAMES or name.startswith("~") else "") + name
-            items.append('<li><a href="/%s">%s</a> <span class="status">%s</span></li>\n' % (
+            items.append('<li><a href="/%s">%s</a> %s</li>\n' % (    # CSS: li as .status
                 escape(quote(page, safe="~")), escape(name), escape(defang(status or ""))))
         return self.page(200, "users.html", title=escape(self.title), users="".join(items),
                          count=str(len(items)))
