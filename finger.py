@@ -809,6 +809,9 @@ class FileDatabase(MemoryDatabase):
         self._failing = False
         self._stopping = threading.Event()
         self._thread = None
+        self._wake = threading.Event()       # reload now: a reload() from another thread
+        self._asked = []                     # (force, Future) of those reload() calls
+        self._asked_lock = threading.Lock()
         self.load()
 
     def load(self):
@@ -843,7 +846,27 @@ class FileDatabase(MemoryDatabase):
         return info.st_size, info.st_mtime_ns, info.st_ino
 
     def reload(self, force=False):
-        """Re-read the file if it changed (or `force`); True when a new table is in use."""
+        """Re-read the file if it changed (or `force`); True when a new table is in use.
+
+        While the reload thread runs, that thread does it and the caller waits, so every
+        table after the first is built by one thread.  glibc gives each thread a malloc
+        arena of its own and keeps what a table freed in its arena: a reload in a thread of
+        its own at each SIGHUP left that much more behind, each time."""
+        from concurrent.futures import Future
+        if self._thread is None or self._thread is threading.current_thread():
+            return self._reload(force)
+        asked = force, Future()
+        with self._asked_lock:
+            if self._stopping.is_set():
+                asked = None
+            else:
+                self._asked.append(asked)
+        if asked is None:
+            return self._reload(force)
+        self._wake.set()
+        return asked[1].result()
+
+    def _reload(self, force):
         try:
             with self._lock:
                 if not force and self._signature_of(os.stat(self.path)) == self._signature:
@@ -912,12 +935,15 @@ class FileDatabase(MemoryDatabase):
         self._remove_crash_leftovers()
         if self._thread is None and self.reload_interval > 0:
             self._stopping.clear()
+            self._wake.clear()
             self._thread = threading.Thread(target=self._reload_forever, daemon=True,
                                             name="finger-reload")
             self._thread.start()
 
     def stop(self):
-        self._stopping.set()
+        with self._asked_lock:
+            self._stopping.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -948,11 +974,24 @@ class FileDatabase(MemoryDatabase):
                             os.path.join(directory, entry))
 
     def _reload_forever(self):
-        while not self._stopping.wait(self.reload_interval):
+        """Every reload_interval, and at once for a reload() asked in another thread; the
+        reloads asked before stop() are done before the thread ends."""
+        stopping = False
+        while not stopping:
+            self._wake.wait(self.reload_interval)
+            self._wake.clear()
+            with self._asked_lock:
+                asked, self._asked = self._asked, []
+                stopping = self._stopping.is_set()
+            if stopping and not asked:
+                break
+            reloaded = False
             try:
-                self.reload()
+                reloaded = self._reload(any(force for force, _ in asked))
             except Exception:   # never let one bad reload end the reloads for good
                 log.exception("reloading %s failed", self.path)
+            for _, future in asked:
+                future.set_result(reloaded)
 
 
 class PlanDatabase(UserDatabase):

@@ -386,6 +386,27 @@ class TestFileDatabase(unittest.TestCase):
         self.assertEqual(len(logs.output), 2)
         self.assertIn("left by a crash", logs.output[0])
 
+    def test_a_reload_asked_elsewhere_is_done_by_the_reload_thread(self):
+        path, db = self.database(interval=3600)
+        db.start()
+        replace_file(path, "moshez: Sleeping\n")
+        with self.assertLogs("finger", "INFO") as logs:
+            self.assertTrue(db.reload(force=True))          # as SIGHUP's thread asks
+        self.assertEqual([record.threadName for record in logs.records
+                          if record.getMessage().startswith("loaded ")], ["finger-reload"])
+        self.assertEqual(db.get_user("moshez"), "Sleeping")
+        self.assertFalse(db.reload())                       # unchanged: nothing to do
+        callers = [threading.Thread(target=db.reload, args=(True,)) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        db.stop()                               # asked before it, or answered by the caller
+        for caller in callers:
+            caller.join(TIMEOUT)
+            self.assertFalse(caller.is_alive())
+        replace_file(path, "moshez: Back\n")
+        self.assertTrue(db.reload())                        # stopped: in this thread
+        self.assertEqual(db.get_user("moshez"), "Back")
+
     def test_lookup_and_list(self):
         _, db = self.database()
         self.assertEqual(db.get_user("moshez"), "Happy and well")
