@@ -72,6 +72,7 @@ class Settings:
         self.event_margin = 1.5 if quick else 2.0  # SIGHUP and setter windows: this many
                                                    # times the rename reload's time
         self.web_skip = None                       # why the web site is off, if it is
+        self.baseline_first = True                 # the web rows' order: turned every run
 
 
 def log(message):
@@ -601,9 +602,10 @@ WEB_PATHS = (("web_name", "/{name}"), ("web_index", "/"))
 
 
 def section_web(m, s, plan, files, tmp):
-    """/NAME and / with 50 keep-alive clients: first against the bare `http.server` baseline
-    (bench/bare_http.py, rows bare_web_*), then against finger.py's web site, on the same
-    CPU in the same run; XML-RPC getUser over one connection."""
+    """/NAME and / with 50 keep-alive clients against the bare `http.server` baseline
+    (bench/bare_http.py, rows bare_web_*) and against finger.py's web site, on the same
+    CPU in the same run, the baseline first every other run; then XML-RPC getUser over one
+    connection."""
     server_cpu, load_cpus = plan
     names = "%s:%d" % (NAMES, s.small_users)
 
@@ -611,16 +613,22 @@ def section_web(m, s, plan, files, tmp):
         record_load(m, prefix, run_load(server, load_cpus, names, concurrency, s.warmup,
                                         s.window, extra=extra))
 
-    with Server("bare_http.py", [PYTHON, BARE_HTTP, "--users", files["small"], "--port",
-                                 "{port}"], server_cpu, tmp) as bare:
-        for prefix, path in WEB_PATHS:
-            step(m, "bare_" + prefix, load, bare, "bare_" + prefix, s.concurrency,
-                 "--mode", "http", "--paths", path)
-    with web_server(files["small"], tmp, server_cpu) as server:
-        for prefix, path in WEB_PATHS:
-            step(m, prefix, load, server, prefix, s.concurrency, "--mode", "http",
-                 "--paths", path)
-        step(m, "xmlrpc", load, server, "xmlrpc", 1, "--mode", "xmlrpc")
+    def baseline():
+        with Server("bare_http.py", [PYTHON, BARE_HTTP, "--users", files["small"], "--port",
+                                     "{port}"], server_cpu, tmp) as bare:
+            for prefix, path in WEB_PATHS:
+                step(m, "bare_" + prefix, load, bare, "bare_" + prefix, s.concurrency,
+                     "--mode", "http", "--paths", path)
+
+    def site():
+        with web_server(files["small"], tmp, server_cpu) as server:
+            for prefix, path in WEB_PATHS:
+                step(m, prefix, load, server, prefix, s.concurrency, "--mode", "http",
+                     "--paths", path)
+            step(m, "xmlrpc", load, server, "xmlrpc", 1, "--mode", "xmlrpc")
+
+    for part in (baseline, site) if s.baseline_first else (site, baseline):
+        part()
 
 
 def section_web_idle(m, s, plan, files, tmp):
@@ -999,9 +1007,10 @@ def main(argv=None):
             sections.append((section_web_idle, ["w10k", "w10k50"]))
         for number in range(1, runs_wanted + 1):
             m = {}
-            # the bare server, finger and finger --log-queries in reverse order every
-            # other run
+            # the bare server, finger and finger --log-queries, and the web rows and
+            # their baseline, in reverse order every other run
             order = sections if number % 2 else sections[2::-1] + sections[3:]
+            s.baseline_first = number % 2 == 1
             for section, prefixes in order:
                 try:
                     section(m, s, plan, files, tmp)
