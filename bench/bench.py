@@ -598,14 +598,12 @@ def web_server(users, tmp, cpu):
         "--web", HOST + ":{port}"], cpu, tmp)
 
 
-WEB_PATHS = (("web_name", "/{name}"), ("web_index", "/"))
-
-
 def section_web(m, s, plan, files, tmp):
     """/NAME and / with 50 keep-alive clients against the bare `http.server` baseline
-    (bench/bare_http.py, rows bare_web_*) and against finger.py's web site, on the same
-    CPU in the same run, the baseline first every other run; then XML-RPC getUser over one
-    connection."""
+    (bench/bare_http.py, rows bare_web_*) and against finger.py's web site, both up at
+    once on the same CPU and measured in turn: baseline /NAME, site /NAME, site /,
+    baseline / (the site first every other run), so that the machine's drift during a run
+    falls on both alike.  Then XML-RPC getUser over one connection."""
     server_cpu, load_cpus = plan
     names = "%s:%d" % (NAMES, s.small_users)
 
@@ -613,22 +611,17 @@ def section_web(m, s, plan, files, tmp):
         record_load(m, prefix, run_load(server, load_cpus, names, concurrency, s.warmup,
                                         s.window, extra=extra))
 
-    def baseline():
-        with Server("bare_http.py", [PYTHON, BARE_HTTP, "--users", files["small"], "--port",
-                                     "{port}"], server_cpu, tmp) as bare:
-            for prefix, path in WEB_PATHS:
-                step(m, "bare_" + prefix, load, bare, "bare_" + prefix, s.concurrency,
-                     "--mode", "http", "--paths", path)
-
-    def site():
-        with web_server(files["small"], tmp, server_cpu) as server:
-            for prefix, path in WEB_PATHS:
-                step(m, prefix, load, server, prefix, s.concurrency, "--mode", "http",
-                     "--paths", path)
-            step(m, "xmlrpc", load, server, "xmlrpc", 1, "--mode", "xmlrpc")
-
-    for part in (baseline, site) if s.baseline_first else (site, baseline):
-        part()
+    with Server("bare_http.py", [PYTHON, BARE_HTTP, "--users", files["small"], "--port",
+                                 "{port}"], server_cpu, tmp) as bare, \
+            web_server(files["small"], tmp, server_cpu) as site:
+        rows = [(bare, "bare_web_name", "/{name}"), (site, "web_name", "/{name}"),
+                (site, "web_index", "/"), (bare, "bare_web_index", "/")]
+        if not s.baseline_first:
+            rows = [rows[1], rows[0], rows[3], rows[2]]
+        for server, prefix, path in rows:
+            step(m, prefix, load, server, prefix, s.concurrency, "--mode", "http",
+                 "--paths", path)
+        step(m, "xmlrpc", load, site, "xmlrpc", 1, "--mode", "xmlrpc")
 
 
 def section_web_idle(m, s, plan, files, tmp):
