@@ -3446,7 +3446,7 @@ class WebRequest:
         never with Transfer-Encoding, and a body only on POST.  Anything else gets 400
         and the connection is closed: a body must never be read as a second request.
         Sets `body_length` (None without a Content-Length)."""
-        lengths = {value.strip() for value in self.headers.get_all("Content-Length", [])}
+        lengths = {value.strip(" \t") for value in self.headers.get_all("Content-Length", [])}
         chunked = self.headers.get("Transfer-Encoding") is not None
         if len(lengths) > 1 or lengths and (chunked or not all(
                 _ASCII_DIGITS.fullmatch(value) for value in lengths)):
@@ -3534,10 +3534,9 @@ class WebRequest:
 
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")
-# A request line of at least three words, as http.server splits it: str.split() of its
-# Latin-1 text, whose white space is these bytes.
-_SPACE, _WORD = rb"[\t-\r\x1c- \x85\xa0]", rb"[^\t-\r\x1c- \x85\xa0]"
-_THREE_WORDS = re.compile(rb"%s*(?:%s+%s+){2}%s" % (_SPACE, _WORD, _SPACE, _WORD))
+# http.server splits its request line with str.split() of the Latin-1 text: these bytes
+# are white space there too, not to bytes.split().
+_LATIN1_SPACES = bytes.maketrans(b"\x1c\x1d\x1e\x1f\x85\xa0", b" " * 6)
 # Field lines (RFC 9110 5.6.2's tchar for the name), each ended by CRLF or LF.
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*\r?\n)*")
 _FIXED_HEADERS = ("Server: finger.py/%s\r\nX-Content-Type-Options: nosniff\r\n"
@@ -3666,7 +3665,7 @@ class HTTPSession(Session):
         line_end = self.buffer.find(b"\n", 0, MAX_REQUEST_HEAD)
         if line_end < 0:
             return None
-        if _THREE_WORDS.match(self.buffer, 0, line_end) is None:
+        if len(self.buffer[:line_end].translate(_LATIN1_SPACES).split(None, 2)) < 3:
             return line_end + 1
         blank = _BLANK_LINE.search(self.buffer, max(self.scanned, line_end))
         if blank is None:

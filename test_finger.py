@@ -1662,6 +1662,17 @@ class TestHTTPSession(unittest.TestCase):
                 self.assertEqual(self.statuses(answer), [400])
                 self.assertTrue(session.closing)
 
+    def test_content_length_takes_only_space_and_tab_around_it(self):
+        for value in (b"5\x85", b"5\x0c", b"\x0b5", b"5\xa0", b"5\x1c"):   # str.strip()'s
+            with self.subTest(value=value):
+                session = self.protocol.new_session(("192.0.2.1", 4000))
+                answer = b"".join(session.feed(b"POST /RPC2 HTTP/1.1\r\nContent-Length: " +
+                                               value + b"\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n"))
+                self.assertEqual(self.statuses(answer), [400])
+                self.assertTrue(session.closing)
+        self.feed(b"POST /RPC2 HTTP/1.1\r\nContent-Length: \t4 \r\n\r\nabcd")
+        self.assertEqual(self.statuses(self.resume()), [200])     # an XML-RPC fault, read
+
     def test_request_lines_are_split_as_http_server_splits_them(self):
         for space in b"\t\x0b\x0c\x1c\x1d\x1e\x1f \x85\xa0":     # str.split()'s, in Latin-1
             with self.subTest(space=space):
