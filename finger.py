@@ -417,8 +417,9 @@ class UserTable(Mapping):
         shards are emptied one entry at a time, so that no single step takes long."""
         for shard in self.shards[:-RETIRE_ONE_BY_ONE]:
             shard.clear()
+            shard[_ANY_KEYS] = None
         for shard in self.shards[-RETIRE_ONE_BY_ONE:]:
-            while shard:
+            while len(shard) > 1:              # the newest first: _ANY_KEYS stays
                 shard.popitem()
 
 
@@ -848,12 +849,12 @@ class FileDatabase(MemoryDatabase):
     def reload(self, force=False):
         """Re-read the file if it changed (or `force`); True when a new table is in use.
 
-        While the reload thread runs, that thread does it and the caller waits, so every
-        table after the first is built by one thread.  glibc gives each thread a malloc
-        arena of its own and keeps what a table freed in its arena: a reload in a thread of
-        its own at each SIGHUP left that much more behind, each time."""
+        While the reload thread runs, that thread does it and the caller waits, and the
+        reloads asked meanwhile are done together, once: a burst of SIGHUPs (a thread
+        each) is one reload of a large file, not one per signal, one after the other."""
         from concurrent.futures import Future
-        if self._thread is None or self._thread is threading.current_thread():
+        thread = self._thread
+        if thread is None or thread is threading.current_thread() or not thread.is_alive():
             return self._reload(force)
         asked = force, Future()
         with self._asked_lock:
@@ -933,7 +934,7 @@ class FileDatabase(MemoryDatabase):
 
     def start(self):
         self._remove_crash_leftovers()
-        if self._thread is None and self.reload_interval > 0:
+        if self._thread is None:
             self._stopping.clear()
             self._wake.clear()
             self._thread = threading.Thread(target=self._reload_forever, daemon=True,
@@ -974,24 +975,25 @@ class FileDatabase(MemoryDatabase):
                             os.path.join(directory, entry))
 
     def _reload_forever(self):
-        """Every reload_interval, and at once for a reload() asked in another thread; the
-        reloads asked before stop() are done before the thread ends."""
+        """Every reload_interval (0: never by itself), and at once for a reload() asked in
+        another thread; the reloads asked before stop() are done before the thread ends."""
         stopping = False
         while not stopping:
-            self._wake.wait(self.reload_interval)
+            self._wake.wait(self.reload_interval or None)
             self._wake.clear()
             with self._asked_lock:
                 asked, self._asked = self._asked, []
                 stopping = self._stopping.is_set()
-            if stopping and not asked:
-                break
+            if not asked and (stopping or not self.reload_interval):
+                continue
             reloaded = False
             try:
                 reloaded = self._reload(any(force for force, _ in asked))
             except Exception:   # never let one bad reload end the reloads for good
                 log.exception("reloading %s failed", self.path)
-            for _, future in asked:
-                future.set_result(reloaded)
+            finally:            # even as the thread dies: no caller waits for ever
+                for _, future in asked:
+                    future.set_result(reloaded)
 
 
 class PlanDatabase(UserDatabase):

@@ -407,6 +407,25 @@ class TestFileDatabase(unittest.TestCase):
         self.assertTrue(db.reload())                        # stopped: in this thread
         self.assertEqual(db.get_user("moshez"), "Back")
 
+    def test_reloads_asked_together_are_done_once_also_without_an_interval(self):
+        _, db = self.database(interval=0)
+        db.start()
+        with self.assertLogs("finger", "INFO") as logs:
+            with db._lock:                      # a reload or a write in progress
+                callers = [threading.Thread(target=db.reload, args=(True,)) for _ in range(5)]
+                for caller in callers:
+                    caller.start()
+                wait_until(lambda: len(db._asked) == 4)     # one taken, blocked; 4 wait
+            for caller in callers:
+                caller.join(TIMEOUT)
+        loads = [record for record in logs.records if record.getMessage().startswith("loaded ")]
+        self.assertEqual(len(loads), 2)
+
+    def test_a_retired_table_is_empty(self):
+        table = finger.UserTable({"u%04d" % number: "x" for number in range(3000)})
+        table.retire()
+        self.assertEqual((len(table), list(table), table.sorted_names()), (0, [], []))
+
     def test_lookup_and_list(self):
         _, db = self.database()
         self.assertEqual(db.get_user("moshez"), "Happy and well")
