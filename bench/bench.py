@@ -3,7 +3,7 @@
 as shipped: every finger.py server runs with its default options, plus only what a row needs
 (its ports, the users file, and the two limits each idle-connection row needs).
 
-    python3 bench/bench.py            # 3 runs, about 3 minutes; prints one Markdown table
+    python3 bench/bench.py            # 3 runs, about 4 minutes; prints one Markdown table
     python3 bench/bench.py --quick    # 1 short run, a smoke test (under a minute)
     python3 bench/bench.py --runs 5
 
@@ -11,7 +11,10 @@ Every figure is the median over the runs, with the min-max beside it; the stall 
 reload section are judged on the worst run.  The throughput rows (bare server, finger with
 and without --log-queries, idle connections, web and its bare `http.server` baseline,
 bench/bare_http.py) run the server on one CPU and the load generator (bench/load.py) on the
-others, when the machine has two or more.  The reload section runs the way an outsider
+others, when the machine has two or more.  Rows that are compared with each other (finger
+and its baseline, web and its baseline) are measured with their servers up together, in
+slices taken in turn, and each keeps its cleanest slice (see compare()): on a shared
+machine the neighbours come and go within seconds.  The reload section runs the way an outsider
 would see it: server and client unpinned, the server with the web site, Perspective Broker
 and the TCP setter on, one client asking for random users while the 1,000,000-line users
 file is replaced, reloaded by SIGHUP and written by the setter.
@@ -58,6 +61,8 @@ class Settings:
     def __init__(self, quick):
         self.warmup = 0.2 if quick else 0.5        # seconds of load before measuring
         self.window = 1.0 if quick else 3.0        # measured seconds per load row
+        self.slices = 2 if quick else 3            # compared rows: slices of the window,
+                                                   # taken in turn with the others
         self.new_query_window = 1.0 if quick else 2.0
         self.concurrency = 50
         self.small_users = 1000
@@ -72,7 +77,7 @@ class Settings:
         self.event_margin = 1.5 if quick else 2.0  # SIGHUP and setter windows: this many
                                                    # times the rename reload's time
         self.web_skip = None                       # why the web site is off, if it is
-        self.baseline_first = True                 # the web rows' order: turned every run
+        self.baseline_first = True                 # the order of compared rows: turned every run
 
 
 def log(message):
@@ -312,30 +317,71 @@ def describe(error):
     return "%s: %s" % (type(error).__name__, lines[-1] if lines else "")
 
 
-def section_bare(m, s, plan, files, tmp):
-    server_cpu, load_cpus = plan
-    with Server("bare_server.py", [PYTHON, BARE, "--users", files["small"], "--port",
-                                   "{port}"], server_cpu, tmp) as server:
-        record_load(m, "bare", run_load(server, load_cpus, "%s:%d" % (NAMES, s.small_users),
-                                        s.concurrency, s.warmup, s.window))
+def compare(m, s, plan, names, rows):
+    """Rows that are compared with each other (server, prefix, load.py arguments, idle
+    connections), each measured in `s.slices` slices of the window, taken in turn: A B C,
+    C B A, A B C (the other way round every other run).  A row keeps its cleanest slice,
+    the one in which the server spent the least CPU per answer (other processes on a shared
+    machine only ever add to that), with the worst p99 and the errors of all its slices."""
+    slices = {prefix: [] for _, prefix, _, _ in rows}
+    order = rows if s.baseline_first else rows[::-1]
+    try:
+        for number in range(s.slices):
+            for server, prefix, extra, idle in order if number % 2 == 0 else order[::-1]:
+                base_fds = proc_fd_count(server.pid)
+                slices[prefix].append(run_load(server, plan[1], names, s.concurrency,
+                                               s.warmup, s.window / s.slices, idle, extra))
+                server.wait_fds(base_fds)       # its idle connections are gone again
+    except Exception as error:
+        for prefix in slices:
+            m["error." + prefix] = describe(error)
+        log("  %s failed: %s" % ("/".join(slices), describe(error)))
+        return
+    for prefix, results in slices.items():
+        best = min(results, key=lambda result: result.get("server_us_per_query") or 1e9)
+        record_load(m, prefix, best)
+        m[prefix + ".idle"] = best["idle"]
+        m[prefix + ".p99"] = max(result["p99_ms"] for result in results)
+        m[prefix + ".errors"] = sum(sum(result["errors"].values()) for result in results)
+        m[prefix + ".answered_all"] = sum(result.get("answered_total") or 0
+                                          for result in results)
 
 
 def section_finger(m, s, plan, files, tmp):
+    """Finger at 50 concurrent clients against three servers up at once on the same CPU,
+    compared (see compare()): the bare baseline (bench/bare_server.py, row bare), finger.py
+    with its defaults (f50), the same with 1,000 idle connections open (f1k), and with the
+    query log (f50log).  Then, on the default one, a new query with 10,000 idle connections
+    open and the client's cold start; and the lines the logging one wrote, counted once it
+    has stopped (it flushes every second, and at exit)."""
     server_cpu, load_cpus = plan
     names = "%s:%d" % (NAMES, s.small_users)
-    with finger_server(files["small"], tmp, server_cpu) as server:
+    log_path = os.path.join(tmp, "queries.log")
+    if os.path.exists(log_path):
+        os.unlink(log_path)                 # this run's lines only
+
+    def idle_row(prefix, server, concurrency, warmup, window, idle):
         base_fds = proc_fd_count(server.pid)
+        result = run_load(server, load_cpus, names, concurrency, warmup, window, idle)
+        record_load(m, prefix, result)
+        m[prefix + ".idle"] = result["idle"]
+        server.wait_fds(base_fds)
 
-        def load(prefix, concurrency, warmup, window, idle=0):
-            result = run_load(server, load_cpus, names, concurrency, warmup, window, idle)
-            record_load(m, prefix, result)
-            m[prefix + ".idle"] = result["idle"]
-            server.wait_fds(base_fds)        # the idle connections are gone again
-
-        step(m, "f50", load, "f50", s.concurrency, s.warmup, s.window)
-        step(m, "f1k", load, "f1k", s.concurrency, s.warmup, s.window, s.some_idle)
-        step(m, "f10k", load, "f10k", 1, 0.2, s.new_query_window, s.many_idle)
+    with Server("bare_server.py", [PYTHON, BARE, "--users", files["small"], "--port",
+                                   "{port}"], server_cpu, tmp) as bare, \
+            finger_server(files["small"], tmp, server_cpu) as server, \
+            finger_server(files["small"], tmp, server_cpu, FINGER_ONLY + [
+                "--log-queries", "--logfile", log_path]) as logged:
+        rows = [(bare, "bare", (), 0), (server, "f50", (), 0), (server, "f1k", (), s.some_idle),
+                (logged, "f50log", (), 0)]
+        compare(m, s, plan, names, rows)
+        step(m, "f10k", idle_row, "f10k", server, 1, 0.2, s.new_query_window, s.many_idle)
         step(m, "cold", cold_start, m, s, server)
+    if m.get("f50log.answered_all"):
+        with open(log_path, encoding="utf-8", errors="replace") as lines:
+            # query lines quote the request: 'INFO finger 127.0.0.1:PORT "u0000001" ok 0.1ms'
+            m["f50log.log_lines"] = sum(1 for line in lines if '"' in line)
+        m["f50log.lines_ratio"] = m["f50log.log_lines"] / m["f50log.answered_all"]
 
 
 def cold_start(m, s, server):
@@ -357,26 +403,6 @@ def cold_start(m, s, server):
         m["cold.%s_ms" % kind] = min(got) * 1e3
     m["cold.ratio"] = m["cold.client_ms"] / m["cold.pass_ms"]
     m["cold.ratio_S"] = m["cold.client_S_ms"] / m["cold.pass_S_ms"]
-
-
-def section_finger_log(m, s, plan, files, tmp):
-    """The 50-concurrent load of section_finger against a server that also writes the query
-    log (--log-queries --logfile); then the lines it wrote, counted once it has stopped (its
-    writer thread flushes at least every second, and at exit)."""
-    server_cpu, load_cpus = plan
-    names = "%s:%d" % (NAMES, s.small_users)
-    path = os.path.join(tmp, "queries.log")
-    if os.path.exists(path):
-        os.unlink(path)                 # this run's lines only
-    with finger_server(files["small"], tmp, server_cpu, FINGER_ONLY + [
-            "--log-queries", "--logfile", path]) as server:
-        result = run_load(server, load_cpus, names, s.concurrency, s.warmup, s.window)
-        record_load(m, "f50log", result)
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        # query lines quote the request: 'INFO finger 127.0.0.1:PORT "u0000001" ok 0.1ms'
-        m["f50log.log_lines"] = sum(1 for line in lines if '"' in line)
-    if result.get("answered_total"):
-        m["f50log.lines_ratio"] = m["f50log.log_lines"] / result["answered_total"]
 
 
 def section_reload(m, s, plan, files, tmp):
@@ -601,27 +627,20 @@ def web_server(users, tmp, cpu):
 def section_web(m, s, plan, files, tmp):
     """/NAME and / with 50 keep-alive clients against the bare `http.server` baseline
     (bench/bare_http.py, rows bare_web_*) and against finger.py's web site, both up at
-    once on the same CPU and measured in turn: baseline /NAME, site /NAME, site /,
-    baseline / (the site first every other run), so that the machine's drift during a run
-    falls on both alike.  Then XML-RPC getUser over one connection."""
+    once on the same CPU, compared (see compare()).  Then XML-RPC getUser over one
+    connection."""
     server_cpu, load_cpus = plan
     names = "%s:%d" % (NAMES, s.small_users)
-
-    def load(server, prefix, concurrency, *extra):
-        record_load(m, prefix, run_load(server, load_cpus, names, concurrency, s.warmup,
-                                        s.window, extra=extra))
-
     with Server("bare_http.py", [PYTHON, BARE_HTTP, "--users", files["small"], "--port",
                                  "{port}"], server_cpu, tmp) as bare, \
             web_server(files["small"], tmp, server_cpu) as site:
-        rows = [(bare, "bare_web_name", "/{name}"), (site, "web_name", "/{name}"),
-                (site, "web_index", "/"), (bare, "bare_web_index", "/")]
-        if not s.baseline_first:
-            rows = [rows[1], rows[0], rows[3], rows[2]]
-        for server, prefix, path in rows:
-            step(m, prefix, load, server, prefix, s.concurrency, "--mode", "http",
-                 "--paths", path)
-        step(m, "xmlrpc", load, site, "xmlrpc", 1, "--mode", "xmlrpc")
+        compare(m, s, plan, names, [
+            (bare, "bare_web_name", ("--mode", "http", "--paths", "/{name}"), 0),
+            (site, "web_name", ("--mode", "http", "--paths", "/{name}"), 0),
+            (site, "web_index", ("--mode", "http", "--paths", "/"), 0),
+            (bare, "bare_web_index", ("--mode", "http", "--paths", "/"), 0)])
+        step(m, "xmlrpc", lambda: record_load(m, "xmlrpc", run_load(
+            site, load_cpus, names, 1, s.warmup, s.window, extra=("--mode", "xmlrpc"))))
 
 
 def section_web_idle(m, s, plan, files, tmp):
@@ -990,9 +1009,7 @@ def main(argv=None):
         os.chmod(tmp, 0o755)      # finger.py started as root serves as nobody: let it read
         files = make_files(tmp, s)
         web_skip = s.web_skip = web_probe(files, tmp)
-        sections = [(section_bare, ["bare"]),
-                    (section_finger, ["f50", "f1k", "f10k", "cold"]),
-                    (section_finger_log, ["f50log"]),
+        sections = [(section_finger, ["bare", "f50", "f50log", "f1k", "f10k", "cold"]),
                     (section_reload, ["parse", "reload", "sighup", "setter", "mem"])]
         if web_skip is None:
             sections.append((section_web, ["bare_web_name", "bare_web_index",
@@ -1000,11 +1017,8 @@ def main(argv=None):
             sections.append((section_web_idle, ["w10k", "w10k50"]))
         for number in range(1, runs_wanted + 1):
             m = {}
-            # the bare server, finger and finger --log-queries, and the web rows and
-            # their baseline, in reverse order every other run
-            order = sections if number % 2 else sections[2::-1] + sections[3:]
-            s.baseline_first = number % 2 == 1
-            for section, prefixes in order:
+            s.baseline_first = number % 2 == 1      # each comparison the other way round
+            for section, prefixes in sections:
                 try:
                     section(m, s, plan, files, tmp)
                 except Exception as error:
