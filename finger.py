@@ -82,6 +82,7 @@ MAX_ERROR_SHOWN = 200             # characters of an error about a peer that a l
 ACCEPT_PAUSE = 0.1                # seconds a listener waits when out of file descriptors
 RECV_SIZE = 4096
 TLS_SEND_SIZE = 16 * 1024         # bytes given to one TLS send: a record
+SEND_CHUNKS = 64                  # queued chunks a session connection sends in one call
 HTTP_JOIN_BYTES = 16 * 1024       # a web body this short leaves in one send with its head
 MAX_SESSION_OUTPUT = 1 << 20      # bytes a session peer may leave unread before it is dropped
 STOP_GRACE = 1.0                  # seconds in-flight answers get to finish when stopping
@@ -2426,10 +2427,15 @@ class TCPService(Service):
         return data
 
     def _send_some(self, conn, data):
-        """Bytes of `data` the socket took now.  TLS is given a record's worth at a time:
-        Python's TLS send takes a buffer whole or not at all, and a large answer would
-        show no progress to the deadline until its last byte."""
+        """Bytes of `data` the socket took now; `data` may be a list of chunks, sent in one
+        call (a page's head and body, pipelined answers).  TLS is given one record's worth
+        at a time: Python's TLS send takes a buffer whole or not at all, and a large answer
+        would show no progress to the deadline until its last byte."""
         try:
+            if type(data) is list:
+                if len(data) > 1:
+                    return conn.sock.sendmsg(data)
+                data = data[0]
             return conn.sock.send(data[:TLS_SEND_SIZE] if conn.tls else data)
         except self._would_block:
             return 0
@@ -2578,17 +2584,20 @@ class TCPService(Service):
             return
         progress = False
         while conn.outbuf:                           # a session's queue of chunks
-            chunk = conn.outbuf[0]
+            chunks = conn.outbuf[:SEND_CHUNKS] if not conn.tls else conn.outbuf[:1]
             try:
-                sent = self._send_some(conn, chunk)
+                sent = self._send_some(conn, chunks)
             except OSError:
                 self._close(conn)
                 return
             progress = progress or sent > 0
-            if sent < len(chunk):
-                conn.outbuf[0] = chunk[sent:]
-                break
-            del conn.outbuf[0]
+            taken = sent
+            while conn.outbuf and taken >= len(conn.outbuf[0]):
+                taken -= len(conn.outbuf.pop(0))
+            if taken:
+                conn.outbuf[0] = conn.outbuf[0][taken:]
+            if sent < sum(map(len, chunks)):
+                break                                # the socket is full
         if not conn.outbuf:
             self._drained(conn)
             return

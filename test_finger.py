@@ -1300,6 +1300,30 @@ class TestWebSite(unittest.TestCase):
     def setUp(self):
         self.address = web_service(self, timeout=1.0).address
 
+    def test_pipelined_answers_read_slowly_arrive_whole_and_in_order(self):
+        size = 400000                                  # more than a socket takes at once
+        db = finger.MemoryDatabase({"big%d" % n: chr(65 + n) * size for n in range(3)})
+        address = web_service(self, db).address
+        count = 9
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(TIMEOUT)
+            sock.connect(address)
+            sock.sendall(b"".join(b"GET /big%d HTTP/1.1\r\nHost: x\r\n\r\n" % (n % 3)
+                                  for n in range(count)))
+            data = bytearray()
+            while data.count(b"HTTP/1.1 200 ") < count or not data.endswith(b"</html>\n"):
+                chunk = sock.recv(65536)
+                self.assertTrue(chunk, "closed after %d bytes" % len(data))
+                data += chunk
+        answers = bytes(data).split(b"HTTP/1.1 200 OK\r\n")[1:]
+        self.assertEqual(len(answers), count)
+        for number, answer in enumerate(answers):
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            self.assertEqual(len(body), length)
+            self.assertIn(bytes([65 + number % 3]) * size, body)
+
     def test_index_lists_users_as_links_escaped(self):
         status, headers, body = http(self.address, "GET", "/")
         self.assertEqual(status, 200)
