@@ -3,7 +3,7 @@
 as shipped: every finger.py server runs with its default options, plus only what a row needs
 (its ports, the users file, and the two limits each idle-connection row needs).
 
-    python3 bench/bench.py            # 3 runs, about 4 minutes; prints one Markdown table
+    python3 bench/bench.py            # 3 runs, about 5 minutes; prints one Markdown table
     python3 bench/bench.py --quick    # 1 short run, a smoke test (under a minute)
     python3 bench/bench.py --runs 5
 
@@ -60,8 +60,9 @@ class Settings:
 
     def __init__(self, quick):
         self.warmup = 0.2 if quick else 0.5        # seconds of load before measuring
+        self.slice_warmup = 0.2 if quick else 0.3  # ... before each slice of a comparison
         self.window = 1.0 if quick else 3.0        # measured seconds per load row
-        self.slices = 2 if quick else 3            # compared rows: slices of the window,
+        self.slices = 2 if quick else 6            # compared rows: slices of the window,
                                                    # taken in turn with the others
         self.new_query_window = 1.0 if quick else 2.0
         self.concurrency = 50
@@ -331,7 +332,8 @@ def compare(m, s, plan, names, rows):
             for server, prefix, extra, idle in order if number % 2 == 0 else order[::-1]:
                 base_fds = proc_fd_count(server.pid)
                 slices[prefix].append(run_load(server, plan[1], names, s.concurrency,
-                                               s.warmup, s.window / s.slices, idle, extra))
+                                               s.slice_warmup, s.window / s.slices, idle,
+                                               extra))
                 server.wait_fds(base_fds)       # its idle connections are gone again
     except Exception as error:
         for prefix in slices:
@@ -411,14 +413,14 @@ def cold_start(m, s, server):
 
 
 def section_reload(m, s, plan, files, tmp):
-    """Parse alone, in a process of its own on the server's CPU.  Then a server with
+    """The middle one of a run's three parse samples (parse_sample).  Then a server with
     1,000,000 users as an outsider runs it: default options plus the web site, Perspective
     Broker, the TCP setter and --reload 0.05; server and client not pinned to any CPU.  One
     client asks for random users throughout three load windows, one per event: the file
     replaced by rename, SIGHUP (a forced reload of the same file), a setter write.  For each:
     the longest answer and when it ended, and the peak RSS; steady RSS before them."""
     server_cpu, _ = plan
-    step(m, "parse", lambda: m.__setitem__("parse.s", parse_alone(files["big1"], server_cpu)))
+    step(m, "parse", parse_sample, m, files, server_cpu)
     directory = server_writable_dir(os.path.join(tmp, "reload"))
     users = os.path.join(directory, "users-1m")
     new = users + ".new"
@@ -572,16 +574,19 @@ def exchange(port, request, timeout, half_close=False):
             reply += data
 
 
-def parse_alone(path, cpu, times=3):
-    """Seconds finger.FileDatabase takes to load `path` in a process of its own: the best of
-    `times` processes (other processes on the machine only ever add time)."""
+def parse_sample(m, files, cpu):
+    """Seconds finger.FileDatabase takes to load the 1,000,000-line file in a process of its
+    own, on the server's CPU.  Taken three times a run, at its start, middle and end; the
+    row gives the best (other processes on the machine only ever add time, and a busy
+    neighbour stays for seconds)."""
     code = ("import sys, time; sys.path.insert(0, %r); import finger\n"
             "t = time.perf_counter(); db = finger.FileDatabase(%r, 0)\n"
             "print(time.perf_counter() - t)\n"
-            "assert db.get_user(%r) is not None" % (ROOT, path, NAMES % 0))
-    return min(float(subprocess.run([PYTHON, "-c", code], stdout=subprocess.PIPE, check=True,
-                                    preexec_fn=child_setup(cpu), timeout=120).stdout)
-               for _ in range(times))
+            "assert db.get_user(%r) is not None" % (ROOT, files["big1"], NAMES % 0))
+    seconds = float(subprocess.run([PYTHON, "-c", code], stdout=subprocess.PIPE, check=True,
+                                   preexec_fn=child_setup(cpu), timeout=120).stdout)
+    m.setdefault("parse.samples", []).append(seconds)
+    m["parse.s"] = min(m["parse.samples"])
 
 
 def reset_peak(pid):
@@ -746,7 +751,7 @@ ROWS = [
     ("server RSS with 10,000 idle connections open", "≤ 64 MB", ["f10k.rss_mb"], MB,
      lambda v: v["f10k.rss_mb"] <= 64),
     ("1,000,000-line users file: parse alone (FileDatabase load, own process, pinned; best "
-     "of 3)",
+     "of 3 a run: at its start, middle and end)",
      "≤ 1.0 s", ["parse.s"], SECONDS, lambda v: v["parse.s"] <= 1.0),
     ("reload in the server (defaults + web, PB, TCP setter, --reload 0.05; not pinned): "
      "file replaced by rename → new statuses served", "report", ["reload.served_s"],
@@ -916,6 +921,10 @@ def notes(runs, settings):
             out.append("%s: p99 of every slice, ms (the rows give the cleanest's): %s" % (
                 what, "; ".join(", ".join("%.1f" % p99 for p99 in r.get(prefix + ".p99_slices")
                                           or []) for r in runs)))
+    if any(r.get("parse.samples") for r in runs):
+        out.append("parse of 1,000,000 lines, every sample, s (start, middle, end of each "
+                   "run): %s" % "; ".join(", ".join("%.2f" % seconds for seconds in
+                                                    r.get("parse.samples") or []) for r in runs))
     idle = [r["f10k.idle"] for r in runs if r.get("f10k.idle") is not None]
     if idle and min(idle) < settings.many_idle:
         out.append("only %d idle connections could be opened (RLIMIT_NOFILE)" % min(idle))
@@ -1032,6 +1041,7 @@ def main(argv=None):
         for number in range(1, runs_wanted + 1):
             m = {}
             s.baseline_first = number % 2 == 1      # each comparison the other way round
+            step(m, "parse", parse_sample, m, files, server_cpu)    # the middle one: reload
             for section, prefixes in sections:
                 try:
                     section(m, s, plan, files, tmp)
@@ -1039,6 +1049,7 @@ def main(argv=None):
                     log("run %d: %s failed: %s" % (number, section.__name__, describe(error)))
                     for prefix in prefixes:
                         m.setdefault("error." + prefix, describe(error))
+            step(m, "parse", parse_sample, m, files, server_cpu)
             derive(m)
             runs.append(m)
             progress(number, runs_wanted, m)
