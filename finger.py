@@ -1387,6 +1387,8 @@ class FingerProtocol(RequestProtocol):
         """Whether answering `line` may block (a slow back-end, or a forwarded query) or
         take long: the list (a large one is built once per version, off the loop), and a
         query of several names (up to MAX_QUERY_NAMES long statuses, never remembered)."""
+        if line in self._replies and self._replies_version == getattr(self.db, "version", None):
+            return False                   # remembered: answered without the back-end
         words = line.split()
         several_names = len(words) > (2 if words and words[0].upper() == b"/W" else 1)
         return self.db.blocking or several_names or self.forwarder is not None and (
@@ -1733,14 +1735,11 @@ class ClientLimits:
                  rate=DEFAULT_PER_CLIENT_RATE, exempt=DEFAULT_PER_CLIENT_EXEMPT):
         import ipaddress
         self.name, self.connections, self.rate = name, connections, rate
+        self.active = bool(connections or rate)      # else every client is let through
         self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
         self._clients = {}             # key -> [open, tokens, refilled at, warned at]
         self._keys = {}                # host -> its key ('' when exempt), bounded likewise
         self._lock = threading.Lock()
-
-    @property
-    def active(self):
-        return bool(self.connections or self.rate)
 
     def admit(self, peer):
         """A new connection from `peer` (host, port): None, or why it is refused
@@ -1799,6 +1798,7 @@ class ClientLimits:
         import ipaddress
         with self._lock:
             self.connections, self.rate = connections, rate
+            self.active = bool(connections or rate)
             self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
             self._keys.clear()
 
@@ -2745,7 +2745,8 @@ class TCPService(Service):
             with contextlib.suppress(OSError):
                 conn.sock.recv(RECV_SIZE)
         conn.sock.close()
-        self._stop_when_idle()
+        if self._stopping:
+            self._stop_when_idle()
 
     # -- the worker pool, for requests that may block
 
