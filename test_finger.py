@@ -1266,9 +1266,16 @@ class TestUnixSetter(unittest.TestCase):
 EVIL = '<img src=x onerror="document.title=\'pwned\'">'
 
 
+def web_db(fillers=0):
+    """The web tests' users, and `fillers` more (40 make a users page long enough to be
+    gzipped)."""
+    users = {"moshez": "Happy and well", "shawn": "alive", "evil": EVIL, "caf\u00e9": "ol\u00e9"}
+    users.update(("user%03d" % number, "status %d" % number) for number in range(fillers))
+    return finger.MemoryDatabase(users)
+
+
 def web_service(test, db=None, **options):
-    db = db if db is not None else finger.MemoryDatabase(
-        {"moshez": "Happy and well", "shawn": "alive", "evil": EVIL, "caf\u00e9": "ol\u00e9"})
+    db = db if db is not None else web_db()
     site = finger.WebSite(db, finger.load_templates(options.pop("templates", None)))
     service = finger.WebService(site, (LOCALHOST, 0), **options)
     start(test, service)
@@ -6679,7 +6686,7 @@ class TestWebInterop(unittest.TestCase):
 
     @_needs("curl")
     def test_curl_pages_json_errors(self):
-        base = "http://%s:%d" % web_service(self).address
+        base = "http://%s:%d" % web_service(self, web_db(fillers=40)).address
         self.assertIn("Happy and well", self.curl(base + "/moshez"))
         self.assertEqual(self.curl(base + "/api/users/shawn"),
                          '{"user": "shawn", "status": "alive"}\n')
@@ -6748,7 +6755,7 @@ class TestWebInterop(unittest.TestCase):
 
     @_needs("chromium")
     def test_chromium_renders_the_site_and_runs_no_injected_script(self):
-        service = web_service(self)
+        service = web_service(self, web_db(fillers=40))
         base = "http://%s:%d" % service.address
         os.makedirs(ARTEFACTS, exist_ok=True)
         shot = os.path.join(ARTEFACTS, "users.png")
