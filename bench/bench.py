@@ -3,7 +3,7 @@
 as shipped: every finger.py server runs with its default options, plus only what a row needs
 (its ports, the users file, and the two limits each idle-connection row needs).
 
-    python3 bench/bench.py            # 3 runs, about 5 minutes; prints one Markdown table
+    python3 bench/bench.py            # 3 runs, about 4½ minutes; prints one Markdown table
     python3 bench/bench.py --quick    # 1 short run, a smoke test (under a minute)
     python3 bench/bench.py --runs 5
 
