@@ -3,9 +3,11 @@
 as shipped: every finger.py server runs with its default options, plus only what a row needs
 (its ports, the users file, and the two limits each idle-connection row needs).
 
-    python3 bench/bench.py            # 3 runs, about 4½ minutes; prints one Markdown table
-    python3 bench/bench.py --quick    # 1 short run, a smoke test (under a minute)
-    python3 bench/bench.py --runs 5
+    python3 bench/bench.py               # 3 runs, about 4½ minutes; prints one Markdown
+                                         # table and puts it in bench/RESULTS.md
+    python3 bench/bench.py --quick       # 1 short run, a smoke test (under a minute);
+                                         # bench/RESULTS.md is left as it is
+    python3 bench/bench.py --runs 5 --no-results
 
 Every figure is the median over the runs, with the min-max beside it; the stall rows of the
 reload section are judged on the worst run.  The throughput rows (bare server, finger with
@@ -27,7 +29,6 @@ Standard library only; Python 3.9 or newer.
 import argparse
 import json
 import os
-import platform
 import pwd
 import shutil
 import signal
@@ -53,6 +54,7 @@ SETTER_REQUEST = b"u0000001\r\nset by the bench\r\n"
 sys.path.insert(0, HERE)
 from load import (machine_cpu_jiffies, proc_fd_count, proc_status_kb,  # noqa: E402
                   raise_nofile)
+import results  # noqa: E402
 
 
 class Settings:
@@ -96,20 +98,8 @@ def cpu_plan():
 
 
 def machine_facts(server_cpu, load_cpus):
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     busy = busy_fraction(0.5)
-    facts = [
-        "machine: %d CPUs%s, %s %s, %s %s" % (
-            os.cpu_count(), " (%s)" % model if model else "", platform.system(),
-            platform.release(), platform.python_implementation(), platform.python_version()),
+    facts = results.run_facts(len(ALL_CPUS)) + [    # ALL_CPUS: before the bench pinned itself
         "placement: " + ("server on CPU %d, load generator on CPU %s; the reload rows' "
                          "server and client on any CPU" % (
                              server_cpu, ",".join(map(str, load_cpus)))
@@ -1004,7 +994,13 @@ def build_parser():
     parser.add_argument("--runs", type=int, default=None,
                         help="runs to take medians over (default: 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="one short run: a smoke test, not figures to quote")
+                        help="one short run: a smoke test, not figures to quote (it leaves "
+                             "bench/RESULTS.md as it is)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print the table only; do not write it into bench/RESULTS.md")
+    parser.add_argument("--results", metavar="FILE", default=results.RESULTS,
+                        help="the file whose 'bench' section the table replaces (default: "
+                             "bench/RESULTS.md)")
     return parser
 
 
@@ -1024,7 +1020,7 @@ def main(argv=None):
     if load_cpus:
         os.sched_setaffinity(0, set(load_cpus))   # the bench and its clients stay off the
     started = time.monotonic()                    # server's CPU
-    command = "python3 bench/bench.py" + "".join(" " + arg for arg in sys.argv[1:])
+    command = results.command_line("bench.py", sys.argv[1:] if argv is None else argv)
     facts = machine_facts(server_cpu, load_cpus)
     log("bench: %s runs; %s" % (runs_wanted, "; ".join(facts)))
     runs = []
@@ -1053,20 +1049,24 @@ def main(argv=None):
             derive(m)
             runs.append(m)
             progress(number, runs_wanted, m)
+    section = "\n".join(
+        ["## `make bench`", "", "```", "$ " + command] + facts +
+        ["%d run%s, %.0f s in all; medians, with the min–max over the runs"
+         % (runs_wanted, "" if runs_wanted == 1 else "s", time.monotonic() - started),
+         "```", "", table(runs, web_skip), ""] + notes(runs, s))
     print()
-    print("## `make bench`")
-    print()
-    print("```")
-    print("$ " + command)
-    for fact in facts:
-        print(fact)
-    print("%d run%s, %.0f s in all; medians, with the min–max over the runs"
-          % (runs_wanted, "" if runs_wanted == 1 else "s", time.monotonic() - started))
-    print("```")
-    print()
-    print(table(runs, web_skip))
-    print()
-    print("\n".join(notes(runs, s)))
+    print(section)
+    sys.stdout.flush()
+    if args.quick or args.no_results:
+        log("bench: %s: %s left as it is" % ("--quick" if args.quick else "--no-results",
+                                              results.shown(args.results)))
+    else:
+        try:
+            results.replace_section("bench", section, args.results)
+            log("bench: the table replaces the 'bench' section of %s"
+                % results.shown(args.results))
+        except OSError as error:
+            log("bench: could not write %s: %s" % (results.shown(args.results), error))
     return 0
 
 

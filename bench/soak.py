@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """`make soak`: a bounded soak run of one finger.py server with every service under load.
 
-    python3 bench/soak.py                 # 120 s; prints one Markdown table
+    python3 bench/soak.py                 # 120 s; prints one Markdown table and puts
+                                          # it in bench/RESULTS.md
     python3 bench/soak.py --seconds 600   # longer (10 to 3600 s)
-    make soak SOAK_ARGS="--seconds 60"
+    make soak SOAK_ARGS="--seconds 60 --no-results"   # print it only
 
 One `finger.py --serve` child serves finger, the setter (TCP and a unix socket), the web
 site, HTTPS (a self-signed certificate made with the openssl CLI; skipped without it),
@@ -53,7 +54,6 @@ import http.client
 import json
 import math
 import os
-import platform
 import pwd
 import random
 import re
@@ -93,6 +93,7 @@ WRITTEN = re.compile(r"\b((?:tcp\d+|unix)) write (\d{6}) café")
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 from load import proc_fd_count, proc_status_kb  # noqa: E402  (bench/load.py)
+import results  # noqa: E402  (bench/results.py: the soak section of bench/RESULTS.md)
 import finger  # noqa: E402  (parse_users, to read the users file as the server does)
 
 now = time.monotonic
@@ -1237,13 +1238,10 @@ def render(report, command):
         "no warning, no growth" if not attention else
         "**look at**: " + "; ".join(attention), "")
 
-    head = ["```", "$ " + command,
-            "finger.py %s, %s %s, %d CPUs, %s %s; ran %.0f s%s (warm-up %.0f s), %s" % (
-                getattr(finger, "__version__", "?"),
-                platform.python_implementation(), platform.python_version(), os.cpu_count(),
-                platform.system(), platform.release(), report["ran"],
-                " (interrupted)" if report["interrupted"] else "", report["warmup"],
-                "as root (--user root)" if os.geteuid() == 0 else "not root"),
+    head = ["```", "$ " + command] + results.run_facts() + [
+            "ran %.0f s%s (warm-up %.0f s), %s" % (
+                report["ran"], " (interrupted)" if report["interrupted"] else "",
+                report["warmup"], "as root (--user root)" if os.geteuid() == 0 else "not root"),
             "server: finger.py " + report["server_argv"], "```", "",
             "| part | load | result | expected |", "|---|---|---|---|"]
     tail = ["", "- latency: to the checked answer, timed by the harness's threads on the same "
@@ -1286,6 +1284,11 @@ def build_parser():
     parser.add_argument("--no-irc", action="store_true", help="leave the IRC bot out")
     parser.add_argument("--seed", type=int, default=1,
                         help="seed of the clients' phases and the edits' times (default 1)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print the table only; do not write it into bench/RESULTS.md")
+    parser.add_argument("--results", metavar="FILE", default=results.RESULTS,
+                        help="the file whose 'soak' section the table replaces (default: "
+                             "bench/RESULTS.md); an interrupted run writes nothing")
     return parser
 
 
@@ -1306,8 +1309,7 @@ def main(argv=None):
         return 0
     # SIGTERM ends the run like Ctrl-C: the children are stopped by PID in run()'s finally.
     signal.signal(signal.SIGTERM, interrupt)
-    command = "python3 bench/soak.py" + "".join(" " + arg for arg in (
-        sys.argv[1:] if argv is None else argv))
+    command = results.command_line("soak.py", sys.argv[1:] if argv is None else argv)
     try:
         report = run(args)
     except KeyboardInterrupt:
@@ -1316,10 +1318,19 @@ def main(argv=None):
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
         log("the harness failed: %s; every process stopped" % describe(error))
         return 1
+    section = "## `make soak`\n\n" + render(report, command)
     print()
-    print("## `make soak`")
-    print()
-    print(render(report, command))
+    print(section)
+    sys.stdout.flush()
+    if args.no_results or report["interrupted"]:
+        log("%s: %s left as it is" % ("--no-results" if args.no_results else "interrupted",
+                                      results.shown(args.results)))
+    else:
+        try:
+            results.replace_section("soak", section, args.results)
+            log("the table replaces the 'soak' section of %s" % results.shown(args.results))
+        except OSError as error:
+            log("could not write %s: %s" % (results.shown(args.results), error))
     return 0
 
 
