@@ -299,6 +299,109 @@ class QueryLog:
 query_log = QueryLog()
 
 
+class LogStreak:
+    """The one way a kind of trouble is logged without flooding the log.  Reports come in
+    streaks (per `key`, when given): a streak lasts `episode` seconds (None: until end()).
+    In each, the first `per_streak` reports are logged at `level`, the others at
+    `repeat_level` or, when that is None, only counted; `summary` (a format taking the
+    name, the count and the seconds), when given, tells that count once the streak is over.
+    At most MAX_CLIENT_TABLE keys are remembered.  Thread-safe."""
+
+    def __init__(self, name, per_streak=1, episode=None, level=logging.WARNING,
+                 repeat_level=None, summary=None):
+        self.name, self.per_streak, self.episode = name, per_streak, episode
+        self.level, self.repeat_level, self.summary = level, repeat_level, summary
+        self._streaks = {}                 # key -> [when it started, reports]
+        self._lock = threading.Lock()
+
+    def report(self, message, *args, key=None):
+        """Log (or count) one occurrence; True when it started a streak."""
+        now = time.monotonic()
+        with self._lock:
+            streak = self._streaks.get(key)
+            over = streak is not None and self.episode is not None and \
+                now - streak[0] >= self.episode
+            if streak is None or over:
+                if len(self._streaks) >= MAX_CLIENT_TABLE:
+                    self._streaks.clear()
+                self._streaks[key] = [now, 1]
+                reports = 1
+            else:
+                streak[1] += 1
+                reports = streak[1]
+        if over:
+            self._tell_unlogged(streak, now)
+        if reports <= self.per_streak:
+            log.log(self.level, message, *args)
+        elif self.repeat_level is not None:
+            log.log(self.repeat_level, message, *args)
+        return reports == 1
+
+    def in_streak(self, key=None):
+        return key in self._streaks
+
+    def end(self, key=None):
+        """End the streak of `key`: the seconds it lasted, or None when there was none."""
+        now = time.monotonic()
+        with self._lock:
+            streak = self._streaks.pop(key, None)
+        if streak is None:
+            return None
+        self._tell_unlogged(streak, now)
+        return now - streak[0]
+
+    def clear(self):
+        """End every streak (a new start: what goes wrong next is news again)."""
+        with self._lock:
+            streaks, self._streaks = self._streaks, {}
+        now = time.monotonic()
+        for streak in streaks.values():
+            self._tell_unlogged(streak, now)
+
+    def _tell_unlogged(self, streak, now):
+        unlogged = streak[1] - self.per_streak
+        if unlogged > 0 and self.summary is not None and self.repeat_level is None:
+            log.warning(self.summary, self.name, unlogged, now - streak[0])
+
+
+def warning_throttle(name):
+    """The warnings one service logs about its peers (dropped connections, timeouts): at
+    most MAX_WARNINGS_PER_SECOND a second, then a count: a peer cannot fill the disk."""
+    return LogStreak(name, MAX_WARNINGS_PER_SECOND, episode=1.0,
+                     summary="%s: %d more warnings like these in %.0f s, not logged")
+
+
+class TokenBucket:
+    """A rate limit: `burst` at once, then one every `interval` seconds (the IRC flood
+    limiter, the per-client request rate).  `clock` is for tests."""
+
+    __slots__ = ("burst", "interval", "clock", "tokens", "stamp")
+
+    def __init__(self, burst=5, interval=2.0, clock=time.monotonic):
+        self.burst, self.interval, self.clock = max(1, burst), max(0.0, interval), clock
+        self.tokens = float(self.burst)
+        self.stamp = clock()
+
+    def _refill(self, now):
+        if self.interval:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) / self.interval)
+        else:
+            self.tokens = float(self.burst)
+        self.stamp = now
+
+    def delay(self, now=None):
+        """Seconds until the next one may go; 0 when it may go now."""
+        self._refill(self.clock() if now is None else now)
+        return 0.0 if self.tokens >= 1 - 1e-9 else (1 - self.tokens) * self.interval
+
+    def take(self, now=None):
+        """Use up one token: True, or False when it has to wait."""
+        if self.delay(now):
+            return False
+        self.tokens -= 1
+        return True
+
+
 def split_host_port(text, default_port):
     """'host', 'host:port', '[v6]', '[v6]:port' or a bare v6 address -> (host, port).
 
@@ -1724,9 +1827,18 @@ def format_peer(peer):
     return format_address(peer) if isinstance(peer, tuple) else str(peer)
 
 
+class _Client:
+    """What ClientLimits knows of one client: its open connections, and the TokenBucket of
+    its requests (None: no rate limit) for the `rate` it was made for."""
+    __slots__ = ("open", "bucket", "rate")
+
+    def __init__(self):
+        self.open, self.bucket, self.rate = 0, None, 0
+
+
 class ClientLimits:
     """Fairness between clients on one listener: per client address (IPv6: its /64),
-    at most `connections` open at once and `rate` requests a second (a token bucket holding
+    at most `connections` open at once and `rate` requests a second (a TokenBucket holding
     2 x rate); 0 turns either off.  Addresses in `exempt` (networks; by default loopback: local
     users and a proxy on this machine) are not limited.  The table of addresses is bounded
     (MAX_CLIENT_TABLE; the least recently seen idle ones go first).  Each address over a
@@ -1734,13 +1846,12 @@ class ClientLimits:
 
     def __init__(self, name, connections=DEFAULT_PER_CLIENT_CONNECTIONS,
                  rate=DEFAULT_PER_CLIENT_RATE, exempt=DEFAULT_PER_CLIENT_EXEMPT):
-        import ipaddress
-        self.name, self.connections, self.rate = name, connections, rate
-        self.active = bool(connections or rate)      # else every client is let through
-        self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
-        self._clients = {}             # key -> [open, tokens, refilled at, warned at]
+        self.name = name
+        self._clients = {}             # key -> _Client, the most recently seen last
         self._keys = {}                # host -> its key ('' when exempt), bounded likewise
         self._lock = threading.Lock()
+        self._over = LogStreak(name, episode=CLIENT_EPISODE)
+        self.configure(connections, rate, exempt)
 
     def admit(self, peer):
         """A new connection from `peer` (host, port): None, or why it is refused
@@ -1758,54 +1869,47 @@ class ClientLimits:
             return
         with self._lock:
             client = self._clients.get(key)
-            if client is not None and client[0] > 0:
-                client[0] -= 1
+            if client is not None and client.open > 0:
+                client.open -= 1
+
+    def configure(self, connections, rate, exempt):
+        """New limits (also on SIGHUP with --config); the counts of open connections stay."""
+        import ipaddress
+        with self._lock:
+            self.connections, self.rate = connections, rate
+            self.active = bool(connections or rate)      # else every client is let through
+            self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
+            self._keys.clear()
 
     def _take(self, peer, opening):
         key = self._key(peer)
         if key is None:
             return None
-        now = time.monotonic()
         with self._lock:
             client = self._clients.pop(key, None)
             if client is None:
-                client = [0, 2.0 * self.rate, now, None]
+                client = _Client()
                 if len(self._clients) >= MAX_CLIENT_TABLE:
                     self._forget_idle()
-            self._clients[key] = client            # the most recently seen last
-            refused = None
-            if opening and self.connections and client[0] >= self.connections:
+            self._clients[key] = client
+            if client.rate != self.rate:               # new, or the limits changed
+                client.rate = self.rate
+                client.bucket = TokenBucket(2.0 * self.rate, 1.0 / self.rate) \
+                    if self.rate else None
+            if opening and self.connections and client.open >= self.connections:
                 refused = "per-client connections"
-            elif self.rate:
-                client[1] = min(2.0 * self.rate, client[1] + (now - client[2]) * self.rate)
-                client[2] = now
-                if client[1] < 1:
-                    refused = "per-client rate"
-                else:
-                    client[1] -= 1
-            if refused is None:
-                client[0] += opening
+            elif client.bucket is not None and not client.bucket.take():
+                refused = "per-client rate"
+            else:
+                client.open += opening
                 return None
-            warn = client[3] is None or now - client[3] > CLIENT_EPISODE
-            if warn:
-                client[3] = now
-        if warn:
-            log.warning("%s: client %s over its limit (%s); refused, and not logged again "
-                        "for %d s", self.name, key, refused, CLIENT_EPISODE)
+        self._over.report("%s: client %s over its limit (%s); refused, and not logged again "
+                          "for %d s", self.name, key, refused, CLIENT_EPISODE, key=key)
         return refused
-
-    def configure(self, connections, rate, exempt):
-        """New limits (SIGHUP with --config); the counts of open connections stay."""
-        import ipaddress
-        with self._lock:
-            self.connections, self.rate = connections, rate
-            self.active = bool(connections or rate)
-            self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
-            self._keys.clear()
 
     def _forget_idle(self):
         """Make room: the least recently seen clients with no connection open go."""
-        for key in [key for key, client in self._clients.items() if not client[0]][
+        for key in [key for key, client in self._clients.items() if not client.open][
                 :max(len(self._clients) // 4, 1)]:
             del self._clients[key]
         if len(self._clients) >= MAX_CLIENT_TABLE:       # all busy: forget the oldest
@@ -1833,6 +1937,61 @@ class ClientLimits:
         if any(address in net for net in self.exempt):
             return ""
         return str(address) if address.version == 4 else address.exploded[:19] + "::/64"
+
+
+class Admission:
+    """Which new connections a listener serves: at most `max_connections` open, each within
+    the per-client `limits` (a ClientLimits, or None).  A refused request is still read
+    before its refusal is sent (closing at once would reset the answer), BUSY_BACKLOG of
+    them at once; beyond that, and on session listeners, a refused connection is turned
+    away at once.  Running out of file descriptors is logged once per streak."""
+
+    def __init__(self, name, max_connections, limits):
+        self.name, self.max_connections, self.limits = name, max_connections, limits
+        self.busy = 0                  # connections being refused, their request read
+        self.out_of_descriptors = False
+        self._shortage = LogStreak(name)
+
+    def refusal(self, open_connections, peer):
+        """None to serve a new connection, else (the reason, the outcome) that refuses it:
+        over the connection cap, or over the client's limits (a `peer` of None: not yet
+        known, the cap only)."""
+        if open_connections - self.busy >= self.max_connections:
+            return SERVER_BUSY, "busy"
+        return None if peer is None else self.client_refusal(peer)
+
+    def client_refusal(self, peer):
+        """None when the client's limits admit a connection (release() it when it closes),
+        else the (reason, outcome) that refuses it."""
+        refused = self.limits.admit(peer) if self.limits is not None else None
+        if refused == "per-client connections":
+            return TOO_MANY_CONNECTIONS, refused
+        if refused is not None:
+            return TOO_MANY_REQUESTS, refused
+        return None
+
+    def turn_away_now(self, refusal, sessions):
+        """Whether a refused connection goes at once, unread."""
+        return refusal is not None and (sessions or self.busy >= BUSY_BACKLOG)
+
+    def release(self, conn):
+        """A connection closes: what admitting it took is given back."""
+        if conn.refusal is not None:
+            self.busy -= 1
+        elif self.limits is not None and not conn.awaiting_proxy:
+            self.limits.release(conn.peer)
+
+    def descriptors_short(self, open_connections):
+        self.out_of_descriptors = True
+        self._shortage.report("%s: out of file descriptors with %d connections open; new "
+                              "clients wait until some close", self.name, open_connections)
+
+    def descriptors_back(self):
+        self.out_of_descriptors = False
+        lasted = self._shortage.end()
+        if lasted is not None:
+            log.info("%s: accepting again after %.1f s out of file descriptors", self.name,
+                     lasted)
 
 
 # -- the PROXY protocol (HAProxy's proxy-protocol.txt, versions 1 and 2) ---------------------
@@ -1912,54 +2071,18 @@ def parse_proxy_header(data):
     return end + 2, (str(host), int(words[4]))
 
 
-class WarningThrottle:
-    """The warnings one service logs about its peers (dropped connections, timeouts): at
-    most MAX_WARNINGS_PER_SECOND a second; past that they are counted, and the count is
-    logged once the second is over.  A peer cannot fill the disk with them."""
-
-    def __init__(self, name):
-        self.name = name
-        self._second = 0.0
-        self._logged = self._suppressed = 0
-        self._lock = threading.Lock()
-
-    def warn(self, message, *args):
-        now = time.monotonic()
-        with self._lock:
-            suppressed = 0
-            if now - self._second >= 1.0:
-                suppressed, self._suppressed = self._suppressed, 0
-                self._second, self._logged = now, 0
-            self._logged += 1
-            allowed = self._logged <= MAX_WARNINGS_PER_SECOND
-            if not allowed:
-                self._suppressed += 1
-        if suppressed:
-            log.warning("%s: %d more warnings like these in a second, not logged", self.name,
-                        suppressed)
-        if allowed:
-            log.warning(message, *args)
-
-
-class DescriptorShortage:
-    """A listener that runs out of file descriptors: logged once when that starts and once
-    when it ends, however many accepts fail in between."""
-
-    def __init__(self, name):
-        self.name = name
-        self.since = None              # time.monotonic() when it started, while it lasts
-
-    def hit(self, open_connections):
-        if self.since is None:
-            self.since = time.monotonic()
-            log.warning("%s: out of file descriptors with %d connections open; new clients "
-                        "wait until some close", self.name, open_connections)
-
-    def over(self):
-        if self.since is not None:
-            log.info("%s: accepting again after %.1f s out of file descriptors", self.name,
-                     time.monotonic() - self.since)
-            self.since = None
+def read_proxy_header(sock, received):
+    """Take a balancer's PROXY header from `sock`, and not a byte past it (a TLS handshake
+    may follow); `received` is what came of it before.  -> (what has come of it, None)
+    while it is incomplete, or (b"", parse_proxy_header's answer) once it is whole.
+    BlockingIOError: nothing is here yet; ValueError: it is no PROXY header, or the peer
+    closed before it was whole."""
+    peeked = sock.recv(PROXY_V2_MAX - len(received), socket.MSG_PEEK)
+    if not peeked:
+        raise ValueError("closed before its PROXY header")
+    header = parse_proxy_header(received + peeked)
+    received += sock.recv(len(peeked) if header is None else header[0] - len(received))
+    return (received, None) if header is None else (b"", header)
 
 
 class Timer:
@@ -2140,25 +2263,382 @@ class Loop:
         then(future)
 
 
-class Connection:
-    """One accepted connection of a TCPService.  `state`: handshake (TLS) -> reading ->
-    working (in the pool) -> writing -> closed for a request; handshake -> session (with
-    working while fed in the pool) for a session; lingering for one turned away."""
-    __slots__ = ("sock", "peer", "inbuf", "outbuf", "deadline", "started", "state", "refusal",
-                 "session", "awaiting_proxy", "events", "tls")
+# -- the transport: a non-blocking socket, plain or TLS, for both sides --------------------
 
-    def __init__(self, sock, peer, refusal=None):
-        self.sock, self.peer = sock, peer
+class Transport:
+    """A connected non-blocking socket, plain or TLS: accepted connections are one, and the
+    IRC bot's connection holds one.  recv() -> the bytes here (b'' at the peer's end) or
+    None when none are here yet; send(data) -> how many bytes the socket took (0 when it is
+    full; `data` may be a list of chunks, sent in one call on a plain socket); after
+    start_tls(), handshake() -> 0 once it is done, or the selector events it waits for.
+    OSError (ssl.SSLError too) is the peer's trouble, for the caller to handle."""
+
+    __slots__ = ("sock", "tls", "_would_block")
+
+    def __init__(self, sock):
+        self.sock, self.tls = sock, False
+        self._would_block = (BlockingIOError, InterruptedError)
+
+    def start_tls(self, context, **wrap_options):
+        import ssl
+        self.sock = context.wrap_socket(self.sock, do_handshake_on_connect=False,
+                                        **wrap_options)
+        self.tls = True
+        self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                             ssl.SSLWantWriteError)
+
+    def handshake(self):
+        import ssl
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            return selectors.EVENT_WRITE
+        return 0
+
+    def recv(self):
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except self._would_block:
+            return None
+        while self.tls and self.sock.pending():      # the rest of a TLS record, decrypted
+            data += self.sock.recv(self.sock.pending())
+        return data
+
+    def send(self, data):
+        """TLS is given one record's worth at a time: Python's TLS send takes a buffer whole
+        or not at all, and a large answer would show no progress to a deadline until its
+        last byte."""
+        try:
+            if type(data) is list:
+                if len(data) > 1:
+                    return self.sock.sendmsg(data)
+                data = data[0]
+            return self.sock.send(data[:TLS_SEND_SIZE] if self.tls else data)
+        except self._would_block:
+            return 0
+
+
+# -- connections: a request, or a session -------------------------------------------------
+
+class Connection(Transport):
+    """One accepted connection of a TCPService.  Its state is `handler`, what its socket's
+    next readiness calls: the PROXY header, the TLS handshake, then its request or session
+    (the subclasses), or lingering once turned away; `working` while a worker has its
+    request, `closed` at the end.  Subclasses give start() (the peer is known and its TLS
+    done), expired() (its deadline passed) and answer_coming() (for a stop)."""
+
+    __slots__ = ("service", "peer", "inbuf", "outbuf", "deadline", "started", "handler",
+                 "refusal", "awaiting_proxy", "events", "working", "lingering", "closed",
+                 "session")
+
+    def __init__(self, service, sock, peer, refusal=None):
+        Transport.__init__(self, sock)
+        self.service, self.peer = service, peer
         self.refusal = refusal         # (text, outcome): its request is read, then refused
         self.awaiting_proxy = False    # its PROXY header has yet to come
         self.inbuf = b""
         self.outbuf = b""
         self.deadline = None           # its Timer, made when it first has to wait
         self.started = time.monotonic()
-        self.state = "reading"
-        self.session = None
+        self.handler = None
         self.events = 0                # what the loop watches it for
-        self.tls = False
+        self.working = self.lingering = self.closed = False
+        self.session = None            # a SessionConnection's, once it starts
+
+    def begin(self, mask=None):
+        """The peer is known: the TLS handshake, then start()."""
+        context = self.service.tls_context
+        if context is None:
+            self.start()
+            return
+        self.service.loop.watch(self.sock, 0)          # the TLS socket takes it over
+        self.events = 0
+        self.start_tls(context, server_side=True)
+        self.handler = self.shake_hands
+        self.shake_hands()
+
+    def shake_hands(self, mask=None):
+        try:
+            wanted = self.handshake()
+        except (OSError, ValueError) as error:           # ssl.SSLError is an OSError
+            self.service.warnings.report("%s %s: connection dropped: %s", self.service.name,
+                                         format_peer(self.peer), str(error)[:MAX_ERROR_SHOWN])
+            self.service.drop(self)
+            return
+        if wanted:
+            self.service.wait(self, wanted)
+        else:
+            self.start()
+
+    def read_proxy(self, mask=None):
+        """A balancer's PROXY header: once whole, the client it names (or, for the
+        balancer's own checks, the balancer) is the peer, and the connection begins."""
+        service = self.service
+        try:
+            self.inbuf, header = read_proxy_header(self.sock, self.inbuf)
+        except (BlockingIOError, InterruptedError):
+            service.wait(self, selectors.EVENT_READ)
+            return
+        except ValueError as error:
+            service.warnings.report("%s %s: dropped: %s", service.name,
+                                    format_peer(self.peer), error)
+            service.protocol.count("bad proxy header")
+            service.drop(self)
+            return
+        except OSError:
+            service.drop(self)
+            return
+        if header is None:
+            service.wait(self, selectors.EVENT_READ)
+        else:
+            service.proxied(self, header[1] or self.peer)
+
+    def linger(self, mask=None):
+        try:
+            data = self.recv()
+        except OSError:
+            data = b""
+        if data == b"":
+            self.service.drop(self)
+
+    def start(self):
+        raise NotImplementedError
+
+    def expired(self):
+        """Its deadline passed: what arrived is logged as a timeout, and it closes."""
+        self.service.log(self, self.inbuf[:MAX_QUERY_BYTES], "timeout")
+        self.service.drop(self)
+
+    def answer_coming(self):
+        """Whether an answer is on its way (a stop lets it finish)."""
+        return self.working or bool(self.outbuf)
+
+
+class RequestConnection(Connection):
+    """A connection of a RequestProtocol: its request is read, answered (here, or in the
+    worker pool when it may block), sent, and the connection closes."""
+
+    __slots__ = ()
+
+    def start(self):
+        """Clients send the request as soon as they are connected, so it is usually here
+        already: answered now, the connection never enters the selector."""
+        self.handler = self.read
+        self.read()
+
+    def read(self, mask=None):
+        service = self.service
+        try:
+            data = self.recv()
+        except OSError:
+            service.drop(self)
+            return
+        if data is None:
+            service.wait(self, selectors.EVENT_READ)
+            return
+        self.inbuf += data
+        if service.proxy_headers is not None and self.inbuf.startswith(PROXY_STARTS):
+            service.refuse_proxy_header(self)
+            return
+        try:
+            request = service.protocol.parse(self.inbuf, not data)
+        except RequestError as error:
+            service.log(self, self.inbuf[:80], error.outcome)
+            self.reply(format_reply(error.reply))
+            return
+        if request is None:
+            if data:
+                service.wait(self, selectors.EVENT_READ)
+            else:
+                service.drop(self)
+        elif self.refusal is not None:
+            service.log(self, request, self.refusal[1])
+            self.reply(format_reply(self.refusal[0]))
+        elif service.protocol.needs_worker(request):
+            if not service.in_worker(self, service.protocol.respond, (request, self.peer),
+                                     functools.partial(self.answered, request)):
+                service.log(self, request, "busy")
+                self.reply(format_reply(SERVER_BUSY))
+        else:
+            reply, outcome = service.protocol.respond(request, self.peer)
+            service.log(self, request, outcome)
+            self.reply(reply)
+
+    def answered(self, request, future):
+        """A worker's answer is back (in the loop thread)."""
+        service = self.service
+        if self.closed:
+            return
+        self.working = False
+        try:
+            reply, outcome = future.result()
+        except Exception:
+            log.exception("%s: answering %r failed", service.name, request)
+            reply, outcome = format_reply(INTERNAL_ERROR), "error"
+        service.log(self, request, outcome)
+        try:
+            self.reply(reply)
+        except Exception:
+            log.exception("%s %s: dropped after an error", service.name, format_peer(self.peer))
+            service.drop(self)
+
+    def reply(self, data):
+        """Send a reply and close; what the socket does not take now waits for EVENT_WRITE."""
+        try:
+            sent = self.send(data)
+        except OSError:
+            self.service.drop(self)
+            return
+        if sent == len(data):
+            self.service.drop(self)
+            return
+        self.outbuf = memoryview(data)[sent:]        # a long answer is not copied each time
+        self.handler = self.write
+        self.service.wait(self, selectors.EVENT_WRITE, self.service.timeout)
+
+    def write(self, mask=None):
+        self.reply(self.outbuf)
+
+
+class SessionConnection(Connection):
+    """A connection of a SessionProtocol: it stays open, its Session fed what arrives and
+    its answers queued in `outbuf` (memoryviews); with a back-end that may block, every
+    feed runs in the worker pool (the connection is not read meanwhile, so its data stays
+    in order).  Its deadline runs from its last whole message."""
+
+    __slots__ = ()
+
+    def start(self):
+        service = self.service
+        self.session = service.protocol.new_session(self.peer)
+        self.outbuf = []
+        self.handler = self.ready
+        service.set_deadline(self)
+        self.output(self.session.greeting())
+
+    def ready(self, mask):
+        if mask & selectors.EVENT_WRITE and self.outbuf:
+            self.write()
+            return
+        try:
+            data = self.recv()
+        except OSError:
+            data = b""
+        if data is None:
+            return
+        if not data:
+            self.service.drop(self)
+        elif self.service.protocol.blocking:
+            self.feed_in_worker(self.session.feed, data)
+        else:
+            self.fed(self.run(self.session.feed, data))
+
+    def expired(self):
+        if self.session is not None and self.session.idle and not self.outbuf:
+            self.service.drop(self)            # an idle session: no timeout
+        else:
+            super().expired()
+
+    def answer_coming(self):
+        return self.working or bool(self.outbuf) or (self.session is not None
+                                                     and self.session.pending)
+
+    def feed_in_worker(self, method, *args):
+        """Run a session's method in the pool; its deadline waits meanwhile (the time is the
+        server's, not the peer's).  With every worker busy, the session answers busy()
+        instead, or the connection is dropped."""
+        if self.service.in_worker(self, self.run, (method,) + args,
+                                  lambda future: self.fed(future.result())):
+            if self.deadline is not None:
+                self.deadline.cancel()
+            return
+        answer = self.session.busy()
+        if answer is not None:
+            self.fed(answer)
+            return
+        self.service.warnings.report("%s %s: dropped: every worker is busy",
+                                     self.service.name, format_peer(self.peer))
+        self.service.drop(self)
+
+    def run(self, method, *args):
+        """The session's reply, or None when it refused the data (logged)."""
+        if self.closed:                        # dropped while this job waited
+            return None
+        try:
+            return method(*args)
+        except Exception as error:
+            self.service.warnings.report("%s %s: dropped: %s", self.service.name,
+                                         format_peer(self.peer), str(error)[:MAX_ERROR_SHOWN])
+            return None
+
+    def fed(self, reply):
+        if self.closed:
+            self.session.close()               # dropped while it was fed in a worker
+            return
+        was_working, self.working = self.working, False
+        if reply is None:
+            self.service.drop(self)
+            return
+        if self.session.idle or was_working:
+            self.service.set_deadline(self)
+        self.output(reply)
+
+    def output(self, data):
+        """Queue `data` (bytes, or a list of them: a body kept elsewhere, such as the users
+        page, is sent from where it is, never copied) and send what the socket takes now;
+        the rest waits for EVENT_WRITE, and the connection is not read meanwhile.  A peer
+        that leaves more than the protocol's max_output unread is dropped."""
+        self.outbuf.extend(memoryview(chunk) for chunk in (
+            data if isinstance(data, list) else [data]) if chunk)
+        limit = self.service.protocol.max_output
+        if limit is not None and sum(map(len, self.outbuf)) > limit:
+            self.service.warnings.report("%s %s: dropped: it does not read its answers",
+                                         self.service.name, format_peer(self.peer))
+            self.service.drop(self)
+        else:
+            self.write()
+
+    def write(self):
+        progress = False
+        outbuf = self.outbuf
+        while outbuf:
+            chunks = outbuf[:SEND_CHUNKS] if not self.tls else outbuf[:1]
+            try:
+                sent = self.send(chunks)
+            except OSError:
+                self.service.drop(self)
+                return
+            progress = progress or sent > 0
+            taken = sent
+            while outbuf and taken >= len(outbuf[0]):
+                taken -= len(outbuf.pop(0))
+            if taken:
+                outbuf[0] = outbuf[0][taken:]
+            if sent < sum(map(len, chunks)):
+                break                                # the socket is full
+        if not outbuf:
+            self.drained()
+            return
+        if progress:
+            self.service.set_deadline(self)          # it takes its answer: time for the rest
+        self.service.wait(self, selectors.EVENT_WRITE)
+
+    def drained(self):
+        """Everything is sent: close, answer the messages it holds, or read again."""
+        session = self.session
+        if session.closing:
+            self.service.drop(self, linger=True)
+        elif session.pending:
+            if session.slow:
+                self.feed_in_worker(session.resume)
+            else:
+                self.fed(self.run(session.resume))
+        elif self.service.stopping:
+            self.service.drop(self)
+        else:
+            self.service.wait(self, selectors.EVENT_READ)
 
 
 class TCPService(Service):
@@ -2173,9 +2653,14 @@ class TCPService(Service):
     done on the loop.  Limits: `timeout` seconds to send a request (and the handshake) and
     to take each part of the answer, `max_connections` open at once (more get the
     protocol's refusal), at most `max_pending` answers (default 2 x `workers`) waiting for
-    the pool, and the per-client `limits` (a ClientLimits).  Connections from the balancers
-    of `proxy_headers` (ProxyHeaders) start with a PROXY header, whose client is then the
-    peer: for the limits, the protocol and the log.  `clock` is the deadlines' (tests)."""
+    the pool, and the per-client `limits` (a ClientLimits): see Admission.  Connections
+    from the balancers of `proxy_headers` (ProxyHeaders) start with a PROXY header, whose
+    client is then the peer: for the limits, the protocol and the log.  `clock` is the
+    deadlines' (tests).
+
+    This class accepts, keeps the deadlines, closes and logs; a RequestConnection or a
+    SessionConnection does the rest.  The methods they call: wait(), set_deadline(),
+    in_worker(), proxied(), refuse_proxy_header(), log() and drop()."""
 
     def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
@@ -2185,26 +2670,27 @@ class TCPService(Service):
         self.clock = clock               # the Loop's, for deadlines
         self.protocol = protocol
         self.sessions = isinstance(protocol, SessionProtocol)
-        self.limits = limits
+        self._connection = SessionConnection if self.sessions else RequestConnection
         self.proxy_headers = proxy_headers
         self.tls_context = tls_context
         self.name = name or protocol.name
         self.requested_address = address
         self.timeout = timeout
-        self.max_connections = max_connections
         self.workers = workers
         self.max_pending = max_pending or 2 * workers
+        self.admission = Admission(self.name, max_connections, limits)
         self.loop = None
+        self.stopping = False
+        self.warnings = warning_throttle(self.name)
         self._listener = sock
         self._unix = False               # a unix socket listener: peers are credentials
         self._owns_path = False          # a unix socket file we made, removed at stop
         self._conns = {}                 # Connection -> None: those open
         self._lingering = {}             # Connection -> None: those turned away, still read
-        self._busy = 0                   # connections being refused, their request read
-        self._stopping = False
-        self._shortage = DescriptorShortage(self.name)
-        self._warnings = WarningThrottle(self.name)
-        self._would_block = (BlockingIOError, InterruptedError)
+
+    @property
+    def limits(self):
+        return self.admission.limits
 
     @property
     def counts(self):
@@ -2216,6 +2702,10 @@ class TCPService(Service):
 
     def open_connections(self):
         return len(self._conns)
+
+    def connections(self):
+        """The connections open now (a copy; for tests and the curious)."""
+        return list(self._conns)
 
     # -- lifecycle
 
@@ -2241,9 +2731,6 @@ class TCPService(Service):
         self.address = address if isinstance(address, str) else address[:2]
         if self.loop is None:
             self.loop = Loop(self.name, self.workers, self.clock)
-        if self.tls_context is not None:
-            import ssl
-            self._would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
     def close(self):
         self.loop.call_soon(self._begin_stop)
@@ -2260,30 +2747,30 @@ class TCPService(Service):
             self.loop.run()
         finally:
             for conn in list(self._conns) + list(self._lingering):
-                self._close(conn)
+                self.drop(conn)
             self.loop.close()
             self._listener.close()
 
     def _begin_stop(self):
         """Stop accepting; close the connections that have no answer on its way (a request
         not yet whole, an idle session); the others get STOP_GRACE seconds to finish."""
-        self._stopping = True
+        self.stopping = True
         self.loop.watch(self._listener, 0)
         self._listener.close()
         for conn in list(self._conns) + list(self._lingering):
-            if conn.state in ("handshake", "reading", "lingering") or (
-                    conn.state == "session" and not conn.outbuf and not conn.session.pending):
-                self._close(conn)
+            if conn.lingering or not conn.answer_coming():
+                self.drop(conn)
         self.loop.call_later(STOP_GRACE, self.loop.stop)
         self._stop_when_idle()
 
     def _stop_when_idle(self):
-        if self._stopping and not self._conns:
+        if self.stopping and not self._conns:
             self.loop.stop()
 
     # -- accepting
 
     def _accept(self, _, mask):
+        admission = self.admission
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = self._listener.accept()
@@ -2297,54 +2784,54 @@ class TCPService(Service):
                     continue
                 log.warning("%s: accept failed: %s", self.name, error)
                 return
-            if self._shortage.since is not None:
-                self._shortage.over()
+            if admission.out_of_descriptors:
+                admission.descriptors_back()
             sock.setblocking(False)
             proxied = self.proxy_headers is not None and self.proxy_headers.expected_from(peer)
-            refusal = self._refusal(None if proxied else peer)
-            if refusal is not None and (self.sessions or self._busy >= BUSY_BACKLOG):
+            refusal = admission.refusal(len(self._conns), None if proxied else peer)
+            if admission.turn_away_now(refusal, self.sessions):
                 self.protocol.count(refusal[1])
-                self._turn_away(Connection(sock, peer), refusal)
+                self._turn_away(self._connection(self, sock, peer), refusal)
                 continue
             if self._unix:
                 peer = PeerCredentials(sock)
             elif self.sessions:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._busy += refusal is not None
-            conn = Connection(sock, peer, refusal)
+            admission.busy += refusal is not None
+            conn = self._connection(self, sock, peer, refusal)
             self._conns[conn] = None
             if proxied:
                 conn.awaiting_proxy = True
-                self._serve(conn, selectors.EVENT_READ)        # the header first
+                conn.handler = conn.read_proxy          # the header first
             else:
-                self._begin(conn)
-
-    def _begin(self, conn):
-        """A connection whose peer is known: its TLS handshake, its session, or its request
-        (clients send it as soon as they are connected, so it is usually here already:
-        answered now, the connection never enters the selector)."""
-        if self.tls_context is not None:
-            self._start_tls(conn)
-        elif self.sessions:
-            self._start_session(conn)
-        else:
+                conn.handler = conn.begin
             self._serve(conn, selectors.EVENT_READ)
 
-    def _refusal(self, peer):
-        """None to serve a new connection, else (the reason, the outcome) that refuses it:
-        over the connection cap, or over the client's limits (admitted ones are released
-        in _close; a `peer` of None: not yet known, the cap only)."""
-        if len(self._conns) - self._busy >= self.max_connections:
-            return SERVER_BUSY, "busy"
-        return None if peer is None else self._client_refusal(peer)
+    def proxied(self, conn, peer):
+        """A connection's PROXY header named its client, `peer`: admit it, and begin."""
+        conn.awaiting_proxy = False
+        conn.peer = peer
+        admission = self.admission
+        refusal = None if conn.refusal else admission.client_refusal(peer)
+        if admission.turn_away_now(refusal, self.sessions):
+            self.protocol.count(refusal[1])           # as _accept does: turned away at once
+            del self._conns[conn]
+            self.loop.watch(conn.sock, 0)
+            conn.events = 0
+            self._turn_away(conn, refusal)            # not admitted: nothing to release
+            return
+        if refusal is not None:
+            conn.refusal = refusal
+            admission.busy += 1
+        conn.begin()
 
-    def _client_refusal(self, peer):
-        refused = self.limits.admit(peer) if self.limits is not None else None
-        if refused == "per-client connections":
-            return TOO_MANY_CONNECTIONS, refused
-        if refused is not None:
-            return TOO_MANY_REQUESTS, refused
-        return None
+    def refuse_proxy_header(self, conn):
+        """A PROXY header from an address that may send none: drop the connection."""
+        self.warnings.report("%s %s: dropped: a PROXY header from an address not in %s",
+                             self.name, format_peer(conn.peer),
+                             option_of_field("proxy_headers"))
+        self.log(conn, conn.inbuf[:80], "proxy header refused")
+        self.drop(conn)
 
     def _turn_away(self, conn, refusal):
         """Send the protocol's refusal (on a TLS port: a TLS alert, never plain text), then
@@ -2361,383 +2848,103 @@ class TCPService(Service):
         if len(self._lingering) >= BUSY_BACKLOG or answer is None:
             conn.sock.close()
             return
-        conn.state = "lingering"
+        self._linger(conn)
+
+    def _linger(self, conn):
+        conn.lingering = True
+        conn.handler = conn.linger
         self._lingering[conn] = None
-        self._wait(conn, selectors.EVENT_READ, 1.0)
+        self.wait(conn, selectors.EVENT_READ, 1.0)
 
     def _pause_accepting(self):
         """Out of file descriptors: the listener stays readable, so stop watching it for
         ACCEPT_PAUSE seconds (no spinning); new clients wait in the listen backlog."""
-        self._shortage.hit(len(self._conns))
+        self.admission.descriptors_short(len(self._conns))
         self.loop.watch(self._listener, 0)
         self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _resume_accepting(self):
-        if not self._stopping:
+        if not self.stopping:
             self.loop.watch(self._listener, selectors.EVENT_READ, self._accept)
 
-    # -- connections
+    # -- what connections ask of their service
 
     def _serve(self, conn, mask):
         """A connection is ready; a bug in serving one connection drops that one only."""
         try:
-            if conn.state == "handshake":
-                self._handshake(conn)
-            elif conn.state == "lingering":
-                self._linger(conn)
-            elif mask & selectors.EVENT_WRITE and conn.outbuf:
-                self._write(conn)
-            elif conn.session is not None:
-                self._session_input(conn)
-            else:
-                self._read(conn)
+            conn.handler(mask)
         except Exception:
             log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
-            self._close(conn)
+            self.drop(conn)
 
-    def _wait(self, conn, events, seconds=None):
+    def wait(self, conn, events, seconds=None):
         """Watch the connection for `events`, with its deadline `seconds` (default:
-        `timeout`) from now."""
+        `timeout`) from now, or as it was if it runs."""
         if conn.events != events:
             self.loop.watch(conn.sock, events, self._serve, conn)
             conn.events = events
         if seconds is not None or conn.deadline is None or not conn.deadline.active:
-            self._set_deadline(conn, seconds)
+            self.set_deadline(conn, seconds)
 
-    def _set_deadline(self, conn, seconds=None):
+    def set_deadline(self, conn, seconds=None):
         if conn.deadline is None:
             conn.deadline = self.loop.timer(self._expired, conn)
         self.loop.schedule(conn.deadline, self.timeout if seconds is None else seconds)
 
     def _expired(self, conn):
-        if conn.state == "lingering" or conn.session is not None and conn.session.idle \
-                and not conn.outbuf:
-            self._close(conn)                  # done with, or an idle session: no timeout
-            return
-        self._log(conn, conn.inbuf[:MAX_QUERY_BYTES], "timeout")      # what arrived
-        self._close(conn)
-
-    def _recv(self, conn):
-        """The bytes the peer sent (b'' at its end), or None when none are here yet."""
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except self._would_block:
-            return None
-        while conn.tls and conn.sock.pending():      # the rest of a TLS record, decrypted
-            data += conn.sock.recv(conn.sock.pending())
-        return data
-
-    def _send_some(self, conn, data):
-        """Bytes of `data` the socket took now; `data` may be a list of chunks, sent in one
-        call (a page's head and body, pipelined answers).  TLS is given one record's worth
-        at a time: Python's TLS send takes a buffer whole or not at all, and a large answer
-        would show no progress to the deadline until its last byte."""
-        try:
-            if type(data) is list:
-                if len(data) > 1:
-                    return conn.sock.sendmsg(data)
-                data = data[0]
-            return conn.sock.send(data[:TLS_SEND_SIZE] if conn.tls else data)
-        except self._would_block:
-            return 0
-
-    def _linger(self, conn):
-        try:
-            data = self._recv(conn)
-        except OSError:
-            data = b""
-        if data == b"":
-            self._close(conn)
-
-    def _start_tls(self, conn):
-        self.loop.watch(conn.sock, 0)                   # the TLS socket takes it over
-        conn.events = 0
-        conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
-                                                 do_handshake_on_connect=False)
-        conn.tls = True
-        conn.state = "handshake"
-        self._handshake(conn)
-
-    def _handshake(self, conn):
-        import ssl
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._wait(conn, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._wait(conn, selectors.EVENT_WRITE)
-            return
-        except (OSError, ValueError) as error:           # ssl.SSLError is an OSError
-            self._warnings.warn("%s %s: connection dropped: %s", self.name,
-                                format_peer(conn.peer), str(error)[:MAX_ERROR_SHOWN])
-            self._close(conn)
-            return
-        conn.state = "reading"
-        if self.sessions:
-            self._start_session(conn)
+        if conn.lingering:
+            self.drop(conn)                    # done with
         else:
-            self._serve(conn, selectors.EVENT_READ)
+            conn.expired()
 
-    def _read(self, conn):
-        if conn.awaiting_proxy:
-            self._proxy_header(conn)
-            return
-        try:
-            data = self._recv(conn)
-        except OSError:
-            self._close(conn)
-            return
-        if data is None:
-            self._wait(conn, selectors.EVENT_READ)
-            return
-        conn.inbuf += data
-        if self.proxy_headers is not None and conn.inbuf.startswith(PROXY_STARTS):
-            self._warnings.warn("%s %s: dropped: a PROXY header from an address not in %s",
-                                self.name, format_peer(conn.peer),
-                                option_of_field("proxy_headers"))
-            self._log(conn, conn.inbuf[:80], "proxy header refused")
-            self._close(conn)
-            return
-        try:
-            request = self.protocol.parse(conn.inbuf, not data)
-        except RequestError as error:
-            self._log(conn, conn.inbuf[:80], error.outcome)
-            self._send(conn, format_reply(error.reply))
-            return
-        if request is None:
-            if not data:
-                self._close(conn)
-            else:
-                self._wait(conn, selectors.EVENT_READ)
-            return
-        if conn.refusal is not None:
-            self._log(conn, request, conn.refusal[1])
-            self._send(conn, format_reply(conn.refusal[0]))
-        elif self.protocol.needs_worker(request):
-            self._submit(conn, request)
-        else:
-            reply, outcome = self.protocol.respond(request, conn.peer)
-            self._log(conn, request, outcome)
-            self._send(conn, reply)
-
-    def _proxy_header(self, conn):
-        """Read a balancer's PROXY header, and not a byte past it (a TLS handshake may
-        follow); once it is whole, the client it names (or, for the balancer's own checks,
-        the balancer) is the peer, admitted by the limits, and the connection begins."""
-        try:
-            peeked = conn.sock.recv(PROXY_V2_MAX - len(conn.inbuf), socket.MSG_PEEK)
-        except self._would_block:
-            self._wait(conn, selectors.EVENT_READ)
-            return
-        except OSError:
-            self._close(conn)
-            return
-        try:
-            header = parse_proxy_header(conn.inbuf + peeked) if peeked else \
-                ValueError("closed before its PROXY header")
-        except ValueError as error:
-            header = error
-        if isinstance(header, ValueError):
-            self._warnings.warn("%s %s: dropped: %s", self.name, format_peer(conn.peer),
-                                header)
-            self.protocol.count("bad proxy header")
-            self._close(conn)
-            return
-        take = len(peeked) if header is None else header[0] - len(conn.inbuf)
-        conn.inbuf += conn.sock.recv(take)           # peeked: here already
-        if header is None:
-            self._wait(conn, selectors.EVENT_READ)
-            return
-        conn.inbuf = b""
-        conn.awaiting_proxy = False
-        conn.peer = header[1] or conn.peer
-        refusal = None if conn.refusal else self._client_refusal(conn.peer)
-        if refusal is not None and (self.sessions or self._busy >= BUSY_BACKLOG):
-            self.protocol.count(refusal[1])           # as _accept does: turned away at once
-            del self._conns[conn]
+    def in_worker(self, conn, function, args, then):
+        """Run function(*args) in the pool, then then(future) in the loop thread; the
+        connection is not watched meanwhile.  False, and nothing run, when `max_pending`
+        jobs wait already."""
+        if self.loop.in_flight >= self.max_pending:
+            return False
+        if conn.events:
             self.loop.watch(conn.sock, 0)
             conn.events = 0
-            self._turn_away(conn, refusal)            # not admitted: nothing to release
-            return
-        if refusal is not None:
-            conn.refusal = refusal
-            self._busy += 1
-        self._begin(conn)
+        conn.working = True
+        self.loop.run_in_worker(function, args, then)
+        return True
 
-    def _send(self, conn, data):
-        """Send a reply and close; what the socket does not take now waits for EVENT_WRITE."""
-        try:
-            sent = self._send_some(conn, data)
-        except OSError:
-            self._close(conn)
-            return
-        if sent == len(data):
-            self._close(conn)
-            return
-        conn.outbuf = memoryview(data)[sent:]        # a long answer is not copied each time
-        conn.state = "writing"
-        self._wait(conn, selectors.EVENT_WRITE, self.timeout)
-
-    def _write(self, conn):
+    def log(self, conn, request, outcome):
+        self.protocol.count(outcome)
         if conn.session is None:
-            self._send(conn, conn.outbuf)
-            return
-        progress = False
-        while conn.outbuf:                           # a session's queue of chunks
-            chunks = conn.outbuf[:SEND_CHUNKS] if not conn.tls else conn.outbuf[:1]
-            try:
-                sent = self._send_some(conn, chunks)
-            except OSError:
-                self._close(conn)
-                return
-            progress = progress or sent > 0
-            taken = sent
-            while conn.outbuf and taken >= len(conn.outbuf[0]):
-                taken -= len(conn.outbuf.pop(0))
-            if taken:
-                conn.outbuf[0] = conn.outbuf[0][taken:]
-            if sent < sum(map(len, chunks)):
-                break                                # the socket is full
-        if not conn.outbuf:
-            self._drained(conn)
-            return
-        if progress:
-            self._set_deadline(conn)                 # it takes its answer: time for the rest
-        self._wait(conn, selectors.EVENT_WRITE)
+            self.protocol.latency.observe(time.monotonic() - conn.started)
+        if query_log.enabled:
+            query_log.record(self.name, conn.peer, self.protocol.log_text(request), outcome,
+                             conn.started)
 
-    # -- session connections (they stay open)
-
-    def _start_session(self, conn):
-        conn.session = self.protocol.new_session(conn.peer)
-        conn.outbuf = []                            # memoryviews of what is to be sent
-        conn.state = "session"
-        self._set_deadline(conn)
-        self._output(conn, conn.session.greeting())
-
-    def _session_input(self, conn):
-        try:
-            data = self._recv(conn)
-        except OSError:
-            data = b""
-        if data is None:
-            return
-        if not data:
-            self._close(conn)
-        else:
-            self._feed(conn, data)
-
-    def _feed(self, conn, data):
-        """Data for a session: fed to it here, or in a worker for a protocol whose back-end
-        may block (the connection is not read meanwhile, so its data stays in order)."""
-        if self.protocol.blocking:
-            self._in_worker(conn, conn.session.feed, data)
-        else:
-            self._fed(conn, self._run_session(conn, conn.session.feed, data))
-
-    def _in_worker(self, conn, method, *args):
-        """Run a session's method in the pool; the connection's deadline waits meanwhile
-        (the time is the server's, not the peer's).  With every worker busy, the session
-        answers busy() instead, or the connection is dropped."""
-        if self.loop.in_flight >= self.max_pending:
-            answer = conn.session.busy()
-            if answer is not None:
-                self._fed(conn, answer)
-                return
-            self._warnings.warn("%s %s: dropped: every worker is busy", self.name,
-                                format_peer(conn.peer))
-            self._close(conn)
-            return
-        self.loop.watch(conn.sock, 0)
-        conn.events = 0
-        conn.state = "working"
-        if conn.deadline is not None:
-            conn.deadline.cancel()
-        self.loop.run_in_worker(self._run_session, (conn, method) + args,
-                                lambda future: self._fed(conn, future.result()))
-
-    def _run_session(self, conn, method, *args):
-        """The session's reply, or None when it refused the data (logged)."""
-        if conn.state == "closed":             # dropped while this job waited
-            return None
-        try:
-            return method(*args)
-        except Exception as error:
-            self._warnings.warn("%s %s: dropped: %s", self.name, format_peer(conn.peer),
-                                str(error)[:MAX_ERROR_SHOWN])
-            return None
-
-    def _fed(self, conn, reply):
-        if conn.state == "closed":
-            conn.session.close()               # dropped while it was fed in a worker
-            return
-        was_working, conn.state = conn.state == "working", "session"
-        if reply is None:
-            self._close(conn)
-            return
-        if conn.session.idle or was_working:
-            self._set_deadline(conn)
-        self._output(conn, reply)
-
-    def _output(self, conn, data):
-        """Queue `data` (bytes, or a list of them: a body kept elsewhere, such as the users
-        page, is sent from where it is, never copied) and send what the socket takes now;
-        the rest waits for EVENT_WRITE, and the connection is not read meanwhile.  A peer
-        that leaves more than the protocol's max_output unread is dropped."""
-        conn.outbuf.extend(memoryview(chunk) for chunk in (
-            data if isinstance(data, list) else [data]) if chunk)
-        limit = self.protocol.max_output
-        if limit is not None and sum(map(len, conn.outbuf)) > limit:
-            self._warnings.warn("%s %s: dropped: it does not read its answers", self.name,
-                                format_peer(conn.peer))
-            self._close(conn)
-        else:
-            self._write(conn)
-
-    def _drained(self, conn):
-        """Everything is sent: close, answer the messages it holds, or read again."""
-        session = conn.session
-        if session.closing:
-            self._close(conn, linger=True)
-        elif session.pending:
-            if session.slow:
-                self._in_worker(conn, session.resume)
-            else:
-                self._fed(conn, self._run_session(conn, session.resume))
-        elif self._stopping:
-            self._close(conn)
-        else:
-            self._wait(conn, selectors.EVENT_READ)
-
-    def _close(self, conn, linger=False):
+    def drop(self, conn, linger=False):
         """Close a connection; with `linger` (and room for it), shut our side only and read
         and drop the peer's input until it closes (at most a second): a peer still sending
         must not get a reset that destroys the answer before it reads it."""
-        if conn.state == "closed" or linger and conn.state == "lingering":
+        if conn.closed or linger and conn.lingering:
             return
         if conn.events:
             self.loop.watch(conn.sock, 0)
         if conn.deadline is not None:
             conn.deadline.discard()
             conn.deadline = None
-        if conn.session is not None and conn.state not in ("working", "lingering"):
+        if conn.session is not None and not (conn.working or conn.lingering):
             conn.session.close()               # one being fed: when its job is done
-        if conn.state == "lingering":
+        if conn.lingering:
             del self._lingering[conn]
+            conn.lingering = False
         else:
             del self._conns[conn]
-            if conn.refusal is not None:
-                self._busy -= 1
-            elif self.limits is not None and not conn.awaiting_proxy:
-                self.limits.release(conn.peer)
-        conn.state = "closed"
+            self.admission.release(conn)
+        conn.closed = True
+        conn.handler = None                    # its bound method: a cycle, freed at once
         if linger and not conn.tls and len(self._lingering) < BUSY_BACKLOG:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
-                conn.state = "lingering"
+                conn.closed = False
                 conn.events = 0
-                self._lingering[conn] = None
-                self._wait(conn, selectors.EVENT_READ, 1.0)
+                self._linger(conn)
                 self._stop_when_idle()
                 return
         if not conn.tls and not conn.inbuf.endswith(b"\n"):
@@ -2746,45 +2953,8 @@ class TCPService(Service):
             with contextlib.suppress(OSError):
                 conn.sock.recv(RECV_SIZE)
         conn.sock.close()
-        if self._stopping:
+        if self.stopping:
             self._stop_when_idle()
-
-    # -- the worker pool, for requests that may block
-
-    def _submit(self, conn, request):
-        if self.loop.in_flight >= self.max_pending:
-            self._log(conn, request, "busy")
-            self._send(conn, format_reply(SERVER_BUSY))
-            return
-        if conn.events:
-            self.loop.watch(conn.sock, 0)
-            conn.events = 0
-        conn.state = "working"
-        self.loop.run_in_worker(self.protocol.respond, (request, conn.peer),
-                                lambda future: self._answered(conn, request, future))
-
-    def _answered(self, conn, request, future):
-        if conn.state == "closed":
-            return
-        try:
-            reply, outcome = future.result()
-        except Exception:
-            log.exception("%s: answering %r failed", self.name, request)
-            reply, outcome = format_reply(INTERNAL_ERROR), "error"
-        self._log(conn, request, outcome)
-        try:
-            self._send(conn, reply)
-        except Exception:
-            log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
-            self._close(conn)
-
-    def _log(self, conn, request, outcome):
-        self.protocol.count(outcome)
-        if conn.session is None:
-            self.protocol.latency.observe(time.monotonic() - conn.started)
-        if query_log.enabled:
-            query_log.record(self.name, conn.peer, self.protocol.log_text(request), outcome,
-                             conn.started)
 
 
 def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
@@ -4684,37 +4854,6 @@ def split_irc_text(text, limit=IRC_SPLIT_BYTES):
     return [piece.rstrip(" ") for piece in pieces if piece.strip()]
 
 
-class TokenBucket:
-    """Flood control: `burst` lines at once, then one line every `interval` seconds.
-
-    RFC 1459 section 8.10's penalty model (2 s a message, up to 10 s ahead) allows about 5
-    lines and then one per 2 s: the defaults.  `clock` is for tests."""
-
-    def __init__(self, burst=5, interval=2.0, clock=time.monotonic):
-        self.burst, self.interval, self.clock = max(1, burst), max(0.0, interval), clock
-        self.tokens = float(self.burst)
-        self.stamp = clock()
-
-    def _refill(self, now):
-        if self.interval:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) / self.interval)
-        else:
-            self.tokens = float(self.burst)
-        self.stamp = now
-
-    def delay(self, now=None):
-        """Seconds until the next line may go; 0 when it may go now."""
-        self._refill(self.clock() if now is None else now)
-        return 0.0 if self.tokens >= 1 - 1e-9 else (1 - self.tokens) * self.interval
-
-    def take(self, now=None):
-        """Use up one line's token: True, or False when the line has to wait."""
-        if self.delay(now):
-            return False
-        self.tokens -= 1
-        return True
-
-
 def irc_backoff(attempt, cap=60.0, first=IRC_FIRST_DELAY, rand=None):
     """Seconds to wait before reconnect `attempt` (1 for the first retry): `first`, doubled
     each attempt, at most `cap`, less up to 20 % jitter so that bots cut off together do not
@@ -4768,7 +4907,370 @@ class _SessionEnd(Exception):
         self.pause, self.logged = pause, logged
 
 
-class IRCSession:
+class IRCRegistration:
+    """IRCSession's registration: CAP and SASL PLAIN, PASS, NICK and USER, other nicks
+    while the wanted one is refused, the welcome, the 005 lines, the channels to join, and
+    the server's refusals (ERROR, bans, throttles) that end the connection."""
+
+    def _register(self):
+        if self.bot.account:
+            self._send("CAP", "LS", "302")
+            self._cap_pending = True
+            self._cap_due = self.now + self.bot.cap_wait
+        if self.bot._server_password:
+            self._send("PASS", self.bot._server_password)
+        self._send("NICK", self.nick)
+        self._send("USER", IRC_USER, "0", "*", self.bot.realname)
+
+    def _cap_end(self):
+        if self._cap_pending:
+            self._cap_pending = False
+            self._send("CAP", "END")
+
+    def _on_ping(self, message):
+        self._send("PONG", message.params[-1] if message.params else "")
+
+    def _on_welcome(self, message):
+        if self.bot.account and not (self._logged_in or self._sasl_failed):
+            self._no_sasl("the server welcomed us without answering CAP LS (no IRCv3 "
+                          "capabilities)")
+        self.registered = True
+        self.welcomed_at = self.now
+        self.bot.trouble.clear()
+        self._cap_pending = False
+        if message.params and _IRC_NICK.match(message.params[0]):
+            self.nick = message.params[0]
+        log.info("irc: registered on %s as %s", format_address(self.bot.address), self.nick)
+        self._join_due = self.now + self.bot.join_wait
+
+    def _on_end_of_motd(self, message):
+        """376 (end of the MOTD) or 422 (no MOTD): registration is over, and the 005 lines
+        with it."""
+        if self.registered:
+            self._settle()
+
+    def _settle(self):
+        """Once registered and the 005 lines read: the bot mode, the channels, and watching
+        for the wanted nick if we are under another one."""
+        self._join_due = None
+        if self._settled:
+            return
+        self._settled = True
+        if self._bot_mode:
+            self._send("MODE", self.nick, "+" + self._bot_mode)
+        channels = []
+        for channel in self.bot.channels:
+            if channel[0] in self._chantypes:
+                channels.append(channel)
+            else:
+                log.warning("irc: %s is no channel name here (CHANTYPES=%s); not joining it",
+                            channel, self._chantypes)
+        while channels:                 # as few JOIN lines as fit, through the limiter
+            batch = [channels.pop(0)]
+            while (channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES
+                   and len(batch) < (self._join_max or len(self.bot.channels))):
+                batch.append(channels.pop(0))
+            self._queue.append(format_irc_line("JOIN", ",".join(batch)))
+        if self.bot.nicklen and len(self.bot.wanted_nick) > self.bot.nicklen:
+            self._reclaimable = False          # the server could never give it to us
+        if not self._is_me(self.bot.wanted_nick) and self._reclaimable:
+            if self._monitor:
+                self._send("MONITOR", "+", self.bot.wanted_nick)
+            else:
+                self._reclaim_due = self.now
+
+    def _on_isupport(self, message):
+        for token in message.params[1:-1]:
+            key, _, value = token.partition("=")
+            key = key.upper()
+            if key == "NICKLEN" and value.isdigit() and int(value) > 0:
+                self.bot.nicklen = int(value)
+            elif key == "CASEMAPPING" and value:
+                self.casemapping = value.lower()
+                self._joined = {self._fold(channel): channel
+                                for channel in self._joined.values()}
+            elif key == "CHANTYPES":
+                self._chantypes = value
+            elif key == "TARGMAX":
+                for limit in value.split(","):
+                    command, _, count = limit.partition(":")
+                    if command.upper() == "JOIN" and count.isdigit() and int(count) > 0:
+                        self._join_max = int(count)
+            elif key == "MONITOR":
+                self._monitor = True
+            elif key == "BOT" and value:
+                self._bot_mode = value[0]
+
+    def _on_try_again(self, message):
+        """263: the server is too busy for what we asked; during registration, come back
+        later on its terms."""
+        if not self.registered:
+            raise _SessionEnd("the server asks us to try again later: %s"
+                              % (message.params[-1] if message.params else ""),
+                              pause="throttle")
+
+    def _on_nick_refused(self, message):
+        """433 (in use), 436 (collision), 437 (unavailable) and 432 (erroneous)."""
+        if self.registered:
+            if len(message.params) > 1 and self._fold(message.params[1]) == \
+                    self._fold(self.bot.wanted_nick):
+                log.debug("irc: %s is still taken", self.bot.wanted_nick)   # reclaim: later
+                self._reclaiming = False
+            else:
+                log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
+            return
+        if len(self._nicks_tried) > IRC_NICK_TRIES:
+            raise _SessionEnd("no nick accepted after %d tries (%s)"
+                              % (len(self._nicks_tried), ", ".join(self._nicks_tried)))
+        refused = self.nick
+        if message.command == "432":       # bad shape or too long: change the shape
+            self._reclaimable = False
+            self._nick_limit = self.bot.nicklen or IRC_DEFAULT_NICKLEN
+            self._nick_base = reshape_nick(self._nick_base, self._nick_limit)
+        limit = self.bot.nicklen or self._nick_limit
+        nick, attempt = self._nick_base, 0
+        while nick in self._nicks_tried:
+            attempt += 1
+            nick = alternate_nick(self._nick_base, attempt, limit)
+        self._nicks_tried.append(nick)
+        self.nick = nick
+        log.info("irc: nick %s refused (%s %s); trying %s", refused, message.command,
+                 message.params[-1] if message.params else "", nick)
+        self._send("NICK", nick)
+
+    def _on_error(self, message):
+        reason = message.params[-1] if message.params else ""
+        if IRC_BANNED.search(reason):
+            self._banned(reason)
+        if IRC_THROTTLED.search(reason):
+            raise _SessionEnd("the server throttles our connections: ERROR %s" % reason,
+                              pause="throttle")
+        raise _SessionEnd("the server closed the link: ERROR %s" % reason)
+
+    def _on_refused(self, message):
+        """464 (bad server password), 465 (banned): no point in coming back soon."""
+        reason = message.params[-1] if message.params else ""
+        if message.command == "464":
+            reason = "it refused the server password: " + reason
+        self._banned(reason)
+
+    def _banned(self, reason):
+        self.bot.trouble.report("irc: %s banned us: %s; trying again in about %d minutes",
+                                format_address(self.bot.address), reason,
+                                self.bot.ban_delay // 60, key="ban")
+        raise _SessionEnd("banned: %s" % reason, pause="ban", logged=True)
+
+    def _on_not_registered(self, message):
+        log.warning("irc: sent a command before 001 (a bug): %s", " ".join(message.params))
+
+    # -- CAP and SASL ----------------------------------------------------------------------
+
+    def _on_cap(self, message):
+        params = message.params
+        if len(params) < 3:
+            return
+        sub = params[1].upper()
+        if not self._cap_pending:
+            return                        # we asked nothing (more): nothing to answer
+        if sub == "LS":
+            for cap in params[-1].split():          # bounded, but sasl is always kept
+                name, _, value = cap.partition("=")
+                if name.lower() == "sasl" or len(self._caps) < IRC_MAX_CAPS:
+                    self._caps[name.lower()] = value
+            if len(params) >= 4 and params[2] == "*":
+                return                    # more CAP LS lines follow (302)
+            self._cap_due = None
+            mechanisms = self._caps.get("sasl")
+            if mechanisms is None:
+                self._no_sasl("the server offers no SASL (CAP LS: %s)"
+                              % (" ".join(sorted(self._caps)) or "nothing"))
+            elif mechanisms and "PLAIN" not in mechanisms.upper().split(","):
+                self._no_sasl("the server's SASL has no PLAIN (%s)" % mechanisms)
+            else:
+                self._send("CAP", "REQ", "sasl")
+        elif sub == "ACK" and "sasl" in params[-1].lower().split():
+            self._sasl_started = True
+            self._send("AUTHENTICATE", "PLAIN")
+        elif sub == "NAK":
+            self._no_sasl("the server refused the capability %s" % params[-1])
+
+    def _on_unknown_command(self, message):
+        """421: a server without IRCv3 does not know CAP."""
+        if len(message.params) > 1 and message.params[1].upper() == "CAP" and self.bot.account:
+            self._no_sasl("the server does not know CAP (no IRCv3 capabilities)")
+
+    def _no_sasl(self, why):
+        """The login as `account` cannot happen on this connection: say so once, at ERROR;
+        then go on without it, or (require_sasl) leave and back off."""
+        self._cap_due = None
+        if self._sasl_failed or self._logged_in:
+            return
+        self._sasl_failed = True
+        self.bot.trouble.report("irc: not logged in as %s on %s: %s; %s", self.bot.account,
+                                format_address(self.bot.address), why,
+                                "disconnecting (%s)" % option_of_field("require_sasl")
+                                if self.bot.require_sasl else "going on without the account "
+                                "(%s refuses that)" % option_of_field("require_sasl"), key="sasl")
+        if self.bot.require_sasl:
+            raise _SessionEnd("not logged in as %s" % self.bot.account, logged=True)
+        self._cap_end()
+
+    def _on_authenticate(self, message):
+        if message.params[:1] != ["+"] or not self._sasl_started:
+            return
+        self._sasl_started = False          # the password goes once, and only when asked
+        import base64
+        payload = base64.b64encode(("\0%s\0%s" % (self.bot.account, self.bot._password))
+                                   .encode("utf-8")).decode("ascii")
+        chunks = [payload[start:start + 400] for start in range(0, len(payload), 400)]
+        for chunk in chunks:
+            self._send("AUTHENTICATE", chunk)
+        if len(chunks[-1]) == 400:
+            self._send("AUTHENTICATE", "+")
+
+    def _on_sasl_done(self, message):
+        """903 success, 907 already logged in, 902/904/905/906 failure: CAP END in any case."""
+        reason = message.params[-1] if message.params else ""
+        if message.command in ("903", "907"):
+            self._logged_in = True
+            log.info("irc: SASL login as %s: %s", self.bot.account, reason)
+            self._cap_end()
+        else:
+            self._no_sasl("the login was refused (%s %s)" % (message.command, reason))
+
+
+class IRCNickKeeper:
+    """IRCSession's taking back of the wanted nick: by MONITOR where the server has it,
+    else by ISON every `reclaim_interval` seconds, and when its holder quits or changes."""
+
+    def _reclaim(self):
+        """The wanted nick looks free: ask for it, through the flood limiter, and not again
+        before the server has answered (a user toggling that nick cannot make us flood)."""
+        if (not self._is_me(self.bot.wanted_nick) and self._reclaimable and self.registered
+                and not self._reclaiming):
+            self._reclaiming = True
+            self._queue.append(format_irc_line("NICK", self.bot.wanted_nick))
+
+    def _on_ison(self, message):
+        """303: which of the nicks we asked about are online."""
+        online = {self._fold(nick) for nick in (message.params[-1] if message.params
+                                                 else "").split()}
+        if self._fold(self.bot.wanted_nick) not in online:
+            self._reclaim()
+
+    def _on_monitor_offline(self, message):
+        """731: MONITORed nicks that went (or are) offline."""
+        nicks = [target.split("!")[0] for target in (message.params[-1] if message.params
+                                                      else "").split(",")]
+        if self._fold(self.bot.wanted_nick) in map(self._fold, nicks):
+            self._reclaim()
+
+    def _on_quit(self, message):
+        if self._fold(message.nick) == self._fold(self.bot.wanted_nick):
+            self._reclaim()
+
+    def _on_nick(self, message):
+        if not message.params:
+            return
+        if self._is_me(message.nick) and _IRC_NICK.match(message.params[0]):
+            self.nick = message.params[0]
+            self._reclaiming = False
+            if self._is_me(self.bot.wanted_nick) and self.registered:
+                log.info("irc: took the nick %s back", self.nick)
+                self._reclaim_due = None
+                if self._monitor:
+                    self._send("MONITOR", "-", self.bot.wanted_nick)
+        elif self._fold(message.nick) == self._fold(self.bot.wanted_nick):
+            self._reclaim()                # its holder took another nick
+
+
+class IRCConversation:
+    """IRCSession's channels and messages: the channels it is in, the PRIVMSGs it answers
+    ("Status of NAME: STATUS") and the CTCPs."""
+
+    def _on_join(self, message):
+        if message.params and self._is_me(message.nick):
+            for channel in message.params[0].split(","):
+                if len(self._joined) >= IRC_MAX_CHANNELS:
+                    self.bot.warnings.report("irc: in %d channels already; not answering in %s",
+                                        len(self._joined), channel[:64])
+                    break
+                self._joined[self._fold(channel)] = channel
+                log.info("irc: joined %s", channel)
+
+    def _on_part(self, message):
+        if message.params and self._is_me(message.nick):
+            for channel in message.params[0].split(","):
+                self._joined.pop(self._fold(channel), None)
+
+    def _on_kick(self, message):
+        if len(message.params) >= 2 and self._is_me(message.params[1]):
+            self._joined.pop(self._fold(message.params[0]), None)
+            log.warning("irc: %s kicked us from %s: %s", message.nick, message.params[0],
+                        message.params[-1])
+
+    def _on_cannot_join(self, message):
+        log.warning("irc: cannot join %s: %s", " ".join(message.params[1:-1]),
+                    message.params[-1] if message.params else "")
+
+    def _on_privmsg(self, message):
+        """PRIVMSG to us: the text is a user name (or a CTCP); in a joined channel we answer
+        "NICK: NAME" and "NICK, NAME".  Our own messages are never answered, nor NOTICEs
+        (RFC 1459 4.4.2: no automatic replies to NOTICE), which have no handler at all.
+        Text of more than one word is no user name and gets no answer: as every answer has
+        several words, two bots (or a bot and a service) can never answer each other forever."""
+        if len(message.params) < 2 or not self.registered:
+            return
+        target, text, sender = message.params[0], message.params[-1], message.nick
+        if not _IRC_NICK.match(sender) or self._is_me(sender):
+            return                 # a server, or no nick we could send an answer to
+        if self._is_me(target):
+            if text.startswith("\x01"):
+                self._ctcp(sender, text)
+            elif len(text.split()) == 1:
+                self._answer(sender, sender, text.strip())
+        elif self._fold(target) in self._joined and not text.startswith("\x01"):
+            mention = _IRC_MENTION.match(text.strip())
+            if mention and self._is_me(mention.group(1)):
+                self._answer(sender, target, mention.group(2), prefix=sender + ": ")
+
+    def _answer(self, sender, target, name, prefix=""):
+        try:
+            status = self.bot.db.get_user(name)
+            outcome = "unknown" if status is None else "ok"
+        except Exception:
+            log.exception("irc: back-end failed answering %r", name)
+            status, outcome = INTERNAL_ERROR, "error"
+        text = defang("%sStatus of %s: %s" % (prefix, name, NO_SUCH_USER if status is None
+                                               else status))
+        room = (IRC_MAX_LINE - IRC_RELAY_ROOM
+                - len(("PRIVMSG %s :\r\n" % target).encode("utf-8")))
+        lines = split_irc_text(text, min(IRC_SPLIT_BYTES, room))
+        if len(lines) > IRC_MAX_REPLY_LINES:
+            lines = lines[:IRC_MAX_REPLY_LINES]
+            lines[-1] += " [...]"
+        if not self._enqueue("PRIVMSG", target, lines):
+            outcome = "dropped"
+        self.bot.counts[outcome] += 1
+        query_log.record("irc", sender if target == sender else "%s in %s" % (sender, target),
+                         name, outcome)
+
+    def _ctcp(self, sender, text):
+        """CTCP VERSION and PING are answered by NOTICE; other CTCPs are ignored."""
+        command, _, argument = text.strip("\x01").partition(" ")
+        command = command.upper()
+        if command == "VERSION":
+            reply = "VERSION finger.py %s (the Twisted finger tutorial's bot, Python %d.%d)" % (
+                __version__, sys.version_info[0], sys.version_info[1])
+        elif command == "PING":
+            reply = ("PING " + argument.replace("\x01", "")[:IRC_CTCP_ECHO]).rstrip()
+        else:
+            return
+        if self._enqueue("NOTICE", sender, ["\x01%s\x01" % defang(reply)]):
+            self.bot.counts["ctcp"] += 1
+
+
+class IRCSession(IRCRegistration, IRCNickKeeper, IRCConversation):
     """One connection's IRC, the tutorial's IRCReplyBot without a socket: bytes from the
     server go in (feed), and step() does what is due and gives the bytes to send with the
     seconds until it must be called again.  It registers (CAP, SASL PLAIN, PASS, NICK,
@@ -4894,7 +5396,7 @@ class IRCSession:
         if handler is None:
             return
         try:
-            handler(self, message)
+            getattr(self, handler)(message)
         except _SessionEnd:
             raise
         except Exception:
@@ -4914,269 +5416,12 @@ class IRCSession:
     def _enqueue(self, command, target, texts):
         """Queue lines for the flood limiter; False (and nothing queued) when it is full."""
         if len(self._queue) + len(texts) > IRC_MAX_QUEUE:
-            self.bot._warnings.warn("irc: %d lines already wait to be sent; dropped the answer to "
+            self.bot.warnings.report("irc: %d lines already wait to be sent; dropped the answer to "
                                 "%s", len(self._queue), target)
             return False
         self._queue += [format_irc_line(command, target, text, trailing=True)
                         for text in texts]
         return True
-
-    # -- registration ----------------------------------------------------------------------
-
-    def _register(self):
-        if self.bot.account:
-            self._send("CAP", "LS", "302")
-            self._cap_pending = True
-            self._cap_due = self.now + self.bot.cap_wait
-        if self.bot._server_password:
-            self._send("PASS", self.bot._server_password)
-        self._send("NICK", self.nick)
-        self._send("USER", IRC_USER, "0", "*", self.bot.realname)
-
-    def _cap_end(self):
-        if self._cap_pending:
-            self._cap_pending = False
-            self._send("CAP", "END")
-
-    def _on_ping(self, message):
-        self._send("PONG", message.params[-1] if message.params else "")
-
-    def _on_welcome(self, message):
-        if self.bot.account and not (self._logged_in or self._sasl_failed):
-            self._no_sasl("the server welcomed us without answering CAP LS (no IRCv3 "
-                          "capabilities)")
-        self.registered = True
-        self.welcomed_at = self.now
-        self.bot._told.clear()
-        self._cap_pending = False
-        if message.params and _IRC_NICK.match(message.params[0]):
-            self.nick = message.params[0]
-        log.info("irc: registered on %s as %s", format_address(self.bot.address), self.nick)
-        self._join_due = self.now + self.bot.join_wait
-
-    def _on_end_of_motd(self, message):
-        """376 (end of the MOTD) or 422 (no MOTD): registration is over, and the 005 lines
-        with it."""
-        if self.registered:
-            self._settle()
-
-    def _settle(self):
-        """Once registered and the 005 lines read: the bot mode, the channels, and watching
-        for the wanted nick if we are under another one."""
-        self._join_due = None
-        if self._settled:
-            return
-        self._settled = True
-        if self._bot_mode:
-            self._send("MODE", self.nick, "+" + self._bot_mode)
-        channels = []
-        for channel in self.bot.channels:
-            if channel[0] in self._chantypes:
-                channels.append(channel)
-            else:
-                log.warning("irc: %s is no channel name here (CHANTYPES=%s); not joining it",
-                            channel, self._chantypes)
-        while channels:                 # as few JOIN lines as fit, through the limiter
-            batch = [channels.pop(0)]
-            while (channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES
-                   and len(batch) < (self._join_max or len(self.bot.channels))):
-                batch.append(channels.pop(0))
-            self._queue.append(format_irc_line("JOIN", ",".join(batch)))
-        if self.bot.nicklen and len(self.bot.wanted_nick) > self.bot.nicklen:
-            self._reclaimable = False          # the server could never give it to us
-        if not self._is_me(self.bot.wanted_nick) and self._reclaimable:
-            if self._monitor:
-                self._send("MONITOR", "+", self.bot.wanted_nick)
-            else:
-                self._reclaim_due = self.now
-
-    def _on_isupport(self, message):
-        for token in message.params[1:-1]:
-            key, _, value = token.partition("=")
-            key = key.upper()
-            if key == "NICKLEN" and value.isdigit() and int(value) > 0:
-                self.bot.nicklen = int(value)
-            elif key == "CASEMAPPING" and value:
-                self.casemapping = value.lower()
-                self._joined = {self._fold(channel): channel
-                                for channel in self._joined.values()}
-            elif key == "CHANTYPES":
-                self._chantypes = value
-            elif key == "TARGMAX":
-                for limit in value.split(","):
-                    command, _, count = limit.partition(":")
-                    if command.upper() == "JOIN" and count.isdigit() and int(count) > 0:
-                        self._join_max = int(count)
-            elif key == "MONITOR":
-                self._monitor = True
-            elif key == "BOT" and value:
-                self._bot_mode = value[0]
-
-    # -- taking the wanted nick back -------------------------------------------------------
-
-    def _reclaim(self):
-        """The wanted nick looks free: ask for it, through the flood limiter, and not again
-        before the server has answered (a user toggling that nick cannot make us flood)."""
-        if (not self._is_me(self.bot.wanted_nick) and self._reclaimable and self.registered
-                and not self._reclaiming):
-            self._reclaiming = True
-            self._queue.append(format_irc_line("NICK", self.bot.wanted_nick))
-
-    def _on_ison(self, message):
-        """303: which of the nicks we asked about are online."""
-        online = {self._fold(nick) for nick in (message.params[-1] if message.params
-                                                 else "").split()}
-        if self._fold(self.bot.wanted_nick) not in online:
-            self._reclaim()
-
-    def _on_monitor_offline(self, message):
-        """731: MONITORed nicks that went (or are) offline."""
-        nicks = [target.split("!")[0] for target in (message.params[-1] if message.params
-                                                      else "").split(",")]
-        if self._fold(self.bot.wanted_nick) in map(self._fold, nicks):
-            self._reclaim()
-
-    def _on_quit(self, message):
-        if self._fold(message.nick) == self._fold(self.bot.wanted_nick):
-            self._reclaim()
-
-    def _on_try_again(self, message):
-        """263: the server is too busy for what we asked; during registration, come back
-        later on its terms."""
-        if not self.registered:
-            raise _SessionEnd("the server asks us to try again later: %s"
-                              % (message.params[-1] if message.params else ""),
-                              pause="throttle")
-
-    def _on_nick_refused(self, message):
-        """433 (in use), 436 (collision), 437 (unavailable) and 432 (erroneous)."""
-        if self.registered:
-            if len(message.params) > 1 and self._fold(message.params[1]) == \
-                    self._fold(self.bot.wanted_nick):
-                log.debug("irc: %s is still taken", self.bot.wanted_nick)   # reclaim: later
-                self._reclaiming = False
-            else:
-                log.warning("irc: the server refused a nick: %s", " ".join(message.params[1:]))
-            return
-        if len(self._nicks_tried) > IRC_NICK_TRIES:
-            raise _SessionEnd("no nick accepted after %d tries (%s)"
-                              % (len(self._nicks_tried), ", ".join(self._nicks_tried)))
-        refused = self.nick
-        if message.command == "432":       # bad shape or too long: change the shape
-            self._reclaimable = False
-            self._nick_limit = self.bot.nicklen or IRC_DEFAULT_NICKLEN
-            self._nick_base = reshape_nick(self._nick_base, self._nick_limit)
-        limit = self.bot.nicklen or self._nick_limit
-        nick, attempt = self._nick_base, 0
-        while nick in self._nicks_tried:
-            attempt += 1
-            nick = alternate_nick(self._nick_base, attempt, limit)
-        self._nicks_tried.append(nick)
-        self.nick = nick
-        log.info("irc: nick %s refused (%s %s); trying %s", refused, message.command,
-                 message.params[-1] if message.params else "", nick)
-        self._send("NICK", nick)
-
-    def _on_error(self, message):
-        reason = message.params[-1] if message.params else ""
-        if IRC_BANNED.search(reason):
-            self._banned(reason)
-        if IRC_THROTTLED.search(reason):
-            raise _SessionEnd("the server throttles our connections: ERROR %s" % reason,
-                              pause="throttle")
-        raise _SessionEnd("the server closed the link: ERROR %s" % reason)
-
-    def _on_refused(self, message):
-        """464 (bad server password), 465 (banned): no point in coming back soon."""
-        reason = message.params[-1] if message.params else ""
-        if message.command == "464":
-            reason = "it refused the server password: " + reason
-        self._banned(reason)
-
-    def _banned(self, reason):
-        self.bot._tell_once("ban", "irc: %s banned us: %s; trying again in about %d minutes",
-                        format_address(self.bot.address), reason, self.bot.ban_delay // 60)
-        raise _SessionEnd("banned: %s" % reason, pause="ban", logged=True)
-
-    def _on_not_registered(self, message):
-        log.warning("irc: sent a command before 001 (a bug): %s", " ".join(message.params))
-
-    # -- CAP and SASL ----------------------------------------------------------------------
-
-    def _on_cap(self, message):
-        params = message.params
-        if len(params) < 3:
-            return
-        sub = params[1].upper()
-        if not self._cap_pending:
-            return                        # we asked nothing (more): nothing to answer
-        if sub == "LS":
-            for cap in params[-1].split():          # bounded, but sasl is always kept
-                name, _, value = cap.partition("=")
-                if name.lower() == "sasl" or len(self._caps) < IRC_MAX_CAPS:
-                    self._caps[name.lower()] = value
-            if len(params) >= 4 and params[2] == "*":
-                return                    # more CAP LS lines follow (302)
-            self._cap_due = None
-            mechanisms = self._caps.get("sasl")
-            if mechanisms is None:
-                self._no_sasl("the server offers no SASL (CAP LS: %s)"
-                              % (" ".join(sorted(self._caps)) or "nothing"))
-            elif mechanisms and "PLAIN" not in mechanisms.upper().split(","):
-                self._no_sasl("the server's SASL has no PLAIN (%s)" % mechanisms)
-            else:
-                self._send("CAP", "REQ", "sasl")
-        elif sub == "ACK" and "sasl" in params[-1].lower().split():
-            self._sasl_started = True
-            self._send("AUTHENTICATE", "PLAIN")
-        elif sub == "NAK":
-            self._no_sasl("the server refused the capability %s" % params[-1])
-
-    def _on_unknown_command(self, message):
-        """421: a server without IRCv3 does not know CAP."""
-        if len(message.params) > 1 and message.params[1].upper() == "CAP" and self.bot.account:
-            self._no_sasl("the server does not know CAP (no IRCv3 capabilities)")
-
-    def _no_sasl(self, why):
-        """The login as `account` cannot happen on this connection: say so once, at ERROR;
-        then go on without it, or (require_sasl) leave and back off."""
-        self._cap_due = None
-        if self._sasl_failed or self._logged_in:
-            return
-        self._sasl_failed = True
-        self.bot._tell_once("sasl", "irc: not logged in as %s on %s: %s; %s", self.bot.account,
-                        format_address(self.bot.address), why,
-                        "disconnecting (%s)" % option_of_field("require_sasl")
-                        if self.bot.require_sasl else "going on without the account (%s "
-                        "refuses that)" % option_of_field("require_sasl"))
-        if self.bot.require_sasl:
-            raise _SessionEnd("not logged in as %s" % self.bot.account, logged=True)
-        self._cap_end()
-
-    def _on_authenticate(self, message):
-        if message.params[:1] != ["+"] or not self._sasl_started:
-            return
-        self._sasl_started = False          # the password goes once, and only when asked
-        import base64
-        payload = base64.b64encode(("\0%s\0%s" % (self.bot.account, self.bot._password))
-                                   .encode("utf-8")).decode("ascii")
-        chunks = [payload[start:start + 400] for start in range(0, len(payload), 400)]
-        for chunk in chunks:
-            self._send("AUTHENTICATE", chunk)
-        if len(chunks[-1]) == 400:
-            self._send("AUTHENTICATE", "+")
-
-    def _on_sasl_done(self, message):
-        """903 success, 907 already logged in, 902/904/905/906 failure: CAP END in any case."""
-        reason = message.params[-1] if message.params else ""
-        if message.command in ("903", "907"):
-            self._logged_in = True
-            log.info("irc: SASL login as %s: %s", self.bot.account, reason)
-            self._cap_end()
-        else:
-            self._no_sasl("the login was refused (%s %s)" % (message.command, reason))
-
-    # -- channels and messages -------------------------------------------------------------
 
     def _fold(self, text):
         return irc_lower(text, self.casemapping)
@@ -5184,115 +5429,22 @@ class IRCSession:
     def _is_me(self, nick):
         return self._fold(nick) == self._fold(self.nick)
 
-    def _on_nick(self, message):
-        if not message.params:
-            return
-        if self._is_me(message.nick) and _IRC_NICK.match(message.params[0]):
-            self.nick = message.params[0]
-            self._reclaiming = False
-            if self._is_me(self.bot.wanted_nick) and self.registered:
-                log.info("irc: took the nick %s back", self.nick)
-                self._reclaim_due = None
-                if self._monitor:
-                    self._send("MONITOR", "-", self.bot.wanted_nick)
-        elif self._fold(message.nick) == self._fold(self.bot.wanted_nick):
-            self._reclaim()                # its holder took another nick
-
-    def _on_join(self, message):
-        if message.params and self._is_me(message.nick):
-            for channel in message.params[0].split(","):
-                if len(self._joined) >= IRC_MAX_CHANNELS:
-                    self.bot._warnings.warn("irc: in %d channels already; not answering in %s",
-                                        len(self._joined), channel[:64])
-                    break
-                self._joined[self._fold(channel)] = channel
-                log.info("irc: joined %s", channel)
-
-    def _on_part(self, message):
-        if message.params and self._is_me(message.nick):
-            for channel in message.params[0].split(","):
-                self._joined.pop(self._fold(channel), None)
-
-    def _on_kick(self, message):
-        if len(message.params) >= 2 and self._is_me(message.params[1]):
-            self._joined.pop(self._fold(message.params[0]), None)
-            log.warning("irc: %s kicked us from %s: %s", message.nick, message.params[0],
-                        message.params[-1])
-
-    def _on_cannot_join(self, message):
-        log.warning("irc: cannot join %s: %s", " ".join(message.params[1:-1]),
-                    message.params[-1] if message.params else "")
-
-    def _on_privmsg(self, message):
-        """PRIVMSG to us: the text is a user name (or a CTCP); in a joined channel we answer
-        "NICK: NAME" and "NICK, NAME".  Our own messages are never answered, nor NOTICEs
-        (RFC 1459 4.4.2: no automatic replies to NOTICE), which have no handler at all.
-        Text of more than one word is no user name and gets no answer: as every answer has
-        several words, two bots (or a bot and a service) can never answer each other forever."""
-        if len(message.params) < 2 or not self.registered:
-            return
-        target, text, sender = message.params[0], message.params[-1], message.nick
-        if not _IRC_NICK.match(sender) or self._is_me(sender):
-            return                 # a server, or no nick we could send an answer to
-        if self._is_me(target):
-            if text.startswith("\x01"):
-                self._ctcp(sender, text)
-            elif len(text.split()) == 1:
-                self._answer(sender, sender, text.strip())
-        elif self._fold(target) in self._joined and not text.startswith("\x01"):
-            mention = _IRC_MENTION.match(text.strip())
-            if mention and self._is_me(mention.group(1)):
-                self._answer(sender, target, mention.group(2), prefix=sender + ": ")
-
-    def _answer(self, sender, target, name, prefix=""):
-        try:
-            status = self.bot.db.get_user(name)
-            outcome = "unknown" if status is None else "ok"
-        except Exception:
-            log.exception("irc: back-end failed answering %r", name)
-            status, outcome = INTERNAL_ERROR, "error"
-        text = defang("%sStatus of %s: %s" % (prefix, name, NO_SUCH_USER if status is None
-                                               else status))
-        room = (IRC_MAX_LINE - IRC_RELAY_ROOM
-                - len(("PRIVMSG %s :\r\n" % target).encode("utf-8")))
-        lines = split_irc_text(text, min(IRC_SPLIT_BYTES, room))
-        if len(lines) > IRC_MAX_REPLY_LINES:
-            lines = lines[:IRC_MAX_REPLY_LINES]
-            lines[-1] += " [...]"
-        if not self._enqueue("PRIVMSG", target, lines):
-            outcome = "dropped"
-        self.bot.counts[outcome] += 1
-        query_log.record("irc", sender if target == sender else "%s in %s" % (sender, target),
-                         name, outcome)
-
-    def _ctcp(self, sender, text):
-        """CTCP VERSION and PING are answered by NOTICE; other CTCPs are ignored."""
-        command, _, argument = text.strip("\x01").partition(" ")
-        command = command.upper()
-        if command == "VERSION":
-            reply = "VERSION finger.py %s (the Twisted finger tutorial's bot, Python %d.%d)" % (
-                __version__, sys.version_info[0], sys.version_info[1])
-        elif command == "PING":
-            reply = ("PING " + argument.replace("\x01", "")[:IRC_CTCP_ECHO]).rstrip()
-        else:
-            return
-        if self._enqueue("NOTICE", sender, ["\x01%s\x01" % defang(reply)]):
-            self.bot.counts["ctcp"] += 1
-
+    # command -> the name of the method that handles it
     _HANDLERS = {
-        "PING": _on_ping, "001": _on_welcome, "005": _on_isupport,
-        "432": _on_nick_refused, "433": _on_nick_refused, "436": _on_nick_refused,
-        "437": _on_nick_refused, "ERROR": _on_error, "464": _on_refused, "465": _on_refused,
-        "451": _on_not_registered, "CAP": _on_cap, "AUTHENTICATE": _on_authenticate,
-        "902": _on_sasl_done, "903": _on_sasl_done, "904": _on_sasl_done,
-        "905": _on_sasl_done, "906": _on_sasl_done, "907": _on_sasl_done,
-        "376": _on_end_of_motd, "422": _on_end_of_motd, "263": _on_try_again,
-        "303": _on_ison, "731": _on_monitor_offline, "QUIT": _on_quit,
-        "421": _on_unknown_command,
-        "NICK": _on_nick, "JOIN": _on_join, "PART": _on_part, "KICK": _on_kick,
-        "403": _on_cannot_join, "405": _on_cannot_join, "471": _on_cannot_join,
-        "473": _on_cannot_join, "474": _on_cannot_join, "475": _on_cannot_join,
-        "PRIVMSG": _on_privmsg,
+        "PING": "_on_ping", "001": "_on_welcome", "005": "_on_isupport",
+        "376": "_on_end_of_motd", "422": "_on_end_of_motd", "263": "_on_try_again",
+        "432": "_on_nick_refused", "433": "_on_nick_refused", "436": "_on_nick_refused",
+        "437": "_on_nick_refused", "ERROR": "_on_error", "464": "_on_refused",
+        "465": "_on_refused", "451": "_on_not_registered",
+        "CAP": "_on_cap", "421": "_on_unknown_command", "AUTHENTICATE": "_on_authenticate",
+        "902": "_on_sasl_done", "903": "_on_sasl_done", "904": "_on_sasl_done",
+        "905": "_on_sasl_done", "906": "_on_sasl_done", "907": "_on_sasl_done",
+        "303": "_on_ison", "731": "_on_monitor_offline", "QUIT": "_on_quit",
+        "NICK": "_on_nick",
+        "JOIN": "_on_join", "PART": "_on_part", "KICK": "_on_kick",
+        "403": "_on_cannot_join", "405": "_on_cannot_join", "471": "_on_cannot_join",
+        "473": "_on_cannot_join", "474": "_on_cannot_join", "475": "_on_cannot_join",
+        "PRIVMSG": "_on_privmsg",
     }
 
 
@@ -5368,13 +5520,14 @@ class IRCBot(Service):
         self.reclaim_interval, self.cap_wait, self.join_wait = reclaim_interval, cap_wait, \
             join_wait
         self.stable_after = stable_after
-        self._told = set()            # what was logged at ERROR this streak (reset by 001)
+        # What goes wrong is logged at ERROR once a streak (a 001 ends it), then at INFO.
+        self.trouble = LogStreak("irc", level=logging.ERROR, repeat_level=logging.INFO)
         # Fixed keys: render_metrics may iterate while the bot thread counts.
         self.counts = dict.fromkeys(("ok", "unknown", "error", "dropped", "ctcp"), 0)
         self.nicklen = None           # NICKLEN from 005, kept across connections
         self._addresses = None        # the server's addresses as last looked up
         self._failures = 0            # connections that ended since one lasted IRC_STABLE s
-        self._warnings = WarningThrottle("irc")
+        self.warnings = warning_throttle("irc")
         self.loop = None              # made by bind()
         self.session = None           # the IRCSession of the connection, once connected
         self._sock = None
@@ -5417,11 +5570,6 @@ class IRCBot(Service):
 
     def relocate(self, inside):
         self.cafile = inside(self.cafile)
-
-    def _tell_once(self, what, message, *args):
-        """Log at ERROR the first time `what` goes wrong in a streak, at INFO after that."""
-        log.log(logging.INFO if what in self._told else logging.ERROR, message, *args)
-        self._told.add(what)
 
     # -- Service: the bot's thread runs a Loop ----------------------------------------------
 
@@ -5633,8 +5781,8 @@ class IRCBot(Service):
             log.log(logging.INFO if error.logged else logging.WARNING, "irc: %s: %s", where,
                     error)
         elif getattr(error, "verify_message", None):
-            self._tell_once("tls", "irc: %s: the server's certificate was refused (%s); %s",
-                            where, error.verify_message, self._tls_fix(error))
+            self.trouble.report("irc: %s: the server's certificate was refused (%s); %s",
+                                where, error.verify_message, self._tls_fix(error), key="tls")
         elif error is not None:
             log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
         welcomed_at = self.session.welcomed_at if self.session is not None else None

@@ -704,10 +704,10 @@ class TestFingerServer(unittest.TestCase):
     def test_connection_cap_answers_busy(self):
         service = finger_service(self, max_connections=2)
         idle = [connect(self, service.address) for _ in range(2)]
-        wait_until(lambda: len(service._conns) == 2)
+        wait_until(lambda: service.open_connections() == 2)
         self.assertEqual(ask(service.address, b"moshez\r\n"), b"Server busy, try again later\r\n")
         idle[0].close()
-        wait_until(lambda: len(service._conns) < 2)
+        wait_until(lambda: service.open_connections() < 2)
         self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
 
     def test_client_that_never_reads_does_not_block_others(self):
@@ -718,9 +718,9 @@ class TestFingerServer(unittest.TestCase):
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         hog.connect(service.address)
         hog.sendall(b"\r\n")                       # 10 MB of list, never read
-        wait_until(lambda: any(c.state == "writing" for c in service._conns))
+        wait_until(lambda: any(c.outbuf for c in service.connections()))  # its answer waits
         self.assertEqual(ask(service.address, b"user1\r\n"), b"x" * 200 + b"\r\n")
-        wait_until(lambda: not service._conns)      # the hog is dropped at its deadline
+        wait_until(lambda: not service.connections())      # the hog is dropped at its deadline
 
     def test_slow_backend_does_not_stall_the_loop(self):
         db = SlowDatabase()
@@ -774,7 +774,7 @@ class TestFingerServer(unittest.TestCase):
                                     (LOCALHOST, 0))
         service.start()
         idle = connect(self, service.address)
-        wait_until(lambda: len(service._conns) == 1)
+        wait_until(lambda: service.open_connections() == 1)
         listener, thread = service._listener, service._thread
         started = time.monotonic()
         service.stop()
@@ -896,9 +896,9 @@ class TestSessionConnections(unittest.TestCase):
             sock.sendall(b"ping\n")
             self.assertEqual(reader.readline(), b"PING\n")
         sock.sendall(b"half a mess")
-        wait_until(lambda: not next(iter(service._conns)).session.idle)
+        wait_until(lambda: not service.connections()[0].session.idle)
         clock.advance(service, 9)
-        self.assertEqual(len(service._conns), 1)            # not yet
+        self.assertEqual(service.open_connections(), 1)            # not yet
         clock.advance(service, 1)
         self.assertEqual(reader.readline(), b"")
 
@@ -1838,9 +1838,9 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
             sock.connect(service.address)
             sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")      # and reads nothing
         wait_until(lambda: service.open_connections() == 3 and all(
-            conn.outbuf for conn in list(service._conns)))
+            conn.outbuf for conn in service.connections()))
         page = service.site._pages["big"].body
-        for conn in list(service._conns):
+        for conn in service.connections():
             self.assertIs(conn.outbuf[-1].obj, page)           # a view of it, not a copy
 
     def test_a_slow_request_gets_503_when_every_worker_is_busy(self):
@@ -2025,7 +2025,7 @@ class TestPerClientLimits(unittest.TestCase):
         limits = finger.ClientLimits("finger", connections=2, rate=0, exempt=())
         service = finger_service(self, limits=limits)
         idle = [connect(self, service.address) for _ in range(2)]
-        wait_until(lambda: len(service._conns) == 2)
+        wait_until(lambda: service.open_connections() == 2)
         self.assertEqual(ask(service.address, b"moshez\r\n"),
                          b"Too many connections from your address, try again later\r\n")
         idle[0].close()
@@ -2132,8 +2132,8 @@ class TestProxyProtocol(unittest.TestCase):
         self.assertIn('192.0.2.10:4444 "shawn" ok', shown)
         held = connect(self, service.address)                 # the client's one connection
         held.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5001 79\r\n")
-        wait_until(lambda: len(service._conns) == 1 and not next(iter(
-            service._conns)).awaiting_proxy)
+        wait_until(lambda: service.open_connections() == 1 and not
+                   service.connections()[0].awaiting_proxy)
         self.assertEqual(ask(service.address, b"PROXY TCP4 192.0.2.9 127.0.0.1 5002 79\r\n"
                              b"moshez\r\n"), finger.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
         self.assertEqual(ask(service.address, b"PROXY TCP4 192.0.2.11 127.0.0.1 5003 79\r\n"
@@ -2143,9 +2143,9 @@ class TestProxyProtocol(unittest.TestCase):
         flood = [connect(self, service.address) for _ in range(finger.BUSY_BACKLOG + 20)]
         for sock in flood:                              # one client, refused again and again
             sock.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5004 79\r\n")
-        wait_until(lambda: service._busy <= finger.BUSY_BACKLOG and all(
-            not conn.awaiting_proxy for conn in service._conns))
-        self.assertLessEqual(len(service._conns), finger.BUSY_BACKLOG + 1)   # not one each
+        wait_until(lambda: service.admission.busy <= finger.BUSY_BACKLOG and all(
+            not conn.awaiting_proxy for conn in service.connections()))
+        self.assertLessEqual(service.open_connections(), finger.BUSY_BACKLOG + 1)   # not one each
 
     def test_the_option_puts_it_on_every_listener(self):
         server = ServerProcess(self, "--users", readable_users(self), "--finger", "127.0.0.1:0",
@@ -2191,7 +2191,7 @@ class TestProxyProtocol(unittest.TestCase):
         sock.sendall(b"PROXY TCP6 2001:db8::5 ::1 6000 8889\r\n")
         sock.settimeout(TIMEOUT)
         self.assertIn(b"pb", sock.recv(100))                    # the dialect offer
-        pb_conn = next(iter(service._conns))
+        pb_conn = service.connections()[0]
         self.assertEqual(pb_conn.peer, ("2001:db8::5", 6000))
 
     def test_web_and_https_take_the_client_from_the_header(self):
@@ -2798,7 +2798,7 @@ class TestFuzz(unittest.TestCase):
             reply.decode("utf-8")                                   # always valid UTF-8
         self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
         self.assert_threads_alive(service)
-        self.assertFalse(service._conns)
+        self.assertFalse(service.connections())
 
     def test_setter(self):
         db = finger.MemoryDatabase({"moshez": "Happy and well"})
@@ -2934,7 +2934,7 @@ class TestAbuse(unittest.TestCase):
                 sock.send(b"m")
             for _ in range(20):
                 self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
-        wait_until(lambda: len(service._conns) == 1000)
+        wait_until(lambda: service.open_connections() == 1000)
         self.assertTrue(service._thread.is_alive())
 
     def test_connection_flood_past_the_cap(self):
@@ -3709,8 +3709,8 @@ class TestPBServer(unittest.TestCase):
         service = pb_service(self)
         sock = connect(self, service.address)
         sock.sendall(b"\x02\x82pb" + b"\x01\x80" * 60)        # a call left unfinished
-        wait_until(lambda: service._conns and not next(iter(service._conns)).session.idle)
-        session = weakref.ref(next(iter(service._conns)).session)
+        wait_until(lambda: service.connections() and not service.connections()[0].session.idle)
+        session = weakref.ref(service.connections()[0].session)
         gc.disable()                          # freed at once, not by a collection some day
         self.addCleanup(gc.enable)
         sock.close()
