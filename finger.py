@@ -4713,6 +4713,7 @@ IRC_MAX_INPUT_LINE = 8191         # longest line taken from the server (IRCv3 ta
                                   # bytes); longer lines are logged and skipped
 IRC_MAX_REPLY_LINES = 5           # lines of one reply at most (one burst); the rest is cut
 IRC_MAX_QUEUE = 100               # lines waiting for the flood limiter; replies beyond: dropped
+IRC_WORKERS = 4                   # threads for the server's lookup and a slow back-end's
 IRC_MAX_OUTPUT = 64 * 1024        # bytes the server may leave unread before we hang up
 IRC_DEFAULT_NICKLEN = 9           # RFC 1459's limit, assumed after a 432 until 005 tells
 IRC_NICK_TRIES = 10               # other nicks tried on one connection before giving up
@@ -5235,22 +5236,24 @@ class IRCConversation:
                 self._answer(sender, target, mention.group(2), prefix=sender + ": ")
 
     def _answer(self, sender, target, name, prefix=""):
-        try:
-            status = self.bot.db.get_user(name)
-            outcome = "unknown" if status is None else "ok"
-        except Exception:
-            log.exception("irc: back-end failed answering %r", name)
-            status, outcome = INTERNAL_ERROR, "error"
-        text = defang("%sStatus of %s: %s" % (prefix, name, NO_SUCH_USER if status is None
-                                               else status))
-        room = (IRC_MAX_LINE - IRC_RELAY_ROOM
-                - len(("PRIVMSG %s :\r\n" % target).encode("utf-8")))
-        lines = split_irc_text(text, min(IRC_SPLIT_BYTES, room))
-        if len(lines) > IRC_MAX_REPLY_LINES:
-            lines = lines[:IRC_MAX_REPLY_LINES]
-            lines[-1] += " [...]"
-        if not self._enqueue("PRIVMSG", target, lines):
-            outcome = "dropped"
+        """Look the user up (IRCBot.look_up: maybe in a worker), then answer."""
+        self.bot.look_up(name, functools.partial(self._answered, sender, target, name, prefix))
+
+    def _answered(self, sender, target, name, prefix, status, outcome):
+        if outcome == "dropped":
+            self.bot.warnings.report("irc: %d lookups already wait for the back-end; dropped "
+                                     "the answer to %s", IRC_MAX_QUEUE, target)
+        else:
+            text = defang("%sStatus of %s: %s" % (prefix, name, NO_SUCH_USER if status is None
+                                                   else status))
+            room = (IRC_MAX_LINE - IRC_RELAY_ROOM
+                    - len(("PRIVMSG %s :\r\n" % target).encode("utf-8")))
+            lines = split_irc_text(text, min(IRC_SPLIT_BYTES, room))
+            if len(lines) > IRC_MAX_REPLY_LINES:
+                lines = lines[:IRC_MAX_REPLY_LINES]
+                lines[-1] += " [...]"
+            if not self._enqueue("PRIVMSG", target, lines):
+                outcome = "dropped"
         self.bot.counts[outcome] += 1
         query_log.record("irc", sender if target == sender else "%s in %s" % (sender, target),
                          name, outcome)
@@ -5467,14 +5470,13 @@ class IRCBot(Service):
     `ban_delay`; a ban, a refused certificate and a failed login are logged once per streak.
 
     The protocol is an IRCSession per connection; this class is the connection, on a Loop
-    in the bot's thread: the lookup in the loop's worker, a non-blocking connect and TLS
-    handshake, the session's timers, the back-off between connections.  Methods for the
+    in the bot's thread: the server's lookup and a back-end's that may block in the loop's
+    workers, a non-blocking connect, a Transport (TLS too), the session's timers, the
+    back-off between connections.  Its times come from `clock` (tests drive it).  Methods for the
     caller: those of Service (start, stop, ...).  `address` is the server's (host, port);
     `nick` the nick in use; `registered` whether the server welcomed the bot; `joined` its
     channels; `counts` the answers by outcome (for the metrics).  close() ends it within a
-    second in any state: looking up, connecting, registered, or waiting to reconnect; but a
-    lookup in a slow back-end runs in the loop too, and is waited for (up to
-    --stop-timeout)."""
+    second in any state: looking up, connecting, registered, or waiting to reconnect."""
 
     name = "irc"
 
@@ -5484,7 +5486,8 @@ class IRCBot(Service):
                  register_timeout=60.0, burst=5, line_interval=2.0, backoff_cap=60.0,
                  require_sasl=False, throttle_delay=IRC_THROTTLE_DELAY,
                  ban_delay=IRC_BAN_DELAY, reclaim_interval=IRC_RECLAIM_INTERVAL,
-                 cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT, stable_after=IRC_STABLE):
+                 cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT, stable_after=IRC_STABLE,
+                 clock=time.monotonic):
         super().__init__()
         if not _IRC_NICK.match(nick or ""):
             raise FieldError("nick", "a nick is a letter or one of []\\`^{}|_ followed by "
@@ -5520,6 +5523,7 @@ class IRCBot(Service):
         self.reclaim_interval, self.cap_wait, self.join_wait = reclaim_interval, cap_wait, \
             join_wait
         self.stable_after = stable_after
+        self.clock = clock
         # What goes wrong is logged at ERROR once a streak (a 001 ends it), then at INFO.
         self.trouble = LogStreak("irc", level=logging.ERROR, repeat_level=logging.INFO)
         # Fixed keys: render_metrics may iterate while the bot thread counts.
@@ -5530,12 +5534,11 @@ class IRCBot(Service):
         self.warnings = warning_throttle("irc")
         self.loop = None              # made by bind()
         self.session = None           # the IRCSession of the connection, once connected
-        self._sock = None
+        self._link = None             # the Transport of the connection
         self._outbuf = b""
         self._phase = None            # lookup, connect, handshake, session, quitting, waiting
         self._attempt = 0             # connections tried: a late lookup is told apart
         self._timer = None            # the one Timer: a deadline, the session's, the back-off
-        self._want = (BlockingIOError, InterruptedError)   # "try again later" errors
         self._stopping = False
 
     def __repr__(self):
@@ -5557,7 +5560,7 @@ class IRCBot(Service):
         return self.session.joined if self.session is not None else []
 
     def open_connections(self):
-        return 1 if self._sock is not None else 0
+        return 1 if self._link is not None else 0
 
     def reload(self):
         """SIGHUP: load --irc-cafile again (used from the next connection on)."""
@@ -5577,7 +5580,7 @@ class IRCBot(Service):
         """Look the server up now, while the resolver is in reach (before a chroot); later
         lookups that fail fall back to this answer."""
         if self.loop is None or self.loop.closed:
-            self.loop = Loop("irc", workers=1)
+            self.loop = Loop("irc", workers=IRC_WORKERS, clock=self.clock)
         if self._addresses is None:
             from concurrent.futures import TimeoutError as Late
             host, port = self.address
@@ -5657,7 +5660,7 @@ class IRCBot(Service):
             sock.setblocking(False)
             code = sock.connect_ex(sockaddr)
             if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-                self._sock, self._rest, self._sockaddr = sock, addresses, sockaddr
+                self._link, self._rest, self._sockaddr = Transport(sock), addresses, sockaddr
                 self.loop.watch(sock, selectors.EVENT_WRITE, self._guarded, self._on_ready)
                 return
             sock.close()
@@ -5666,7 +5669,8 @@ class IRCBot(Service):
         self._end(error)
 
     def _connected(self):
-        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        sock = self._link.sock
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._drop()
             if self._rest:
@@ -5674,34 +5678,25 @@ class IRCBot(Service):
                 return
             raise OSError(code, "connecting to %s: %s" % (format_address(self._sockaddr),
                                                           os.strerror(code)))
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if self.ssl_context is None:
             self._start_session()
             return
-        import ssl
-        self.loop.watch(self._sock, 0)              # the TLS socket takes it over
-        self._sock = self.ssl_context.wrap_socket(self._sock, server_hostname=self.host,
-                                                  do_handshake_on_connect=False)
-        self._want = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
-                      ssl.SSLWantWriteError)
+        self.loop.watch(sock, 0)                    # the TLS socket takes it over
+        self._link.start_tls(self.ssl_context, server_hostname=self.host)
         self._phase = "handshake"
         self._handshake()
 
     def _handshake(self):
-        import ssl
-        try:
-            self._sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.loop.watch(self._sock, selectors.EVENT_READ, self._guarded, self._on_ready)
-            return
-        except ssl.SSLWantWriteError:
-            self.loop.watch(self._sock, selectors.EVENT_WRITE, self._guarded, self._on_ready)
-            return
-        self._start_session()
+        wanted = self._link.handshake()
+        if wanted:
+            self.loop.watch(self._link.sock, wanted, self._guarded, self._on_ready)
+        else:
+            self._start_session()
 
     def _start_session(self):
         self._phase = "session"
-        self.session = IRCSession(self, time.monotonic())
+        self.session = IRCSession(self, self.clock())
         self._pump()
 
     def _on_ready(self, mask):
@@ -5731,18 +5726,17 @@ class IRCBot(Service):
         """Read until the socket has nothing more (TLS may hold decrypted bytes a select
         cannot see); None when the server has closed."""
         while True:
-            try:
-                data = self._sock.recv(RECV_SIZE)
-            except self._want:
+            data = self._link.recv()
+            if data is None:
                 return True
             if not data:
                 return None
             if self._phase == "session":
-                self.session.feed(data, time.monotonic())
+                self.session.feed(data, self.clock())
 
     def _pump(self):
         """Send what the session has to say; be woken when it is next due."""
-        data, due = self.session.step(time.monotonic())
+        data, due = self.session.step(self.clock())
         self._outbuf += data
         self._flush()
         if len(self._outbuf) > IRC_MAX_OUTPUT:
@@ -5751,13 +5745,38 @@ class IRCBot(Service):
 
     def _flush(self):
         while self._outbuf:
-            try:
-                sent = self._sock.send(self._outbuf)
-            except self._want:
-                break
+            sent = self._link.send(self._outbuf)
+            if not sent:
+                break                              # the socket is full
             self._outbuf = self._outbuf[sent:]
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbuf else 0)
-        self.loop.watch(self._sock, events, self._guarded, self._on_ready)
+        self.loop.watch(self._link.sock, events, self._guarded, self._on_ready)
+
+    def look_up(self, name, then):
+        """then(status, outcome) for the user `name`: at once from a back-end that answers
+        from memory; from one that may block, in the loop's workers (the loop never waits
+        for it), then for the session that asked if it is still the one of now.  With
+        IRC_MAX_QUEUE lookups waiting already, then(None, "dropped") at once."""
+        if not self.db.blocking or self.loop is None:
+            then(*self._status_of(name))
+        elif self.loop.in_flight >= IRC_MAX_QUEUE:
+            then(None, "dropped")
+        else:
+            self.loop.run_in_worker(self._status_of, (name,), functools.partial(
+                self._looked_up_user, self.session, then))
+
+    def _looked_up_user(self, session, then, future):
+        if session is self.session and self._phase == "session":
+            then(*future.result())
+            self._guarded(self._on_timer)          # send the answer now
+
+    def _status_of(self, name):
+        try:
+            status = self.db.get_user(name)
+        except Exception:
+            log.exception("irc: back-end failed answering %r", name)
+            return INTERNAL_ERROR, "error"
+        return status, "unknown" if status is None else "ok"
 
     def _guarded(self, step, mask=None):
         """Run a step of the connection; an error ends the connection (and, but for a
@@ -5787,7 +5806,7 @@ class IRCBot(Service):
             log.warning("irc: %s: %s", where, getattr(error, "strerror", None) or error)
         welcomed_at = self.session.welcomed_at if self.session is not None else None
         self._drop()
-        if welcomed_at is not None and time.monotonic() - welcomed_at >= self.stable_after:
+        if welcomed_at is not None and self.clock() - welcomed_at >= self.stable_after:
             self._failures = 0                 # it worked for a while: start over
         self._failures += 1
         delay = self._pause(getattr(error, "pause", None))
@@ -5799,12 +5818,11 @@ class IRCBot(Service):
     def _drop(self):
         """Close the socket of the connection, if any; the session goes with it."""
         self.session = None
-        if self._sock is not None:
-            self.loop.watch(self._sock, 0)
-            self._sock.close()
-            self._sock = None
+        if self._link is not None:
+            self.loop.watch(self._link.sock, 0)
+            self._link.sock.close()
+            self._link = None
         self._outbuf = b""
-        self._want = (BlockingIOError, InterruptedError)
         self._phase = None
 
     def _pause(self, ended_by):

@@ -4426,16 +4426,19 @@ class TestIRCBot(unittest.TestCase):
         self.assertTrue(bot.registered)
 
     def test_flood_limiter(self):
-        server, bot = registered_irc_bot(self, burst=2, line_interval=0.15)
-        time.sleep(0.3)                                   # the bucket refills after JOINs etc.
+        clock = TestClock()
+        server, bot = registered_irc_bot(self, burst=2, line_interval=10, clock=clock)
+        wait_until(lambda: bot.registered)
+        clock.advance(bot, 100)                           # the bucket refills after JOINs etc.
         server.send(*[":alice!a@h PRIVMSG fingerbot :moshez"] * 4)
-        times = []
-        for _ in range(4):
-            server.expect(r"^PRIVMSG alice")
-            times.append(server.when)
-        self.assertLess(times[1] - times[0], 0.1)         # the burst
-        self.assertGreater(times[2] - times[1], 0.1)      # then one line per 0.15 s
-        self.assertGreater(times[3] - times[2], 0.1)
+        for _ in range(2):
+            server.expect(r"^PRIVMSG alice")              # the burst
+        clock.advance(bot, 9)
+        server.expect_nothing(r"^PRIVMSG alice", 0.2)
+        for _ in range(2):
+            clock.advance(bot, 1)
+            server.expect(r"^PRIVMSG alice")              # then one line per 10 s
+            clock.advance(bot, 9)
 
     def test_queue_is_bounded(self):
         server, bot = registered_irc_bot(self, burst=1, line_interval=10)
@@ -4550,7 +4553,7 @@ class TestIRCBot(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 0.5)
         self.assertEqual(server.expect(r"^QUIT"), "QUIT :finger.py stopping")
         self.assertIsNone(bot._thread)
-        self.assertIsNone(bot._sock)
+        self.assertEqual(bot.open_connections(), 0)
         self.assertFalse(bot.registered)
 
     def test_stop_is_prompt_when_the_server_hangs(self):
@@ -4783,11 +4786,12 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
     def test_a_connection_that_lasted_resets_the_back_off(self):
         server = ScriptedIRCServer(self)
         with self.assertLogs("finger", "INFO") as logs:
-            bot = irc_bot(self, server, backoff_cap=60, stable_after=0.2)
+            clock = TestClock()
+            bot = irc_bot(self, server, backoff_cap=60, stable_after=0.2, clock=clock)
             server.expect(r"^USER ")
             server.welcome()
             wait_until(lambda: bot.registered)
-            time.sleep(0.3)                   # longer than stable_after: the link was good
+            clock.now += 0.3                  # longer than stable_after: the link was good
             server.hang_up()
             wait_until(lambda: "reconnecting" in logs.output[-1])
         self.assertIn("(attempt 2)", logs.output[-1])
