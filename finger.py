@@ -2920,8 +2920,9 @@ class WebResponse:
 
 
 class WebSite:
-    """The tutorial's UserStatusTree, UserStatus and UserStatusXR as one object that maps a
-    request (method, path, body) to a WebResponse.  Knows the database, not the sockets.
+    """The tutorial's UserStatusTree and UserStatus as one object that maps a request
+    (method, path, body) to a WebResponse; its UserStatusXR (XMLRPCEndpoint) answers at
+    /RPC2.  Knows the database, not the sockets.
 
     GET /             the users, each a link to its page (403 when the list is private)
     GET /NAME         that user's status (404 page for an unknown user); also /~NAME, which
@@ -2945,32 +2946,12 @@ class WebSite:
         self.metrics = metrics
         self.services = services       # whose liveness /healthz reports
         self.title = title
-        self.rpc = self._make_rpc_dispatcher()
+        self.rpc = XMLRPCEndpoint(db)
         self._users_page = None        # (db version, WebResponse)
         self._rendering = threading.Lock()   # held while the users page is made
         self._pages, self._pages_bytes = {}, 0    # name -> WebResponse of its page
         self._pages_for = None, None   # (db version, templates) of those pages
         self._last_modified = None, None   # (db.changed_at, as an HTTP date)
-
-    def _make_rpc_dispatcher(self):
-        from xmlrpc.server import SimpleXMLRPCDispatcher
-        rpc = SimpleXMLRPCDispatcher(allow_none=False, encoding="utf-8")
-        rpc.register_function(self.rpc_get_user, "getUser")
-        rpc.register_function(self.rpc_get_users, "getUsers")
-        rpc.register_introspection_functions()
-        return rpc
-
-    def rpc_get_user(self, name):
-        """getUser(name): the user's status, or 'No such user'."""
-        status = self.db.get_user(name)
-        return NO_SUCH_USER if status is None else defang(status)
-
-    def rpc_get_users(self):
-        """getUsers(): the list of user names."""
-        try:
-            return list(self.db.public_users())
-        except ListRefused:
-            raise _RPCFault(RPC_APPLICATION_ERROR, LIST_DENIED) from None
 
     # -- routing
 
@@ -3213,49 +3194,12 @@ class WebSite:
                            headers)
 
     def xmlrpc(self, body):
-        """An XML-RPC call -> its answer, or a fault with one of the codes of the XML-RPC
-        interoperability list (RPC_*) and a short message, never a Python traceback."""
-        from xml.parsers.expat import ExpatError
-        from xmlrpc.client import Fault, dumps, loads
+        """An XML-RPC call -> its answer (XMLRPCEndpoint.answer); a body with a DTD is
+        refused before it is parsed."""
         if declares_dtd(body):
             return self.error(400, "Bad request", "XML-RPC requests have no DTD.")
-        try:
-            try:
-                params, method = loads(body)
-            except ExpatError:
-                raise _RPCFault(RPC_PARSE_ERROR, "not well-formed XML") from None
-            except Exception:          # xmlrpc.client's or a value's own error
-                raise _RPCFault(RPC_INVALID_REQUEST, "not an XML-RPC call") from None
-            answer = dumps((self._rpc_call(method, params),), methodresponse=True,
-                           encoding="utf-8")
-        except _RPCFault as fault:
-            answer = dumps(Fault(fault.code, str(fault)), encoding="utf-8")
-        return WebResponse(200, "text/xml; charset=utf-8", answer.encode("utf-8"),
+        return WebResponse(200, "text/xml; charset=utf-8", self.rpc.answer(body),
                            [("Cache-Control", "no-store")])
-
-    def _rpc_call(self, method, params):
-        """Call a registered method with arguments that fit it."""
-        import inspect
-        if not isinstance(method, str):
-            raise _RPCFault(RPC_INVALID_REQUEST, "a call without a methodName")
-        function = self.rpc.funcs.get(method)
-        if function is None:
-            raise _RPCFault(RPC_METHOD_NOT_FOUND, "no method %.100r; system.listMethods "
-                            "gives them" % method)
-        try:
-            inspect.signature(function).bind(*params)
-            if not all(isinstance(param, str) for param in params):
-                raise TypeError                 # every method here takes strings only
-        except TypeError:
-            raise _RPCFault(RPC_INVALID_PARAMS, "%s: wrong arguments (strings only); "
-                            "system.methodHelp says which" % method) from None
-        try:
-            return self.rpc._dispatch(method, params)
-        except _RPCFault:
-            raise
-        except Exception:
-            log.exception("web: XML-RPC %s failed", method)
-            raise _RPCFault(RPC_INTERNAL_ERROR, INTERNAL_ERROR) from None
 
 
 # The first path segments of the web site: names the setter refuses and a load warns about.
@@ -3276,6 +3220,74 @@ class _RPCFault(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
+
+
+class XMLRPCEndpoint:
+    """The tutorial's UserStatusXR: getUser and getUsers on `db`, with the introspection
+    methods (system.listMethods, methodHelp), behind xmlrpc.server's dispatcher."""
+
+    def __init__(self, db):
+        from xmlrpc.server import SimpleXMLRPCDispatcher
+        self.db = db
+        self.dispatcher = SimpleXMLRPCDispatcher(allow_none=False, encoding="utf-8")
+        self.dispatcher.register_function(self.get_user, "getUser")
+        self.dispatcher.register_function(self.get_users, "getUsers")
+        self.dispatcher.register_introspection_functions()
+
+    def get_user(self, name):
+        """getUser(name): the user's status, or 'No such user'."""
+        status = self.db.get_user(name)
+        return NO_SUCH_USER if status is None else defang(status)
+
+    def get_users(self):
+        """getUsers(): the list of user names."""
+        try:
+            return list(self.db.public_users())
+        except ListRefused:
+            raise _RPCFault(RPC_APPLICATION_ERROR, LIST_DENIED) from None
+
+    def answer(self, body):
+        """An XML-RPC call (bytes, without a DTD) -> the XML of its answer, or of a fault
+        with one of the codes of the XML-RPC interoperability list (RPC_*) and a short
+        message, never a Python traceback."""
+        from xml.parsers.expat import ExpatError
+        from xmlrpc.client import Fault, dumps, loads
+        try:
+            try:
+                params, method = loads(body)
+            except ExpatError:
+                raise _RPCFault(RPC_PARSE_ERROR, "not well-formed XML") from None
+            except Exception:          # xmlrpc.client's or a value's own error
+                raise _RPCFault(RPC_INVALID_REQUEST, "not an XML-RPC call") from None
+            answer = dumps((self._call(method, params),), methodresponse=True,
+                           encoding="utf-8")
+        except _RPCFault as fault:
+            answer = dumps(Fault(fault.code, str(fault)), encoding="utf-8")
+        return answer.encode("utf-8")
+
+    def _call(self, method, params):
+        """Call a registered method with arguments that fit it."""
+        import inspect
+        if not isinstance(method, str):
+            raise _RPCFault(RPC_INVALID_REQUEST, "a call without a methodName")
+        function = self.dispatcher.funcs.get(method)
+        if function is None:
+            raise _RPCFault(RPC_METHOD_NOT_FOUND, "no method %.100r; system.listMethods "
+                            "gives them" % method)
+        try:
+            inspect.signature(function).bind(*params)
+            if not all(isinstance(param, str) for param in params):
+                raise TypeError                 # every method here takes strings only
+        except TypeError:
+            raise _RPCFault(RPC_INVALID_PARAMS, "%s: wrong arguments (strings only); "
+                            "system.methodHelp says which" % method) from None
+        try:
+            return self.dispatcher._dispatch(method, params)
+        except _RPCFault:
+            raise
+        except Exception:
+            log.exception("web: XML-RPC %s failed", method)
+            raise _RPCFault(RPC_INTERNAL_ERROR, INTERNAL_ERROR) from None
 
 
 class _DTDFound(Exception):
