@@ -3971,6 +3971,9 @@ def _banana_append(out, value, vocab):
         raise PBError("%s is not a Banana type: jelly() it" % type(value).__name__)
 
 
+_BANANA_OPENED = object()         # what a list that is not empty is until it is whole
+
+
 class BananaDecoder:
     """Banana bytes, in pieces of any size -> complete top-level s-expressions.
 
@@ -4002,7 +4005,7 @@ class BananaDecoder:
     def feed(self, data):
         buffer = self._buffer
         buffer += data
-        done = []
+        done, readers = [], self._readers
         position, size = 0, len(buffer)
         while position < size:
             end, limit = position, min(size, position + BANANA_MAX_PREFIX + 1)
@@ -4015,61 +4018,33 @@ class BananaDecoder:
             number = 0
             for digit in reversed(buffer[position:end]):
                 number = (number << 7) | digit
-            kind = buffer[end]
-            start = end + 1
-            if kind == BANANA_STRING:
-                if number > BANANA_SIZE_LIMIT:
-                    raise PBError("Banana string of %d bytes: over the limit" % number)
-                if size - start < number:
-                    break
-                item, start = bytes(buffer[start:start + number]), start + number
-            elif kind == BANANA_LIST:
-                if number > BANANA_SIZE_LIMIT:
-                    raise PBError("Banana list of %d elements: over the limit" % number)
-                if number:
-                    if len(self._stack) >= BANANA_MAX_DEPTH:
-                        raise PBError("Banana lists nested over %d deep" % BANANA_MAX_DEPTH)
-                    self._stack.append([number, []])
-                    self._taken += start - position
-                    position = start
-                    continue
-                item = []
-            elif kind in (BANANA_INT, BANANA_LONGINT):
-                item = number
-            elif kind in (BANANA_NEG, BANANA_LONGNEG):
-                item = -number
-            elif kind == BANANA_FLOAT:
-                if end != position:
-                    raise PBError("Banana float with a number prefix")
-                if size - start < 8:
-                    break
-                item, start = struct.unpack("!d", buffer[start:start + 8])[0], start + 8
-            elif kind == BANANA_VOCAB:
-                if not 0 < number < len(PB_VOCAB):
-                    raise PBError("unknown Banana vocabulary index %d" % number)
-                item = PB_VOCAB[number]
-            else:
-                raise PBError("unknown Banana type byte 0x%02x" % kind)
+            read = readers.get(buffer[end])
+            if read is None:
+                raise PBError("unknown Banana type byte 0x%02x" % buffer[end])
+            element = read(self, number, end != position, buffer, end + 1, size)
+            if element is None:
+                break                   # its payload has not arrived
+            item, start = element
             self._taken += start - position
-            self._elements += 1
             position = start
-            if self._taken > self.max_message:
-                raise PBError("Banana expression over %d bytes" % self.max_message)
-            if self.max_elements is not None and self._elements > self.max_elements:
-                raise PBError("Banana expression of over %d elements" % self.max_elements)
-            item = self._place(item)
-            if item is not None:
-                done.append(item)
-                self._taken = self._elements = 0
+            if item is not _BANANA_OPENED:
+                item = self._add(item)
+                if item is not None:
+                    done.append(item)
         del buffer[:position]
         if self._taken + len(buffer) > self.max_message:
             raise PBError("Banana expression over %d bytes" % self.max_message)
         return done
 
-    def _place(self, item):
-        """Add a finished element to the list it belongs to, closing every list it
-        completes; returns the top-level expression this finishes, else None (Banana has
-        no None, so it cannot be an expression)."""
+    def _add(self, item):
+        """Count a finished element against the limits, add it to the list it belongs to
+        and close every list it completes; returns the top-level expression this finishes,
+        else None (Banana has no None, so it cannot be an expression)."""
+        self._elements += 1
+        if self._taken > self.max_message:
+            raise PBError("Banana expression over %d bytes" % self.max_message)
+        if self.max_elements is not None and self._elements > self.max_elements:
+            raise PBError("Banana expression of over %d elements" % self.max_elements)
         stack = self._stack
         while stack:
             top = stack[-1]
@@ -4077,7 +4052,54 @@ class BananaDecoder:
             if len(top[1]) < top[0]:
                 return None
             item = stack.pop()[1]
+        self._taken = self._elements = 0
         return item
+
+    # One reader per type byte (_readers): (the prefix number, whether there was one, the
+    # buffer, where the payload starts, the buffer's size) -> (the element, where the next
+    # one starts), or None until the payload has arrived.
+
+    def _read_string(self, number, prefixed, buffer, start, size):
+        if number > BANANA_SIZE_LIMIT:
+            raise PBError("Banana string of %d bytes: over the limit" % number)
+        if size - start < number:
+            return None
+        return bytes(buffer[start:start + number]), start + number
+
+    def _read_list(self, number, prefixed, buffer, start, size):
+        """An empty list is an element; a longer one is opened on the stack (the element is
+        then _BANANA_OPENED)."""
+        if number > BANANA_SIZE_LIMIT:
+            raise PBError("Banana list of %d elements: over the limit" % number)
+        if not number:
+            return [], start
+        if len(self._stack) >= BANANA_MAX_DEPTH:
+            raise PBError("Banana lists nested over %d deep" % BANANA_MAX_DEPTH)
+        self._stack.append([number, []])
+        return _BANANA_OPENED, start
+
+    def _read_int(self, number, prefixed, buffer, start, size):
+        return number, start
+
+    def _read_negative(self, number, prefixed, buffer, start, size):
+        return -number, start
+
+    def _read_float(self, number, prefixed, buffer, start, size):
+        if prefixed:
+            raise PBError("Banana float with a number prefix")
+        if size - start < 8:
+            return None
+        return struct.unpack("!d", buffer[start:start + 8])[0], start + 8
+
+    def _read_vocab(self, number, prefixed, buffer, start, size):
+        if not 0 < number < len(PB_VOCAB):
+            raise PBError("unknown Banana vocabulary index %d" % number)
+        return PB_VOCAB[number], start
+
+    _readers = {BANANA_STRING: _read_string, BANANA_LIST: _read_list,
+                BANANA_INT: _read_int, BANANA_LONGINT: _read_int,
+                BANANA_NEG: _read_negative, BANANA_LONGNEG: _read_negative,
+                BANANA_FLOAT: _read_float, BANANA_VOCAB: _read_vocab}
 
 
 # -- Jelly (the basic types only) --------------------------------------------------------------
