@@ -3851,8 +3851,8 @@ BANANA_MAX_PREFIX = 64            # digits in a number prefix (Twisted's limit):
 BANANA_SIZE_LIMIT = 640 * 1024    # longest LIST (elements) or STRING (bytes), as Twisted's
 BANANA_MAX_DEPTH = 64             # lists open at once.  A getUser call nests 4 deep and
                                   # Twisted's own error answer 5; 64 leaves room for any sane
-                                  # argument and keeps the recursive unjelly (one frame per
-                                  # level) far below Python's recursion limit.  Twisted has
+                                  # argument and keeps the recursive unjelly (a few frames
+                                  # per level) far below Python's recursion limit.  Twisted has
                                   # no cap: it relies on that limit.
 PB_MAX_MESSAGE = 1 << 20          # bytes one top-level expression may take (Twisted: no
                                   # limit); a BANANA_SIZE_LIMIT string fits with room to spare
@@ -4141,41 +4141,81 @@ def _unjelly(sexp, state):
     if not sexp or not isinstance(sexp[0], bytes):
         raise JellyError("a jelly list must start with a type name")
     tag, items = sexp[0], sexp[1:]
+    unjelly_tagged = _UNJELLY.get(tag)
     try:
-        if tag == b"unicode" and len(items) == 1 and isinstance(items[0], bytes):
-            return items[0].decode("utf-8")
-        if tag == b"None" and not items:
-            return None
-        if tag == b"boolean" and items in ([b"true"], [b"false"]):
-            return items == [b"true"]
-        if tag in (b"list", b"tuple"):
-            values = [_unjelly(item, state) for item in items]
-            return values if tag == b"list" else tuple(values)
-        if tag in (b"set", b"frozenset"):
-            values = [_hashable(_unjelly(item, state)) for item in items]
-            return set(values) if tag == b"set" else frozenset(values)
-        if tag == b"dictionary":
-            result = {}
-            for pair in items:
-                if not isinstance(pair, list) or len(pair) != 2:
-                    raise JellyError("a dictionary item must be a [key, value] pair")
-                result[_hashable(_unjelly(pair[0], state))] = _unjelly(pair[1], state)
-            return result
-        if (tag == b"reference" and len(items) == 2 and isinstance(items[0], int)
-                and 0 < items[0] <= PB_MAX_VALUES):
-            before = state[0]
-            value = _unjelly(items[1], state)
-            state[1][items[0]] = (value, before - state[0])
-            return value
-        if tag == b"dereference" and len(items) == 1 and items[0] in state[1]:
-            value, cost = state[1][items[0]]
-            state[0] -= cost
-            if state[0] < 0:
-                raise JellyError("too many values")
-            return value
+        value = _MALFORMED if unjelly_tagged is None else unjelly_tagged(tag, items, state)
     except (TypeError, UnicodeDecodeError) as error:     # unhashable key, bad UTF-8
         raise JellyError("bad %s: %s" % (tag.decode("ascii", "replace"), error)) from None
-    raise JellyError("cannot unjelly %r" % tag[:PB_MAX_NAME_SHOWN])
+    if value is _MALFORMED:
+        raise JellyError("cannot unjelly %r" % tag[:PB_MAX_NAME_SHOWN])
+    return value
+
+
+# One function per jelly type name (_UNJELLY): (the name, the items after it, the state of
+# unjelly) -> the value, or _MALFORMED when the items do not fit the name.
+
+_MALFORMED = object()
+
+
+def _unjelly_unicode(tag, items, state):
+    if len(items) == 1 and isinstance(items[0], bytes):
+        return items[0].decode("utf-8")
+    return _MALFORMED
+
+
+def _unjelly_none(tag, items, state):
+    return _MALFORMED if items else None
+
+
+def _unjelly_boolean(tag, items, state):
+    return items == [b"true"] if items in ([b"true"], [b"false"]) else _MALFORMED
+
+
+def _unjelly_sequence(tag, items, state):
+    values = [_unjelly(item, state) for item in items]
+    return values if tag == b"list" else tuple(values)
+
+
+def _unjelly_set(tag, items, state):
+    values = [_hashable(_unjelly(item, state)) for item in items]
+    return set(values) if tag == b"set" else frozenset(values)
+
+
+def _unjelly_dictionary(tag, items, state):
+    result = {}
+    for pair in items:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise JellyError("a dictionary item must be a [key, value] pair")
+        result[_hashable(_unjelly(pair[0], state))] = _unjelly(pair[1], state)
+    return result
+
+
+def _unjelly_reference(tag, items, state):
+    """["reference", number, value]: the value, kept with what it cost for "dereference"."""
+    if not (len(items) == 2 and isinstance(items[0], int) and 0 < items[0] <= PB_MAX_VALUES):
+        return _MALFORMED
+    before = state[0]
+    value = _unjelly(items[1], state)
+    state[1][items[0]] = (value, before - state[0])
+    return value
+
+
+def _unjelly_dereference(tag, items, state):
+    """["dereference", number]: a value referenced before, counted again at its cost."""
+    if not (len(items) == 1 and items[0] in state[1]):
+        return _MALFORMED
+    value, cost = state[1][items[0]]
+    state[0] -= cost
+    if state[0] < 0:
+        raise JellyError("too many values")
+    return value
+
+
+_UNJELLY = {b"unicode": _unjelly_unicode, b"None": _unjelly_none,
+            b"boolean": _unjelly_boolean, b"list": _unjelly_sequence,
+            b"tuple": _unjelly_sequence, b"set": _unjelly_set, b"frozenset": _unjelly_set,
+            b"dictionary": _unjelly_dictionary, b"reference": _unjelly_reference,
+            b"dereference": _unjelly_dereference}
 
 
 def _shown(value):
