@@ -6650,6 +6650,26 @@ def _has_capability(bit):
 def run_server(options):
     """--serve: build, (daemonize), bind, chroot, drop privileges, start, wait for
     SIGTERM/SIGINT, stop.  Returns the exit code."""
+    group, identity = _prepare_server(options)
+    report = daemonize(options.rundir) if options.daemon else None
+    if options.log_queries:            # its thread after the fork of --daemon
+        query_log.start()
+    if options.rundir and not options.daemon:
+        os.chdir(options.rundir)
+    stopping, failures = _start_server(options, group, identity, report)
+    for service in group:
+        log.info("serving %s on %s", service.name, format_peer(service.address))
+    if report:
+        report(None)
+    sd_notify("READY=1\nSTATUS=serving %s" % ", ".join(s.name for s in group))
+    while not stopping.wait(3600):
+        pass
+    return _stop_server(options, group, failures)
+
+
+def _prepare_server(options):
+    """Before the fork of --daemon: the process settings, the modules a chroot would hide,
+    the services built (not bound yet) -> (their ServiceGroup, the identity to run as)."""
     raise_file_limit()
     # Each service's loop gives the GIL up at every system call; with CPython's 5 ms switch
     # interval, one busy thread (a PB client sending calls without pause) made each finger
@@ -6666,11 +6686,13 @@ def run_server(options):
         log.warning("staying root (--user root): a bug in finger.py would be a root bug")
     for warning in configuration_warnings(options, identity, sockets):
         log.warning("%s", warning)
-    report = daemonize(options.rundir) if options.daemon else None
-    if options.log_queries:            # its thread after the fork of --daemon
-        query_log.start()
-    if options.rundir and not options.daemon:
-        os.chdir(options.rundir)
+    return group, identity
+
+
+def _start_server(options, group, identity, report):
+    """Write the pidfile, bind, chroot, drop privileges, start -> (the Event SIGTERM and
+    SIGINT set, the list a failing service adds to).  A failure to start is logged, told
+    to the parent of --daemon (`report`), and raised."""
     try:
         if options.pidfile:
             write_pidfile(options.pidfile)
@@ -6691,13 +6713,12 @@ def run_server(options):
         if report:
             report(error)
         raise
-    for service in group:
-        log.info("serving %s on %s", service.name, format_peer(service.address))
-    if report:
-        report(None)
-    sd_notify("READY=1\nSTATUS=serving %s" % ", ".join(s.name for s in group))
-    while not stopping.wait(3600):
-        pass
+    return stopping, failures
+
+
+def _stop_server(options, group, failures):
+    """Stop the services within --stop-timeout and remove the pidfile -> the exit code: 1
+    when a service failed or stopping did."""
     log.info("stopping")
     sd_notify("STOPPING=1")
     deadline = time.monotonic() + options.stop_timeout
@@ -6716,20 +6737,24 @@ def run_server(options):
     if options.pidfile:
         remove_pidfile(options.pidfile)
     code = 1 if failures else 0
-    # Worker threads still in a lookup would be waited for at exit: give them until the
-    # deadline, then leave without them.
+    _exit_without_stragglers(deadline, code, options.stop_timeout)
+    return code
+
+
+def _exit_without_stragglers(deadline, code, stop_timeout):
+    """Worker threads still in a lookup would be waited for at exit: give them until the
+    deadline, then leave without them (os._exit with `code`)."""
     others = [t for t in threading.enumerate() if t is not threading.current_thread()]
     for thread in others:
         thread.join(max(deadline - time.monotonic(), 0))
     if any(thread.is_alive() for thread in others):
         log.warning("a back-end lookup is still running after %g s: exiting without it",
-                    options.stop_timeout)
+                    stop_timeout)
         for process in list(RUNNING_COMMANDS):
             with contextlib.suppress(OSError):
                 process.kill()
         logging.shutdown()
         os._exit(code)
-    return code
 
 
 def _install_signal_handlers(group, options=None):
