@@ -7378,14 +7378,7 @@ def main(argv=None):
         sys.stdout.write(format_config(options, parser))
         return 0
     if not server:
-        misplaced = [name for name in options.given if name not in CLIENT_OPTIONS]
-        if misplaced:
-            parser.hint = "finger.py --serve --help"
-            parser.error("%s %s the server's: did you mean finger.py --serve?" % (
-                ", ".join(misplaced), "is" if len(misplaced) == 1 else "are"))
-        if options.set is not None:
-            return run_set(options.set, options.setter_socket, options.timeout)
-        return run_client(options.queries, options.verbose, options.timeout)
+        return _main_client(options, parser)
     if options.queries:
         parser.error("queries are for the client; --serve and --inetd take none")
     misplaced = [name for name in options.given if name in ("-l", "--set")]
@@ -7408,6 +7401,19 @@ def main(argv=None):
     except OSError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
         return 1
+
+
+def _main_client(options, parser):
+    """main without a server mode: a query or --set, with the client's options only (any
+    other is a usage error) -> the exit code."""
+    misplaced = [name for name in options.given if name not in CLIENT_OPTIONS]
+    if misplaced:
+        parser.hint = "finger.py --serve --help"
+        parser.error("%s %s the server's: did you mean finger.py --serve?" % (
+            ", ".join(misplaced), "is" if len(misplaced) == 1 else "are"))
+    if options.set is not None:
+        return run_set(options.set, options.setter_socket, options.timeout)
+    return run_client(options.queries, options.verbose, options.timeout)
 
 
 def given_options(parser, words):
