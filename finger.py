@@ -3090,8 +3090,9 @@ class WebResponse:
 
 
 class WebSite:
-    """The tutorial's UserStatusTree, UserStatus and UserStatusXR as one object that maps a
-    request (method, path, body) to a WebResponse.  Knows the database, not the sockets.
+    """The tutorial's UserStatusTree and UserStatus as one object that maps a request
+    (method, path, body) to a WebResponse; its UserStatusXR (XMLRPCEndpoint) answers at
+    /RPC2.  Knows the database, not the sockets.
 
     GET /             the users, each a link to its page (403 when the list is private)
     GET /NAME         that user's status (404 page for an unknown user); also /~NAME, which
@@ -3115,32 +3116,12 @@ class WebSite:
         self.metrics = metrics
         self.services = services       # whose liveness /healthz reports
         self.title = title
-        self.rpc = self._make_rpc_dispatcher()
+        self.rpc = XMLRPCEndpoint(db)
         self._users_page = None        # (db version, WebResponse)
         self._rendering = threading.Lock()   # held while the users page is made
         self._pages, self._pages_bytes = {}, 0    # name -> WebResponse of its page
         self._pages_for = None, None   # (db version, templates) of those pages
         self._last_modified = None, None   # (db.changed_at, as an HTTP date)
-
-    def _make_rpc_dispatcher(self):
-        from xmlrpc.server import SimpleXMLRPCDispatcher
-        rpc = SimpleXMLRPCDispatcher(allow_none=False, encoding="utf-8")
-        rpc.register_function(self.rpc_get_user, "getUser")
-        rpc.register_function(self.rpc_get_users, "getUsers")
-        rpc.register_introspection_functions()
-        return rpc
-
-    def rpc_get_user(self, name):
-        """getUser(name): the user's status, or 'No such user'."""
-        status = self.db.get_user(name)
-        return NO_SUCH_USER if status is None else defang(status)
-
-    def rpc_get_users(self):
-        """getUsers(): the list of user names."""
-        try:
-            return list(self.db.public_users())
-        except ListRefused:
-            raise _RPCFault(RPC_APPLICATION_ERROR, LIST_DENIED) from None
 
     # -- routing
 
@@ -3383,49 +3364,12 @@ class WebSite:
                            headers)
 
     def xmlrpc(self, body):
-        """An XML-RPC call -> its answer, or a fault with one of the codes of the XML-RPC
-        interoperability list (RPC_*) and a short message, never a Python traceback."""
-        from xml.parsers.expat import ExpatError
-        from xmlrpc.client import Fault, dumps, loads
+        """An XML-RPC call -> its answer (XMLRPCEndpoint.answer); a body with a DTD is
+        refused before it is parsed."""
         if declares_dtd(body):
             return self.error(400, "Bad request", "XML-RPC requests have no DTD.")
-        try:
-            try:
-                params, method = loads(body)
-            except ExpatError:
-                raise _RPCFault(RPC_PARSE_ERROR, "not well-formed XML") from None
-            except Exception:          # xmlrpc.client's or a value's own error
-                raise _RPCFault(RPC_INVALID_REQUEST, "not an XML-RPC call") from None
-            answer = dumps((self._rpc_call(method, params),), methodresponse=True,
-                           encoding="utf-8")
-        except _RPCFault as fault:
-            answer = dumps(Fault(fault.code, str(fault)), encoding="utf-8")
-        return WebResponse(200, "text/xml; charset=utf-8", answer.encode("utf-8"),
+        return WebResponse(200, "text/xml; charset=utf-8", self.rpc.answer(body),
                            [("Cache-Control", "no-store")])
-
-    def _rpc_call(self, method, params):
-        """Call a registered method with arguments that fit it."""
-        import inspect
-        if not isinstance(method, str):
-            raise _RPCFault(RPC_INVALID_REQUEST, "a call without a methodName")
-        function = self.rpc.funcs.get(method)
-        if function is None:
-            raise _RPCFault(RPC_METHOD_NOT_FOUND, "no method %.100r; system.listMethods "
-                            "gives them" % method)
-        try:
-            inspect.signature(function).bind(*params)
-            if not all(isinstance(param, str) for param in params):
-                raise TypeError                 # every method here takes strings only
-        except TypeError:
-            raise _RPCFault(RPC_INVALID_PARAMS, "%s: wrong arguments (strings only); "
-                            "system.methodHelp says which" % method) from None
-        try:
-            return self.rpc._dispatch(method, params)
-        except _RPCFault:
-            raise
-        except Exception:
-            log.exception("web: XML-RPC %s failed", method)
-            raise _RPCFault(RPC_INTERNAL_ERROR, INTERNAL_ERROR) from None
 
 
 # The first path segments of the web site: names the setter refuses and a load warns about.
@@ -3446,6 +3390,74 @@ class _RPCFault(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
+
+
+class XMLRPCEndpoint:
+    """The tutorial's UserStatusXR: getUser and getUsers on `db`, with the introspection
+    methods (system.listMethods, methodHelp), behind xmlrpc.server's dispatcher."""
+
+    def __init__(self, db):
+        from xmlrpc.server import SimpleXMLRPCDispatcher
+        self.db = db
+        self.dispatcher = SimpleXMLRPCDispatcher(allow_none=False, encoding="utf-8")
+        self.dispatcher.register_function(self.get_user, "getUser")
+        self.dispatcher.register_function(self.get_users, "getUsers")
+        self.dispatcher.register_introspection_functions()
+
+    def get_user(self, name):
+        """getUser(name): the user's status, or 'No such user'."""
+        status = self.db.get_user(name)
+        return NO_SUCH_USER if status is None else defang(status)
+
+    def get_users(self):
+        """getUsers(): the list of user names."""
+        try:
+            return list(self.db.public_users())
+        except ListRefused:
+            raise _RPCFault(RPC_APPLICATION_ERROR, LIST_DENIED) from None
+
+    def answer(self, body):
+        """An XML-RPC call (bytes, without a DTD) -> the XML of its answer, or of a fault
+        with one of the codes of the XML-RPC interoperability list (RPC_*) and a short
+        message, never a Python traceback."""
+        from xml.parsers.expat import ExpatError
+        from xmlrpc.client import Fault, dumps, loads
+        try:
+            try:
+                params, method = loads(body)
+            except ExpatError:
+                raise _RPCFault(RPC_PARSE_ERROR, "not well-formed XML") from None
+            except Exception:          # xmlrpc.client's or a value's own error
+                raise _RPCFault(RPC_INVALID_REQUEST, "not an XML-RPC call") from None
+            answer = dumps((self._call(method, params),), methodresponse=True,
+                           encoding="utf-8")
+        except _RPCFault as fault:
+            answer = dumps(Fault(fault.code, str(fault)), encoding="utf-8")
+        return answer.encode("utf-8")
+
+    def _call(self, method, params):
+        """Call a registered method with arguments that fit it."""
+        import inspect
+        if not isinstance(method, str):
+            raise _RPCFault(RPC_INVALID_REQUEST, "a call without a methodName")
+        function = self.dispatcher.funcs.get(method)
+        if function is None:
+            raise _RPCFault(RPC_METHOD_NOT_FOUND, "no method %.100r; system.listMethods "
+                            "gives them" % method)
+        try:
+            inspect.signature(function).bind(*params)
+            if not all(isinstance(param, str) for param in params):
+                raise TypeError                 # every method here takes strings only
+        except TypeError:
+            raise _RPCFault(RPC_INVALID_PARAMS, "%s: wrong arguments (strings only); "
+                            "system.methodHelp says which" % method) from None
+        try:
+            return self.dispatcher._dispatch(method, params)
+        except _RPCFault:
+            raise
+        except Exception:
+            log.exception("web: XML-RPC %s failed", method)
+            raise _RPCFault(RPC_INTERNAL_ERROR, INTERNAL_ERROR) from None
 
 
 class _DTDFound(Exception):
@@ -4009,8 +4021,8 @@ BANANA_MAX_PREFIX = 64            # digits in a number prefix (Twisted's limit):
 BANANA_SIZE_LIMIT = 640 * 1024    # longest LIST (elements) or STRING (bytes), as Twisted's
 BANANA_MAX_DEPTH = 64             # lists open at once.  A getUser call nests 4 deep and
                                   # Twisted's own error answer 5; 64 leaves room for any sane
-                                  # argument and keeps the recursive unjelly (one frame per
-                                  # level) far below Python's recursion limit.  Twisted has
+                                  # argument and keeps the recursive unjelly (a few frames
+                                  # per level) far below Python's recursion limit.  Twisted has
                                   # no cap: it relies on that limit.
 PB_MAX_MESSAGE = 1 << 20          # bytes one top-level expression may take (Twisted: no
                                   # limit); a BANANA_SIZE_LIMIT string fits with room to spare
@@ -4129,6 +4141,9 @@ def _banana_append(out, value, vocab):
         raise PBError("%s is not a Banana type: jelly() it" % type(value).__name__)
 
 
+_BANANA_OPENED = object()         # what a list that is not empty is until it is whole
+
+
 class BananaDecoder:
     """Banana bytes, in pieces of any size -> complete top-level s-expressions.
 
@@ -4160,7 +4175,7 @@ class BananaDecoder:
     def feed(self, data):
         buffer = self._buffer
         buffer += data
-        done = []
+        done, readers = [], self._readers
         position, size = 0, len(buffer)
         while position < size:
             end, limit = position, min(size, position + BANANA_MAX_PREFIX + 1)
@@ -4173,61 +4188,33 @@ class BananaDecoder:
             number = 0
             for digit in reversed(buffer[position:end]):
                 number = (number << 7) | digit
-            kind = buffer[end]
-            start = end + 1
-            if kind == BANANA_STRING:
-                if number > BANANA_SIZE_LIMIT:
-                    raise PBError("Banana string of %d bytes: over the limit" % number)
-                if size - start < number:
-                    break
-                item, start = bytes(buffer[start:start + number]), start + number
-            elif kind == BANANA_LIST:
-                if number > BANANA_SIZE_LIMIT:
-                    raise PBError("Banana list of %d elements: over the limit" % number)
-                if number:
-                    if len(self._stack) >= BANANA_MAX_DEPTH:
-                        raise PBError("Banana lists nested over %d deep" % BANANA_MAX_DEPTH)
-                    self._stack.append([number, []])
-                    self._taken += start - position
-                    position = start
-                    continue
-                item = []
-            elif kind in (BANANA_INT, BANANA_LONGINT):
-                item = number
-            elif kind in (BANANA_NEG, BANANA_LONGNEG):
-                item = -number
-            elif kind == BANANA_FLOAT:
-                if end != position:
-                    raise PBError("Banana float with a number prefix")
-                if size - start < 8:
-                    break
-                item, start = struct.unpack("!d", buffer[start:start + 8])[0], start + 8
-            elif kind == BANANA_VOCAB:
-                if not 0 < number < len(PB_VOCAB):
-                    raise PBError("unknown Banana vocabulary index %d" % number)
-                item = PB_VOCAB[number]
-            else:
-                raise PBError("unknown Banana type byte 0x%02x" % kind)
+            read = readers.get(buffer[end])
+            if read is None:
+                raise PBError("unknown Banana type byte 0x%02x" % buffer[end])
+            element = read(self, number, end != position, buffer, end + 1, size)
+            if element is None:
+                break                   # its payload has not arrived
+            item, start = element
             self._taken += start - position
-            self._elements += 1
             position = start
-            if self._taken > self.max_message:
-                raise PBError("Banana expression over %d bytes" % self.max_message)
-            if self.max_elements is not None and self._elements > self.max_elements:
-                raise PBError("Banana expression of over %d elements" % self.max_elements)
-            item = self._place(item)
-            if item is not None:
-                done.append(item)
-                self._taken = self._elements = 0
+            if item is not _BANANA_OPENED:
+                item = self._add(item)
+                if item is not None:
+                    done.append(item)
         del buffer[:position]
         if self._taken + len(buffer) > self.max_message:
             raise PBError("Banana expression over %d bytes" % self.max_message)
         return done
 
-    def _place(self, item):
-        """Add a finished element to the list it belongs to, closing every list it
-        completes; returns the top-level expression this finishes, else None (Banana has
-        no None, so it cannot be an expression)."""
+    def _add(self, item):
+        """Count a finished element against the limits, add it to the list it belongs to
+        and close every list it completes; returns the top-level expression this finishes,
+        else None (Banana has no None, so it cannot be an expression)."""
+        self._elements += 1
+        if self._taken > self.max_message:
+            raise PBError("Banana expression over %d bytes" % self.max_message)
+        if self.max_elements is not None and self._elements > self.max_elements:
+            raise PBError("Banana expression of over %d elements" % self.max_elements)
         stack = self._stack
         while stack:
             top = stack[-1]
@@ -4235,7 +4222,54 @@ class BananaDecoder:
             if len(top[1]) < top[0]:
                 return None
             item = stack.pop()[1]
+        self._taken = self._elements = 0
         return item
+
+    # One reader per type byte (_readers): (the prefix number, whether there was one, the
+    # buffer, where the payload starts, the buffer's size) -> (the element, where the next
+    # one starts), or None until the payload has arrived.
+
+    def _read_string(self, number, prefixed, buffer, start, size):
+        if number > BANANA_SIZE_LIMIT:
+            raise PBError("Banana string of %d bytes: over the limit" % number)
+        if size - start < number:
+            return None
+        return bytes(buffer[start:start + number]), start + number
+
+    def _read_list(self, number, prefixed, buffer, start, size):
+        """An empty list is an element; a longer one is opened on the stack (the element is
+        then _BANANA_OPENED)."""
+        if number > BANANA_SIZE_LIMIT:
+            raise PBError("Banana list of %d elements: over the limit" % number)
+        if not number:
+            return [], start
+        if len(self._stack) >= BANANA_MAX_DEPTH:
+            raise PBError("Banana lists nested over %d deep" % BANANA_MAX_DEPTH)
+        self._stack.append([number, []])
+        return _BANANA_OPENED, start
+
+    def _read_int(self, number, prefixed, buffer, start, size):
+        return number, start
+
+    def _read_negative(self, number, prefixed, buffer, start, size):
+        return -number, start
+
+    def _read_float(self, number, prefixed, buffer, start, size):
+        if prefixed:
+            raise PBError("Banana float with a number prefix")
+        if size - start < 8:
+            return None
+        return struct.unpack("!d", buffer[start:start + 8])[0], start + 8
+
+    def _read_vocab(self, number, prefixed, buffer, start, size):
+        if not 0 < number < len(PB_VOCAB):
+            raise PBError("unknown Banana vocabulary index %d" % number)
+        return PB_VOCAB[number], start
+
+    _readers = {BANANA_STRING: _read_string, BANANA_LIST: _read_list,
+                BANANA_INT: _read_int, BANANA_LONGINT: _read_int,
+                BANANA_NEG: _read_negative, BANANA_LONGNEG: _read_negative,
+                BANANA_FLOAT: _read_float, BANANA_VOCAB: _read_vocab}
 
 
 # -- Jelly (the basic types only) --------------------------------------------------------------
@@ -4277,41 +4311,81 @@ def _unjelly(sexp, state):
     if not sexp or not isinstance(sexp[0], bytes):
         raise JellyError("a jelly list must start with a type name")
     tag, items = sexp[0], sexp[1:]
+    unjelly_tagged = _UNJELLY.get(tag)
     try:
-        if tag == b"unicode" and len(items) == 1 and isinstance(items[0], bytes):
-            return items[0].decode("utf-8")
-        if tag == b"None" and not items:
-            return None
-        if tag == b"boolean" and items in ([b"true"], [b"false"]):
-            return items == [b"true"]
-        if tag in (b"list", b"tuple"):
-            values = [_unjelly(item, state) for item in items]
-            return values if tag == b"list" else tuple(values)
-        if tag in (b"set", b"frozenset"):
-            values = [_hashable(_unjelly(item, state)) for item in items]
-            return set(values) if tag == b"set" else frozenset(values)
-        if tag == b"dictionary":
-            result = {}
-            for pair in items:
-                if not isinstance(pair, list) or len(pair) != 2:
-                    raise JellyError("a dictionary item must be a [key, value] pair")
-                result[_hashable(_unjelly(pair[0], state))] = _unjelly(pair[1], state)
-            return result
-        if (tag == b"reference" and len(items) == 2 and isinstance(items[0], int)
-                and 0 < items[0] <= PB_MAX_VALUES):
-            before = state[0]
-            value = _unjelly(items[1], state)
-            state[1][items[0]] = (value, before - state[0])
-            return value
-        if tag == b"dereference" and len(items) == 1 and items[0] in state[1]:
-            value, cost = state[1][items[0]]
-            state[0] -= cost
-            if state[0] < 0:
-                raise JellyError("too many values")
-            return value
+        value = _MALFORMED if unjelly_tagged is None else unjelly_tagged(tag, items, state)
     except (TypeError, UnicodeDecodeError) as error:     # unhashable key, bad UTF-8
         raise JellyError("bad %s: %s" % (tag.decode("ascii", "replace"), error)) from None
-    raise JellyError("cannot unjelly %r" % tag[:PB_MAX_NAME_SHOWN])
+    if value is _MALFORMED:
+        raise JellyError("cannot unjelly %r" % tag[:PB_MAX_NAME_SHOWN])
+    return value
+
+
+# One function per jelly type name (_UNJELLY): (the name, the items after it, the state of
+# unjelly) -> the value, or _MALFORMED when the items do not fit the name.
+
+_MALFORMED = object()
+
+
+def _unjelly_unicode(tag, items, state):
+    if len(items) == 1 and isinstance(items[0], bytes):
+        return items[0].decode("utf-8")
+    return _MALFORMED
+
+
+def _unjelly_none(tag, items, state):
+    return _MALFORMED if items else None
+
+
+def _unjelly_boolean(tag, items, state):
+    return items == [b"true"] if items in ([b"true"], [b"false"]) else _MALFORMED
+
+
+def _unjelly_sequence(tag, items, state):
+    values = [_unjelly(item, state) for item in items]
+    return values if tag == b"list" else tuple(values)
+
+
+def _unjelly_set(tag, items, state):
+    values = [_hashable(_unjelly(item, state)) for item in items]
+    return set(values) if tag == b"set" else frozenset(values)
+
+
+def _unjelly_dictionary(tag, items, state):
+    result = {}
+    for pair in items:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise JellyError("a dictionary item must be a [key, value] pair")
+        result[_hashable(_unjelly(pair[0], state))] = _unjelly(pair[1], state)
+    return result
+
+
+def _unjelly_reference(tag, items, state):
+    """["reference", number, value]: the value, kept with what it cost for "dereference"."""
+    if not (len(items) == 2 and isinstance(items[0], int) and 0 < items[0] <= PB_MAX_VALUES):
+        return _MALFORMED
+    before = state[0]
+    value = _unjelly(items[1], state)
+    state[1][items[0]] = (value, before - state[0])
+    return value
+
+
+def _unjelly_dereference(tag, items, state):
+    """["dereference", number]: a value referenced before, counted again at its cost."""
+    if not (len(items) == 1 and items[0] in state[1]):
+        return _MALFORMED
+    value, cost = state[1][items[0]]
+    state[0] -= cost
+    if state[0] < 0:
+        raise JellyError("too many values")
+    return value
+
+
+_UNJELLY = {b"unicode": _unjelly_unicode, b"None": _unjelly_none,
+            b"boolean": _unjelly_boolean, b"list": _unjelly_sequence,
+            b"tuple": _unjelly_sequence, b"set": _unjelly_set, b"frozenset": _unjelly_set,
+            b"dictionary": _unjelly_dictionary, b"reference": _unjelly_reference,
+            b"dereference": _unjelly_dereference}
 
 
 def _shown(value):
@@ -6742,6 +6816,26 @@ def _has_capability(bit):
 def run_server(options):
     """--serve: build, (daemonize), bind, chroot, drop privileges, start, wait for
     SIGTERM/SIGINT, stop.  Returns the exit code."""
+    group, identity = _prepare_server(options)
+    report = daemonize(options.rundir) if options.daemon else None
+    if options.log_queries:            # its thread after the fork of --daemon
+        query_log.start()
+    if options.rundir and not options.daemon:
+        os.chdir(options.rundir)
+    stopping, failures = _start_server(options, group, identity, report)
+    for service in group:
+        log.info("serving %s on %s", service.name, format_peer(service.address))
+    if report:
+        report(None)
+    sd_notify("READY=1\nSTATUS=serving %s" % ", ".join(s.name for s in group))
+    while not stopping.wait(3600):
+        pass
+    return _stop_server(options, group, failures)
+
+
+def _prepare_server(options):
+    """Before the fork of --daemon: the process settings, the modules a chroot would hide,
+    the services built (not bound yet) -> (their ServiceGroup, the identity to run as)."""
     raise_file_limit()
     # Each service's loop gives the GIL up at every system call; with CPython's 5 ms switch
     # interval, one busy thread (a PB client sending calls without pause) made each finger
@@ -6758,11 +6852,13 @@ def run_server(options):
         log.warning("staying root (--user root): a bug in finger.py would be a root bug")
     for warning in configuration_warnings(options, identity, sockets):
         log.warning("%s", warning)
-    report = daemonize(options.rundir) if options.daemon else None
-    if options.log_queries:            # its thread after the fork of --daemon
-        query_log.start()
-    if options.rundir and not options.daemon:
-        os.chdir(options.rundir)
+    return group, identity
+
+
+def _start_server(options, group, identity, report):
+    """Write the pidfile, bind, chroot, drop privileges, start -> (the Event SIGTERM and
+    SIGINT set, the list a failing service adds to).  A failure to start is logged, told
+    to the parent of --daemon (`report`), and raised."""
     try:
         if options.pidfile:
             write_pidfile(options.pidfile)
@@ -6783,13 +6879,12 @@ def run_server(options):
         if report:
             report(error)
         raise
-    for service in group:
-        log.info("serving %s on %s", service.name, format_peer(service.address))
-    if report:
-        report(None)
-    sd_notify("READY=1\nSTATUS=serving %s" % ", ".join(s.name for s in group))
-    while not stopping.wait(3600):
-        pass
+    return stopping, failures
+
+
+def _stop_server(options, group, failures):
+    """Stop the services within --stop-timeout and remove the pidfile -> the exit code: 1
+    when a service failed or stopping did."""
     log.info("stopping")
     sd_notify("STOPPING=1")
     deadline = time.monotonic() + options.stop_timeout
@@ -6808,20 +6903,24 @@ def run_server(options):
     if options.pidfile:
         remove_pidfile(options.pidfile)
     code = 1 if failures else 0
-    # Worker threads still in a lookup would be waited for at exit: give them until the
-    # deadline, then leave without them.
+    _exit_without_stragglers(deadline, code, options.stop_timeout)
+    return code
+
+
+def _exit_without_stragglers(deadline, code, stop_timeout):
+    """Worker threads still in a lookup would be waited for at exit: give them until the
+    deadline, then leave without them (os._exit with `code`)."""
     others = [t for t in threading.enumerate() if t is not threading.current_thread()]
     for thread in others:
         thread.join(max(deadline - time.monotonic(), 0))
     if any(thread.is_alive() for thread in others):
         log.warning("a back-end lookup is still running after %g s: exiting without it",
-                    options.stop_timeout)
+                    stop_timeout)
         for process in list(RUNNING_COMMANDS):
             with contextlib.suppress(OSError):
                 process.kill()
         logging.shutdown()
         os._exit(code)
-    return code
 
 
 def _install_signal_handlers(group, options=None):
@@ -7445,14 +7544,7 @@ def main(argv=None):
         sys.stdout.write(format_config(options, parser))
         return 0
     if not server:
-        misplaced = [name for name in options.given if name not in CLIENT_OPTIONS]
-        if misplaced:
-            parser.hint = "finger.py --serve --help"
-            parser.error("%s %s the server's: did you mean finger.py --serve?" % (
-                ", ".join(misplaced), "is" if len(misplaced) == 1 else "are"))
-        if options.set is not None:
-            return run_set(options.set, options.setter_socket, options.timeout)
-        return run_client(options.queries, options.verbose, options.timeout)
+        return _main_client(options, parser)
     if options.queries:
         parser.error("queries are for the client; --serve and --inetd take none")
     misplaced = [name for name in options.given if name in ("-l", "--set")]
@@ -7475,6 +7567,19 @@ def main(argv=None):
     except OSError as error:
         print("finger.py: error: %s" % error, file=sys.stderr)
         return 1
+
+
+def _main_client(options, parser):
+    """main without a server mode: a query or --set, with the client's options only (any
+    other is a usage error) -> the exit code."""
+    misplaced = [name for name in options.given if name not in CLIENT_OPTIONS]
+    if misplaced:
+        parser.hint = "finger.py --serve --help"
+        parser.error("%s %s the server's: did you mean finger.py --serve?" % (
+            ", ".join(misplaced), "is" if len(misplaced) == 1 else "are"))
+    if options.set is not None:
+        return run_set(options.set, options.setter_socket, options.timeout)
+    return run_client(options.queries, options.verbose, options.timeout)
 
 
 def given_options(parser, words):
