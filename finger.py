@@ -2440,7 +2440,11 @@ class RequestConnection(Connection):
             return
         self.inbuf += data
         if service.proxy_headers is not None and self.inbuf.startswith(PROXY_STARTS):
-            service.refuse_proxy_header(self)
+            service.warnings.report("%s %s: dropped: a PROXY header from an address not in "
+                                    "%s", service.name, format_peer(self.peer),
+                                    option_of_field("proxy_headers"))
+            service.log(self, self.inbuf[:80], "proxy header refused")
+            service.drop(self)
             return
         try:
             request = service.protocol.parse(self.inbuf, not data)
@@ -2642,25 +2646,18 @@ class SessionConnection(Connection):
 
 
 class TCPService(Service):
-    """A listener whose connections are all served by one Loop in the service's thread.
-
-    `address` is (host, port), or a path for a unix socket (whose peers are known by their
-    PeerCredentials); `sock` is a listening socket made elsewhere (systemd, tests).
-    `protocol` is a RequestProtocol (the connection closes after its answer; requests for
-    which needs_worker() is true are answered in the bounded worker pool, the loop never
-    waits for them) or a SessionProtocol (the connection stays open; `timeout` then runs
-    from the last whole message).  With `tls_context` connections are TLS, their handshake
-    done on the loop.  Limits: `timeout` seconds to send a request (and the handshake) and
-    to take each part of the answer, `max_connections` open at once (more get the
-    protocol's refusal), at most `max_pending` answers (default 2 x `workers`) waiting for
-    the pool, and the per-client `limits` (a ClientLimits): see Admission.  Connections
-    from the balancers of `proxy_headers` (ProxyHeaders) start with a PROXY header, whose
-    client is then the peer: for the limits, the protocol and the log.  `clock` is the
-    deadlines' (tests).
-
-    This class accepts, keeps the deadlines, closes and logs; a RequestConnection or a
-    SessionConnection does the rest.  The methods they call: wait(), set_deadline(),
-    in_worker(), proxied(), refuse_proxy_header(), log() and drop()."""
+    """A listener whose connections are all served by one Loop in the service's thread; it
+    accepts, keeps deadlines, closes and logs, and its RequestConnection or SessionConnection
+    does the rest (calling wait, set_deadline, in_worker, proxied, log and drop).
+    `address` is (host, port), or a unix socket's path (peers known by their
+    PeerCredentials); `sock` a listening socket made elsewhere (systemd, tests).  `protocol`
+    is a RequestProtocol (needs_worker() requests go to the bounded worker pool) or a
+    SessionProtocol (the connection stays open).  `tls_context`: TLS, handshakes on the loop.
+    Limits: `timeout` seconds to send a request (and the handshake) and to take each part of
+    the answer (for sessions, from the last whole message), at most `max_pending` (default 2
+    x `workers`) answers waiting for the pool, and the Admission of `max_connections` and
+    per-client `limits`.  The balancers of `proxy_headers` (ProxyHeaders) send a PROXY header
+    first, whose client is then the peer.  `clock` is the deadlines' (tests)."""
 
     def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
                  timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
@@ -2824,14 +2821,6 @@ class TCPService(Service):
             conn.refusal = refusal
             admission.busy += 1
         conn.begin()
-
-    def refuse_proxy_header(self, conn):
-        """A PROXY header from an address that may send none: drop the connection."""
-        self.warnings.report("%s %s: dropped: a PROXY header from an address not in %s",
-                             self.name, format_peer(conn.peer),
-                             option_of_field("proxy_headers"))
-        self.log(conn, conn.inbuf[:80], "proxy header refused")
-        self.drop(conn)
 
     def _turn_away(self, conn, refusal):
         """Send the protocol's refusal (on a TLS port: a TLS alert, never plain text), then
@@ -5525,173 +5514,12 @@ class IRCSession(IRCRegistration, IRCNickKeeper, IRCConversation):
     }
 
 
-class IRCBot(Service):
-    """The tutorial's IRCReplyBot on plain sockets: it answers a private message NAME (or
-    "NICK: NAME" / "NICK, NAME" in a joined channel) with "Status of NAME: STATUS".
-
-    Unlike Twisted's IRCClient it sends its own PING after `keepalive` seconds of silence and
-    reconnects when nothing comes back within `keepalive_timeout`; it gives up on a
-    connection that is not welcomed (001) within `register_timeout`; it reconnects with
-    attempt-based exponential back-off (`backoff_cap`), reset once a connection has lasted
-    `stable_after` seconds after its 001; it limits its output
-    to `burst` lines, then one per `line_interval` seconds; over TLS it checks the
-    certificate and host name.  SASL PLAIN is used when `account` and `password` are given
-    (with `require_sasl`, the bot disconnects rather than stay without its account), PASS
-    when `server_password` is.  It follows the server's 005: CASEMAPPING for every
-    comparison of nicks and channels, NICKLEN, CHANTYPES, TARGMAX for JOIN, BOT (it sets
-    that mode), MONITOR (to take its nick back when the holder leaves; else ISON every
-    `reclaim_interval` seconds).  A throttled reconnection waits `throttle_delay`, a ban
-    `ban_delay`; a ban, a refused certificate and a failed login are logged once per streak.
-
-    The protocol is an IRCSession per connection; this class is the connection, on a Loop
-    in the bot's thread: the server's lookup and a back-end's that may block in the loop's
-    workers, a non-blocking connect, a Transport (TLS too), the session's timers, the
-    back-off between connections.  Its times come from `clock` (tests drive it).  Methods for the
-    caller: those of Service (start, stop, ...).  `address` is the server's (host, port);
-    `nick` the nick in use; `registered` whether the server welcomed the bot; `joined` its
-    channels; `counts` the answers by outcome (for the metrics).  close() ends it within a
-    second in any state: looking up, connecting, registered, or waiting to reconnect."""
-
-    name = "irc"
-
-    def __init__(self, db, host, port=None, *, nick=IRC_DEFAULT_NICK, channels=(), tls=False,
-                 cafile=None, account=None, password=None, server_password=None,
-                 realname="finger.py bot", keepalive=120.0, keepalive_timeout=60.0,
-                 register_timeout=60.0, burst=5, line_interval=2.0, backoff_cap=60.0,
-                 require_sasl=False, throttle_delay=IRC_THROTTLE_DELAY,
-                 ban_delay=IRC_BAN_DELAY, reclaim_interval=IRC_RECLAIM_INTERVAL,
-                 cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT, stable_after=IRC_STABLE,
-                 clock=time.monotonic):
-        super().__init__()
-        if not _IRC_NICK.match(nick or ""):
-            raise FieldError("nick", "a nick is a letter or one of []\\`^{}|_ followed by "
-                             "at most 63 letters, digits or those", repr(nick))
-        for channel in channels:
-            if not _IRC_CHANNEL.match(channel):
-                raise FieldError("channels", "a channel starts with #, &, + or ! and has no "
-                                 "space, comma or control character", repr(channel))
-        if bool(account) != bool(password):
-            raise FieldError("account", "SASL needs both {account} and a {password}")
-        if any("\0" in (text or "") for text in (account, password)):
-            raise FieldError("account", "the account and the password cannot contain NUL")
-        if cafile and not tls:
-            raise FieldError("cafile", "needs {tls}")
-        if require_sasl and not account:
-            raise FieldError("require_sasl", "needs {account}")
-        if account and not tls:
-            log.warning("irc: SASL PLAIN without %s sends the password in clear text",
-                        option_of_field("tls"))
-        self.db = db
-        self.host = host
-        self.address = (host, port or (IRC_TLS_PORT if tls else IRC_PORT))
-        self.wanted_nick, self.channels = nick, list(channels)
-        self.tls, self.cafile = tls, cafile
-        self.ssl_context = irc_tls_context(cafile) if tls else None
-        self.account, self._password = account, password
-        self._server_password, self.realname = server_password, realname
-        self.keepalive, self.keepalive_timeout = keepalive, keepalive_timeout
-        self.register_timeout, self.backoff_cap = register_timeout, backoff_cap
-        self.burst, self.line_interval = burst, line_interval
-        self.require_sasl = require_sasl
-        self.throttle_delay, self.ban_delay = throttle_delay, ban_delay
-        self.reclaim_interval, self.cap_wait, self.join_wait = reclaim_interval, cap_wait, \
-            join_wait
-        self.stable_after = stable_after
-        self.clock = clock
-        # What goes wrong is logged at ERROR once a streak (a 001 ends it), then at INFO.
-        self.trouble = LogStreak("irc", level=logging.ERROR, repeat_level=logging.INFO)
-        # Fixed keys: render_metrics may iterate while the bot thread counts.
-        self.counts = dict.fromkeys(("ok", "unknown", "error", "dropped", "ctcp"), 0)
-        self.nicklen = None           # NICKLEN from 005, kept across connections
-        self._addresses = None        # the server's addresses as last looked up
-        self._failures = 0            # connections that ended since one lasted IRC_STABLE s
-        self.warnings = warning_throttle("irc")
-        self.loop = None              # made by bind()
-        self.session = None           # the IRCSession of the connection, once connected
-        self._link = None             # the Transport of the connection
-        self._outbuf = b""
-        self._phase = None            # lookup, connect, handshake, session, quitting, waiting
-        self._attempt = 0             # connections tried: a late lookup is told apart
-        self._timer = None            # the one Timer: a deadline, the session's, the back-off
-        self._stopping = False
-
-    def __repr__(self):
-        return "<IRCBot %s on %s>" % (self.nick, format_address(self.address))
-
-    # -- what the rest of the program sees --------------------------------------------------
-
-    @property
-    def nick(self):
-        return self.session.nick if self.session is not None else self.wanted_nick
-
-    @property
-    def registered(self):
-        return self.session is not None and self.session.registered
-
-    @property
-    def joined(self):
-        """The channels the bot is in now, sorted."""
-        return self.session.joined if self.session is not None else []
-
-    def open_connections(self):
-        return 1 if self._link is not None else 0
-
-    def reload(self):
-        """SIGHUP: load --irc-cafile again (used from the next connection on)."""
-        if self.tls and self.cafile:
-            try:
-                self.ssl_context = irc_tls_context(self.cafile)
-                log.info("irc: reloaded the CA file %s", self.cafile)
-            except UsageError as error:
-                log.error("%s; keeping the CAs loaded before", error)
-
-    def relocate(self, inside):
-        self.cafile = inside(self.cafile)
-
-    # -- Service: the bot's thread runs a Loop ----------------------------------------------
-
-    def bind(self):
-        """Look the server up now, while the resolver is in reach (before a chroot); later
-        lookups that fail fall back to this answer."""
-        if self.loop is None or self.loop.closed:
-            self.loop = Loop("irc", workers=IRC_WORKERS, clock=self.clock)
-        if self._addresses is None:
-            from concurrent.futures import TimeoutError as Late
-            host, port = self.address
-            try:
-                self._addresses = self.loop.submit(
-                    socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM).result(
-                        IRC_LOOKUP_AT_BIND)
-            except (OSError, Late) as error:
-                log.warning("irc: cannot look up %s yet: %s", host, error or "no answer")
-
-    def serve(self):
-        self._stopping = False
-        self._timer = self.loop.timer(self._guarded, self._on_timer)
-        self.loop.call_soon(self._dial)
-        try:
-            self.loop.run()
-        finally:
-            self._drop()
-            self.session = None
-            self.loop.close()
-
-    def close(self):
-        self.loop.call_soon(self._begin_stop)
-
-    def _begin_stop(self):
-        """Say QUIT and give the server IRC_QUIT_GRACE seconds to take it and hang up."""
-        self._stopping = True
-        self._timer.cancel()
-        if self._phase != "session":
-            self.loop.stop()
-            return
-        self._phase = "quitting"
-        self._outbuf += self.session.quit()
-        self._flush()
-        self.loop.call_later(IRC_QUIT_GRACE, self.loop.stop)
-
-    # -- one connection at a time -----------------------------------------------------------
+class IRCLink:
+    """IRCBot's connection to its server, one at a time, on the bot's Loop: the lookup (in
+    a worker: a slow resolver never holds the loop), a non-blocking connect to each address
+    in turn, the TLS handshake, the session's reads, writes and timers, and after the end
+    the pause before the next one (the back-off, a throttle or a ban).  `_phase` is where
+    it is: lookup, connect, handshake, session, quitting or waiting."""
 
     def _dial(self):
         """Look the server up (in the loop's worker: a slow resolver never holds the loop),
@@ -5826,32 +5654,6 @@ class IRCBot(Service):
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbuf else 0)
         self.loop.watch(self._link.sock, events, self._guarded, self._on_ready)
 
-    def look_up(self, name, then):
-        """then(status, outcome) for the user `name`: at once from a back-end that answers
-        from memory; from one that may block, in the loop's workers (the loop never waits
-        for it), then for the session that asked if it is still the one of now.  With
-        IRC_MAX_QUEUE lookups waiting already, then(None, "dropped") at once."""
-        if not self.db.blocking or self.loop is None:
-            then(*self._status_of(name))
-        elif self.loop.in_flight >= IRC_MAX_QUEUE:
-            then(None, "dropped")
-        else:
-            self.loop.run_in_worker(self._status_of, (name,), functools.partial(
-                self._looked_up_user, self.session, then))
-
-    def _looked_up_user(self, session, then, future):
-        if session is self.session and self._phase == "session":
-            then(*future.result())
-            self._guarded(self._on_timer)          # send the answer now
-
-    def _status_of(self, name):
-        try:
-            status = self.db.get_user(name)
-        except Exception:
-            log.exception("irc: back-end failed answering %r", name)
-            return INTERNAL_ERROR, "error"
-        return status, "unknown" if status is None else "ok"
-
     def _guarded(self, step, mask=None):
         """Run a step of the connection; an error ends the connection (and, but for a
         stop, the bot reconnects): it never ends the bot."""
@@ -5919,6 +5721,195 @@ class IRCBot(Service):
             return "%s %s holds no CA that signed it" % (option_of_field("cafile"), self.cafile)
         return ("name the CA that signed it with %s FILE (a self-signed server: its own "
                 "certificate)" % option_of_field("cafile"))
+
+
+class IRCBot(IRCLink, Service):
+    """The tutorial's IRCReplyBot on plain sockets: it answers a private message NAME (or
+    "NICK: NAME" / "NICK, NAME" in a joined channel) with "Status of NAME: STATUS".
+
+    Unlike Twisted's IRCClient it sends its own PING after `keepalive` seconds of silence and
+    reconnects when nothing comes back within `keepalive_timeout`; it gives up on a
+    connection that is not welcomed (001) within `register_timeout`; it reconnects with
+    attempt-based exponential back-off (`backoff_cap`), reset once a connection has lasted
+    `stable_after` seconds after its 001; it limits its output
+    to `burst` lines, then one per `line_interval` seconds; over TLS it checks the
+    certificate and host name.  SASL PLAIN is used when `account` and `password` are given
+    (with `require_sasl`, the bot disconnects rather than stay without its account), PASS
+    when `server_password` is.  It follows the server's 005: CASEMAPPING for every
+    comparison of nicks and channels, NICKLEN, CHANTYPES, TARGMAX for JOIN, BOT (it sets
+    that mode), MONITOR (to take its nick back when the holder leaves; else ISON every
+    `reclaim_interval` seconds).  A throttled reconnection waits `throttle_delay`, a ban
+    `ban_delay`; a ban, a refused certificate and a failed login are logged once per streak.
+
+    The protocol is an IRCSession per connection; this class is the connection, on a Loop
+    in the bot's thread: the server's lookup and a back-end's that may block in the loop's
+    workers, a non-blocking connect, a Transport (TLS too), the session's timers, the
+    back-off between connections (IRCLink).  Its times come from `clock` (tests drive it).
+    Methods for the caller: those of Service (start, stop, ...).  `address` is the server's (host, port);
+    `nick` the nick in use; `registered` whether the server welcomed the bot; `joined` its
+    channels; `counts` the answers by outcome (for the metrics).  close() ends it within a
+    second in any state: looking up, connecting, registered, or waiting to reconnect."""
+
+    name = "irc"
+
+    def __init__(self, db, host, port=None, *, nick=IRC_DEFAULT_NICK, channels=(), tls=False,
+                 cafile=None, account=None, password=None, server_password=None,
+                 realname="finger.py bot", keepalive=120.0, keepalive_timeout=60.0,
+                 register_timeout=60.0, burst=5, line_interval=2.0, backoff_cap=60.0,
+                 require_sasl=False, throttle_delay=IRC_THROTTLE_DELAY,
+                 ban_delay=IRC_BAN_DELAY, reclaim_interval=IRC_RECLAIM_INTERVAL,
+                 cap_wait=IRC_CAP_WAIT, join_wait=IRC_JOIN_WAIT, stable_after=IRC_STABLE,
+                 clock=time.monotonic):
+        super().__init__()
+        if not _IRC_NICK.match(nick or ""):
+            raise FieldError("nick", "a nick is a letter or one of []\\`^{}|_ followed by "
+                             "at most 63 letters, digits or those", repr(nick))
+        for channel in channels:
+            if not _IRC_CHANNEL.match(channel):
+                raise FieldError("channels", "a channel starts with #, &, + or ! and has no "
+                                 "space, comma or control character", repr(channel))
+        if bool(account) != bool(password):
+            raise FieldError("account", "SASL needs both {account} and a {password}")
+        if any("\0" in (text or "") for text in (account, password)):
+            raise FieldError("account", "the account and the password cannot contain NUL")
+        if cafile and not tls:
+            raise FieldError("cafile", "needs {tls}")
+        if require_sasl and not account:
+            raise FieldError("require_sasl", "needs {account}")
+        if account and not tls:
+            log.warning("irc: SASL PLAIN without %s sends the password in clear text",
+                        option_of_field("tls"))
+        self.db = db
+        self.host = host
+        self.address = (host, port or (IRC_TLS_PORT if tls else IRC_PORT))
+        self.wanted_nick, self.channels = nick, list(channels)
+        self.tls, self.cafile = tls, cafile
+        self.ssl_context = irc_tls_context(cafile) if tls else None
+        self.account, self._password = account, password
+        self._server_password, self.realname = server_password, realname
+        self.keepalive, self.keepalive_timeout = keepalive, keepalive_timeout
+        self.register_timeout, self.backoff_cap = register_timeout, backoff_cap
+        self.burst, self.line_interval = burst, line_interval
+        self.require_sasl = require_sasl
+        self.throttle_delay, self.ban_delay = throttle_delay, ban_delay
+        self.reclaim_interval, self.cap_wait, self.join_wait = reclaim_interval, cap_wait, \
+            join_wait
+        self.stable_after = stable_after
+        self.clock = clock
+        # What goes wrong is logged at ERROR once a streak (a 001 ends it), then at INFO.
+        self.trouble = LogStreak("irc", level=logging.ERROR, repeat_level=logging.INFO)
+        # Fixed keys: render_metrics may iterate while the bot thread counts.
+        self.counts = dict.fromkeys(("ok", "unknown", "error", "dropped", "ctcp"), 0)
+        self.nicklen = None           # NICKLEN from 005, kept across connections
+        self._addresses = None        # the server's addresses as last looked up
+        self._failures = 0            # connections that ended since one lasted IRC_STABLE s
+        self.warnings = warning_throttle("irc")
+        self.loop = None              # made by bind()
+        self.session = None           # the IRCSession of the connection, once connected
+        self._link = None             # the Transport of the connection
+        self._outbuf = b""
+        self._phase = None            # lookup, connect, handshake, session, quitting, waiting
+        self._attempt = 0             # connections tried: a late lookup is told apart
+        self._timer = None            # the one Timer: a deadline, the session's, the back-off
+        self._stopping = False
+
+    def __repr__(self):
+        return "<IRCBot %s on %s>" % (self.nick, format_address(self.address))
+
+    @property
+    def nick(self):
+        return self.session.nick if self.session is not None else self.wanted_nick
+
+    @property
+    def registered(self):
+        return self.session is not None and self.session.registered
+
+    @property
+    def joined(self):
+        """The channels the bot is in now, sorted."""
+        return self.session.joined if self.session is not None else []
+
+    def open_connections(self):
+        return 1 if self._link is not None else 0
+
+    def reload(self):
+        """SIGHUP: load --irc-cafile again (used from the next connection on)."""
+        if self.tls and self.cafile:
+            try:
+                self.ssl_context = irc_tls_context(self.cafile)
+                log.info("irc: reloaded the CA file %s", self.cafile)
+            except UsageError as error:
+                log.error("%s; keeping the CAs loaded before", error)
+
+    def relocate(self, inside):
+        self.cafile = inside(self.cafile)
+
+    def bind(self):
+        """Look the server up now, while the resolver is in reach (before a chroot); later
+        lookups that fail fall back to this answer."""
+        if self.loop is None or self.loop.closed:
+            self.loop = Loop("irc", workers=IRC_WORKERS, clock=self.clock)
+        if self._addresses is None:
+            from concurrent.futures import TimeoutError as Late
+            host, port = self.address
+            try:
+                self._addresses = self.loop.submit(
+                    socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM).result(
+                        IRC_LOOKUP_AT_BIND)
+            except (OSError, Late) as error:
+                log.warning("irc: cannot look up %s yet: %s", host, error or "no answer")
+
+    def serve(self):
+        self._stopping = False
+        self._timer = self.loop.timer(self._guarded, self._on_timer)
+        self.loop.call_soon(self._dial)
+        try:
+            self.loop.run()
+        finally:
+            self._drop()
+            self.session = None
+            self.loop.close()
+
+    def close(self):
+        self.loop.call_soon(self._begin_stop)
+
+    def _begin_stop(self):
+        """Say QUIT and give the server IRC_QUIT_GRACE seconds to take it and hang up."""
+        self._stopping = True
+        self._timer.cancel()
+        if self._phase != "session":
+            self.loop.stop()
+            return
+        self._phase = "quitting"
+        self._outbuf += self.session.quit()
+        self._flush()
+        self.loop.call_later(IRC_QUIT_GRACE, self.loop.stop)
+
+    def look_up(self, name, then):
+        """then(status, outcome) for the user `name`: at once from a back-end that answers
+        from memory; from one that may block, in the loop's workers (the loop never waits
+        for it), then for the session that asked if it is still the one of now.  With
+        IRC_MAX_QUEUE lookups waiting already, then(None, "dropped") at once."""
+        if not self.db.blocking or self.loop is None:
+            then(*self._status_of(name))
+        elif self.loop.in_flight >= IRC_MAX_QUEUE:
+            then(None, "dropped")
+        else:
+            self.loop.run_in_worker(self._status_of, (name,), functools.partial(
+                self._looked_up_user, self.session, then))
+
+    def _looked_up_user(self, session, then, future):
+        if session is self.session and self._phase == "session":
+            then(*future.result())
+            self._guarded(self._on_timer)          # send the answer now
+
+    def _status_of(self, name):
+        try:
+            status = self.db.get_user(name)
+        except Exception:
+            log.exception("irc: back-end failed answering %r", name)
+            return INTERNAL_ERROR, "error"
+        return status, "unknown" if status is None else "ok"
 
 
 # == 9. Services and assembly ==================================================================

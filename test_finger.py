@@ -4433,12 +4433,14 @@ class TestIRCBot(unittest.TestCase):
         server.send(*[":alice!a@h PRIVMSG fingerbot :moshez"] * 4)
         for _ in range(2):
             server.expect(r"^PRIVMSG alice")              # the burst
-        clock.advance(bot, 9)
-        server.expect_nothing(r"^PRIVMSG alice", 0.2)
+        wait_until(lambda: bot.counts["ok"] == 4)         # the other two wait in the queue
+        clock.advance(bot, 0)                             # and the loop is done with them
         for _ in range(2):
-            clock.advance(bot, 1)
-            server.expect(r"^PRIVMSG alice")              # then one line per 10 s
             clock.advance(bot, 9)
+            server.expect_nothing(r"^PRIVMSG alice", 0.2)
+            clock.advance(bot, 2)
+            server.expect(r"^PRIVMSG alice")              # then one line per 10 s
+            clock.advance(bot, -1)
 
     def test_queue_is_bounded(self):
         server, bot = registered_irc_bot(self, burst=1, line_interval=10)
