@@ -5983,26 +5983,39 @@ def _file_database(options):
                          "name another file with --users FILE)" % error) from None
 
 
-# --backend NAME -> what makes that database from the options (bottle's server_names, for
-# back-ends); any other NAME with a ':' is a plugin, MODULE:CLASS.  The help text and the
-# error for an unknown NAME come from here.
+class Entry:
+    """A registry entry (bottle's server_names): `make` builds the thing from the options,
+    `takes` names the options (dests) that only it uses: given without it, they are warned
+    about (OPTIONS_NEEDING)."""
+    __slots__ = ("make", "takes")
+
+    def __init__(self, make, takes=()):
+        self.make, self.takes = make, takes
+
+
+# --backend NAME -> its Entry; any other NAME with a ':' is a plugin, MODULE:CLASS.  The
+# help text and the error for an unknown NAME come from here.
 BACKENDS = {
-    "file": _file_database,
-    "memory": lambda options: MemoryDatabase(options.status),
-    "plan": lambda options: PlanDatabase(options.list_plan_users),
-    "command": lambda options: CommandDatabase(options.command, options.backend_timeout),
-    "web": lambda options: WebDatabase(options.web_prefix, options.backend_timeout),
-    "proxy": lambda options: ProxyDatabase(build_forwarder(options), options.proxy_target),
+    "file": Entry(_file_database, ("users", "reload")),
+    "memory": Entry(lambda options: MemoryDatabase(options.status), ("status",)),
+    "plan": Entry(lambda options: PlanDatabase(options.list_plan_users), ("list_plan_users",)),
+    "command": Entry(lambda options: CommandDatabase(options.command, options.backend_timeout),
+                     ("command",)),
+    "web": Entry(lambda options: WebDatabase(options.web_prefix, options.backend_timeout),
+                 ("web_prefix",)),
+    "proxy": Entry(lambda options: ProxyDatabase(build_forwarder(options),
+                                                 options.proxy_target)),
 }
+SHARED_BACKEND_OPTIONS = ("backend_timeout", "proxy_target")   # back-ends' and others'
+PLUGIN_KEYWORDS = {"backend_timeout": "timeout"}     # an option's name for a plugin
 
 
 def plugin_arguments(options):
-    """The keyword arguments a plugin's class is called with: the back-end options.  A
+    """The keyword arguments a plugin's class is called with: every back-end's options.  A
     plugin takes those it uses, and the others with **rest."""
-    return {"users": options.users, "reload": options.reload, "status": options.status,
-            "web_prefix": options.web_prefix, "command": options.command,
-            "list_plan_users": options.list_plan_users, "timeout": options.backend_timeout,
-            "proxy_target": options.proxy_target}
+    names = [name for entry in BACKENDS.values() for name in entry.takes]
+    return {PLUGIN_KEYWORDS.get(name, name): getattr(options, name)
+            for name in names + list(SHARED_BACKEND_OPTIONS)}
 
 
 def load_plugin(spec, options):
@@ -6025,7 +6038,7 @@ def build_database(options):
     """The user database named by `options.backend` (UsageError when it cannot be built)."""
     backend = options.backend
     if backend in BACKENDS:
-        return BACKENDS[backend](options)
+        return BACKENDS[backend].make(options)
     if ":" in backend:
         return load_plugin(backend, options)
     raise UsageError("--backend %s: unknown; use %s or MODULE:CLASS"
@@ -6126,42 +6139,6 @@ def wanted_listeners(options, sockets=()):
             if address is not None or name in sockets}
 
 
-# Options that do something only beside another: (options, whether they apply given the
-# options and the listeners that run, what they need).  Given without it, they are warned
-# about, not refused.
-OPTIONS_NEEDING = (
-    (("--cert", "--key", "--hsts"), lambda o, run: "https" in run, "--https"),
-    (("--templates", "--web-max-connections"), lambda o, run: {"web", "https"} & set(run),
-     "--web or --https"),
-    (("--max-status", "--max-users"), lambda o, run: {"setter", "setter-socket"} & set(run),
-     "--setter or --setter-socket"),
-    (("--users", "--reload"), lambda o, run: _backend_is(o, "file"),
-     "--backend file (or a plugin)"),
-    (("--status",), lambda o, run: _backend_is(o, "memory"), "--backend memory (or a plugin)"),
-    (("--web-prefix",), lambda o, run: _backend_is(o, "web"), "--backend web (or a plugin)"),
-    (("--command",), lambda o, run: _backend_is(o, "command"),
-     "--backend command (or a plugin)"),
-    (("--list-plan-users",), lambda o, run: _backend_is(o, "plan"),
-     "--backend plan (or a plugin)"),
-    (("--proxy-target",), lambda o, run: "proxy" in run or o.backend == "proxy",
-     "--proxy or --backend proxy"),
-    (("--forward-ports",), lambda o, run: o.forward or "proxy" in run or o.backend == "proxy",
-     "--forward, --proxy or --backend proxy"),
-    (("--backend-timeout",), lambda o, run: o.backend in ("command", "web", "proxy")
-     or o.forward or "proxy" in run, "--backend command, web or proxy, --forward or --proxy"),
-    (("--prefix",), lambda o, run: o.syslog or o.inetd, "--syslog (or --inetd)"),
-    (("--irc-nick", "--irc-channel", "--irc-tls", "--irc-cafile", "--irc-account",
-      "--irc-password-file", "--irc-require-sasl"), lambda o, run: o.irc, "--irc"),
-    (("--irc-cafile",), lambda o, run: o.irc_tls, "--irc-tls"),
-    (tuple("--" + name for name in LISTENERS) + (
-        "--setter-socket", "--irc", "--user", "--group", "--daemon", "--pidfile", "--rundir",
-        "--chroot", "--stop-timeout", "--max-connections", "--workers",
-        "--per-client-connections", "--per-client-rate", "--per-client-exempt",
-        "--proxy-protocol"),
-     lambda o, run: o.serve, "--serve (inetd runs one query and its own user)"),
-)
-
-
 def _backend_is(options, name):
     """Whether the back-end is `name`, or a plugin (it is given every back-end option)."""
     return options.backend == name or ":" in options.backend
@@ -6244,13 +6221,61 @@ def _pb_listener(name, address, sock, db, site, options, limits, proxy_headers):
                          proxy_headers)
 
 
-# Listener name (its option: LISTENERS, and --setter-socket) -> what makes its service
-# (bottle's server_names, for listeners).
+# Listener name (its option: LISTENERS, and --setter-socket) -> the Entry making its
+# service.
 LISTENER_SERVICES = {
-    "finger": _finger_listener, "web": _web_listener, "https": _web_listener,
-    "setter": _setter_listener, "setter-socket": _setter_listener, "pb": _pb_listener,
-    "proxy": _proxy_listener,
+    "finger": Entry(_finger_listener), "web": Entry(_web_listener, ("templates",
+                                                                     "web_max_connections")),
+    "https": Entry(_web_listener, ("templates", "web_max_connections", "cert", "key", "hsts")),
+    "setter": Entry(_setter_listener, ("max_status", "max_users")),
+    "setter-socket": Entry(_setter_listener, ("max_status", "max_users")),
+    "pb": Entry(_pb_listener), "proxy": Entry(_proxy_listener),
 }
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _needing_rows():
+    """OPTIONS_NEEDING's rows that the registries declare: the options only some listeners
+    or one back-end take."""
+    rows, takers = [], {}
+    for name, entry in LISTENER_SERVICES.items():
+        for dest in entry.takes:
+            takers.setdefault(dest, []).append(name)
+    for listeners in sorted({tuple(names) for names in takers.values()}, key=len):
+        dests = [dest for dest, names in takers.items() if tuple(names) == listeners]
+        rows.append((tuple(map(_flag, dests)), lambda o, run, wanted=set(listeners):
+                     wanted & set(run), " or ".join(map(_flag, listeners))))
+    for name, entry in BACKENDS.items():
+        if entry.takes:
+            rows.append((tuple(map(_flag, entry.takes)), lambda o, run, name=name:
+                         _backend_is(o, name), "--backend %s (or a plugin)" % name))
+    return rows
+
+
+# Options that do something only beside another: (options, whether they apply given the
+# options and the listeners that run, what they need).  Given without it, they are warned
+# about, not refused.
+OPTIONS_NEEDING = tuple(_needing_rows()) + (
+    (("--proxy-target",), lambda o, run: "proxy" in run or o.backend == "proxy",
+     "--proxy or --backend proxy"),
+    (("--forward-ports",), lambda o, run: o.forward or "proxy" in run or o.backend == "proxy",
+     "--forward, --proxy or --backend proxy"),
+    (("--backend-timeout",), lambda o, run: o.backend in ("command", "web", "proxy")
+     or o.forward or "proxy" in run, "--backend command, web or proxy, --forward or --proxy"),
+    (("--prefix",), lambda o, run: o.syslog or o.inetd, "--syslog (or --inetd)"),
+    (("--irc-nick", "--irc-channel", "--irc-tls", "--irc-cafile", "--irc-account",
+      "--irc-password-file", "--irc-require-sasl"), lambda o, run: o.irc, "--irc"),
+    (("--irc-cafile",), lambda o, run: o.irc_tls, "--irc-tls"),
+    (tuple("--" + name for name in LISTENERS) + (
+        "--setter-socket", "--irc", "--user", "--group", "--daemon", "--pidfile", "--rundir",
+        "--chroot", "--stop-timeout", "--max-connections", "--workers",
+        "--per-client-connections", "--per-client-rate", "--per-client-exempt",
+        "--proxy-protocol"),
+     lambda o, run: o.serve, "--serve (inetd runs one query and its own user)"),
+)
 
 
 def _listener_service(name, address, sock, db, site, options):
@@ -6258,8 +6283,8 @@ def _listener_service(name, address, sock, db, site, options):
     limits = ClientLimits(name, options.per_client_connections, options.per_client_rate,
                           options.per_client_exempt)
     proxy_headers = ProxyHeaders(options.proxy_protocol) if options.proxy_protocol else None
-    return LISTENER_SERVICES[name](name, address, sock, db, site, options, limits,
-                                   proxy_headers)
+    return LISTENER_SERVICES[name].make(name, address, sock, db, site, options, limits,
+                                        proxy_headers)
 
 
 def _limits(options, protocol):
@@ -6378,6 +6403,13 @@ def apply_options(group, options, new):
         query_log.start()
     else:
         query_log.enabled = False
+    _reconfigure_databases(group, options)
+    _reconfigure_services(group, options)
+    return [key for key in changed if key not in RELOADABLE]
+
+
+def _reconfigure_databases(group, options):
+    """apply_options for the back-ends and the forwarders."""
     forwarders = [getattr(db, "forwarder", None) for db in group.databases] + [
         getattr(getattr(service, "protocol", None), "forwarder", None) for service in group]
     for forwarder in filter(None, forwarders):      # --forward, --proxy, --backend proxy
@@ -6386,6 +6418,10 @@ def apply_options(group, options, new):
         db.listable = not options.no_list
         if hasattr(db, "timeout"):                  # command and web back-ends
             db.timeout = options.backend_timeout
+
+
+def _reconfigure_services(group, options):
+    """apply_options for the listeners: deadlines, per-client limits, the setter's caps."""
     for service in group:
         if getattr(service, "limits", None) is not None:
             service.limits.configure(options.per_client_connections, options.per_client_rate,
@@ -6395,7 +6431,6 @@ def apply_options(group, options, new):
             if isinstance(service.protocol, SetterProtocol):
                 service.protocol.max_status = options.max_status
                 service.protocol.max_users = options.max_users
-    return [key for key in changed if key not in RELOADABLE]
 
 
 def default_options(**overrides):
@@ -7331,6 +7366,11 @@ def build_parser(server=False):
     for action in parser._actions:     # argparse has no public list of its actions
         if action not in both and (action in client) == server:
             action.help = argparse.SUPPRESS
+    # What the client takes (--set uses --setter-socket), and the words of a server mode.
+    parser.client_options = {word for action in client + both
+                             for word in action.option_strings} | {"--setter-socket"}
+    parser.mode_options = {word for action in modes._group_actions
+                           for word in action.option_strings}
     return parser
 
 
@@ -7511,10 +7551,9 @@ def man_page():
     return "\n".join(lines) + "\n"
 
 
-# Words that choose a server mode (a --config file is the server's), and the options the
-# client takes; any other option without a server mode is a mistake.
+# Words that choose a server mode (the parser's "server modes"; a --config file is the
+# server's): read before the parser is built, which they choose.
 SERVER_WORDS = ("--serve", "--inetd", "--check-config", "--print-config", "--config")
-CLIENT_OPTIONS = ("-l", "--timeout", "--set", "--setter-socket", "-h", "--help", "--version")
 
 
 def main(argv=None):
@@ -7563,7 +7602,7 @@ def main(argv=None):
 def _main_client(options, parser):
     """main without a server mode: a query or --set, with the client's options only (any
     other is a usage error) -> the exit code."""
-    misplaced = [name for name in options.given if name not in CLIENT_OPTIONS]
+    misplaced = [name for name in options.given if name not in parser.client_options]
     if misplaced:
         parser.hint = "finger.py --serve --help"
         parser.error("%s %s the server's: did you mean finger.py --serve?" % (
@@ -7668,17 +7707,17 @@ def run_check_config(options):
     return 0
 
 
-# Options naming files: made absolute at start, since --daemon and --rundir change directory
-# (and SIGHUP reads --config again).
-PATH_OPTIONS = ("config", "users", "pidfile", "logfile", "cert", "key", "setter_socket",
-                "templates", "chroot", "irc_cafile", "irc_password_file")
+PATH_METAVARS = ("FILE", "DIR", "PATH")     # the metavars of options that name files
 
 
 def _absolute_paths(options):
-    for name in PATH_OPTIONS:
-        value = getattr(options, name, None)
-        if value:
-            setattr(options, name, os.path.abspath(value))
+    """Options naming files (by their metavar) made absolute at start, since --daemon and
+    --rundir change directory (and SIGHUP reads --config again); --rundir itself is used
+    before that."""
+    for action in build_parser(server=True)._actions:
+        value = getattr(options, action.dest, None)
+        if action.metavar in PATH_METAVARS and action.dest != "rundir" and value:
+            setattr(options, action.dest, os.path.abspath(value))
 
 
 def _config_file(argv):

@@ -5448,11 +5448,16 @@ class TestDaemon(unittest.TestCase):
         wait_until(lambda: '"moshez" ok' in _read(self.logfile))
 
     def test_every_option_naming_a_file_is_made_absolute(self):
-        """--daemon and --rundir change directory: PATH_OPTIONS must hold every option
-        naming a file (--rundir itself is used before that)."""
-        named = {action.dest for action in finger.build_parser(server=True)._actions
-                 if action.metavar in ("FILE", "DIR", "PATH")}
-        self.assertEqual(named - {"rundir"}, set(finger.PATH_OPTIONS))
+        """--daemon and --rundir change directory: every option naming a file is made
+        absolute (--rundir itself is used before that), found by its metavar."""
+        parser = finger.build_parser(server=True)
+        named = {action.dest for action in parser._actions
+                 if action.metavar in ("FILE", "DIR", "PATH")} - {"rundir"}
+        options = finger.default_options(**{name: "relative" for name in named})
+        finger._absolute_paths(options)
+        self.assertEqual({name for name in named
+                          if getattr(options, name) != os.path.abspath("relative")}, set())
+        self.assertEqual(parser.mode_options | {"--config"}, set(finger.SERVER_WORDS))
 
     def test_every_module_imported_on_first_use_is_loaded_before_the_chroot(self):
         """A module a function imports while serving must be in SERVER_MODULES, or it
