@@ -402,6 +402,34 @@ class TokenBucket:
         return True
 
 
+class VersionedCache:
+    """Answers remembered for one version of the users (a database's `version`; None: the
+    database has none, and nothing is remembered): a new version forgets them all.  At
+    most `budget` bytes in all (None: no limit), each entry's size as put() is told."""
+
+    __slots__ = ("budget", "version", "entries", "used")
+
+    def __init__(self, budget=None):
+        self.budget = budget
+        self.version, self.entries, self.used = None, {}, 0
+
+    def get(self, version, key):
+        """The answer remembered for `key` in `version`, or None."""
+        if version != self.version:
+            if version is None:
+                return None
+            self.version, self.entries, self.used = version, {}, 0
+        return self.entries.get(key)
+
+    def put(self, version, key, value, size=0):
+        """Remember `value` if `version` is still the one of get() and there is room."""
+        if version is None or version != self.version or (
+                self.budget is not None and self.used + size > self.budget):
+            return
+        self.entries[key] = value
+        self.used += size
+
+
 def split_host_port(text, default_port):
     """'host', 'host:port', '[v6]', '[v6]:port' or a bare v6 address -> (host, port).
 
@@ -893,6 +921,15 @@ class MemoryDatabase(UserDatabase):
         self.changed_at = time.time()
 
 
+class _Write:
+    """A status set through FileDatabase.set_user, waiting for the rewrite that takes it:
+    `done` once it is written, with the `error` that rewrite met (None: none)."""
+    __slots__ = ("name", "status", "done", "error")
+
+    def __init__(self, name, status):
+        self.name, self.status, self.done, self.error = name, status, False, None
+
+
 class FileDatabase(MemoryDatabase):
     """The tutorial's FingerService: `user: status` lines from a file, re-read every
     `reload_interval` seconds when the file changed (size, mtime or inode).
@@ -909,10 +946,10 @@ class FileDatabase(MemoryDatabase):
         self.reload_interval = reload_interval
         self.loaded_at = None          # time.time() of the last successful load
         self.rewrites = 0              # times set_user has rewritten the file
-        self._queued = []              # [name, status, done, error] waiting for a rewrite
+        self._queued = []              # the _Writes waiting for a rewrite
         self._queue_lock = threading.Lock()
         self._signature = None
-        self._failing = False
+        self._trouble = LogStreak(path, level=logging.ERROR)   # while it cannot be loaded
         self._stopping = threading.Event()
         self._thread = None
         self._wake = threading.Event()       # reload now: a reload() from another thread
@@ -982,15 +1019,12 @@ class FileDatabase(MemoryDatabase):
             with background_job():
                 old.retire()
         except (OSError, UsersFileError) as error:
-            if not self._failing:
-                reason = error.strerror if isinstance(error, OSError) else error
-                log.error("users file %s: %s; keeping the %d users loaded before",
-                          self.path, reason, len(self._users))
-            self._failing = True
+            reason = error.strerror if isinstance(error, OSError) else error
+            self._trouble.report("users file %s: %s; keeping the %d users loaded before",
+                                 self.path, reason, len(self._users))
             return False
-        if self._failing:
+        if self._trouble.end() is not None:
             log.info("users file %s is usable again", self.path)
-        self._failing = False
         return True
 
     def set_user(self, name, status):
@@ -999,22 +1033,20 @@ class FileDatabase(MemoryDatabase):
         The write is queued; whoever holds the writer lock next writes every queued one in
         one rewrite of the file (a group commit), so a burst of writes to a large file
         costs a few rewrites, not one each, and each returns once its status is on disk."""
-        write = [name, status, False, None]
+        write = _Write(name, status)
         with self._queue_lock:
             self._queued.append(write)
         with self._lock, background_job():
-            if not write[2]:                   # not written by the one before us
+            if not write.done:                 # not written by the one before us
                 with self._queue_lock:
                     batch, self._queued = self._queued, []
                 self._write(batch)
-        if write[3] is not None:
-            raise write[3]
+        if write.error is not None:
+            raise write.error
 
     def _write(self, batch):
         """Rewrite the file with the statuses of `batch` (the last one of a name wins)."""
-        statuses = {}
-        for name, status, _, _ in batch:
-            statuses[name] = status
+        statuses = {write.name: write.status for write in batch}
         error = None
         try:
             with open(self.path, "rb") as f:
@@ -1035,7 +1067,7 @@ class FileDatabase(MemoryDatabase):
         except Exception as failure:       # OSError, or a bug: every writer hears of it
             error = failure
         for write in batch:
-            write[2:] = [True, error]
+            write.done, write.error = True, error
 
     def start(self):
         self._remove_crash_leftovers()
@@ -1055,7 +1087,7 @@ class FileDatabase(MemoryDatabase):
             self._thread = None
 
     def health(self):
-        return self.loaded_at, not self._failing
+        return self.loaded_at, not self._trouble.in_streak()
 
     def relocate(self, inside):
         self.path = inside(self.path)
@@ -1477,10 +1509,8 @@ class FingerProtocol(RequestProtocol):
         self.db = db
         self.forwarder = forwarder
         self.forward_all_to = forward_all_to
-        self._replies = {}             # query line -> (reply, outcome), for db.version
-        self._replies_version = None
-        self._replies_bytes = 0        # what _replies holds, lines and replies
-        self._lists = {}               # verbose -> (reply, outcome) to the list, likewise
+        self._replies = VersionedCache(MAX_REPLY_CACHE_BYTES)   # query line -> answer
+        self._lists = VersionedCache()                          # verbose -> the list
 
     @staticmethod
     def log_text(line):
@@ -1491,7 +1521,7 @@ class FingerProtocol(RequestProtocol):
         """Whether answering `line` may block (a slow back-end, or a forwarded query) or
         take long: the list (a large one is built once per version, off the loop), and a
         query of several names (up to MAX_QUERY_NAMES long statuses, never remembered)."""
-        if line in self._replies and self._replies_version == getattr(self.db, "version", None):
+        if self._replies.get(getattr(self.db, "version", None), line) is not None:
             return False                   # remembered: answered without the back-end
         words = line.split()
         several_names = len(words) > (2 if words and words[0].upper() == b"/W" else 1)
@@ -1521,17 +1551,13 @@ class FingerProtocol(RequestProtocol):
         MAX_CACHED_REPLY bytes at most and MAX_REPLY_CACHE_BYTES in all; and the list, in
         its short and long form, whatever its size."""
         version = getattr(self.db, "version", None)
-        if version is not None:
-            if version != self._replies_version:
-                self._replies, self._replies_version, self._replies_bytes = {}, version, 0
-                self._lists = {}
-            known = self._replies.get(line)
-            if known is not None:
-                return known
+        known = self._replies.get(version, line)
+        if known is not None:
+            return known
         query = parse_query(line.decode("utf-8", "replace"))
         listing = not query.names and not query.hosts and not self.forward_all_to
-        if version is not None and listing:
-            known = self._lists.get(query.verbose)
+        if listing:
+            known = self._lists.get(version, query.verbose)
             if known is not None:
                 return known
         try:
@@ -1540,16 +1566,13 @@ class FingerProtocol(RequestProtocol):
             log.exception("back-end failed answering %r", line)
             text, outcome = INTERNAL_ERROR, "error"
         answer = text if isinstance(text, bytes) else format_reply(text), outcome
-        size = len(line) + len(answer[0])
         if version is None or version != self.db.version:
-            pass
+            pass                              # no version, or it changed meanwhile
         elif outcome == "list" and listing:
-            self._lists[query.verbose] = answer
+            self._lists.put(version, query.verbose, answer)
         elif (outcome in ("ok", "unknown") and len(query.names) == 1
-                and len(answer[0]) <= MAX_CACHED_REPLY
-                and self._replies_bytes + size <= MAX_REPLY_CACHE_BYTES):
-            self._replies[line] = answer
-            self._replies_bytes += size
+                and len(answer[0]) <= MAX_CACHED_REPLY):
+            self._replies.put(version, line, answer, len(line) + len(answer[0]))
         return answer
 
     def answer(self, query):
@@ -3108,8 +3131,7 @@ class WebSite:
         self.rpc = XMLRPCEndpoint(db)
         self._users_page = None        # (db version, WebResponse)
         self._rendering = threading.Lock()   # held while the users page is made
-        self._pages, self._pages_bytes = {}, 0    # name -> WebResponse of its page
-        self._pages_for = None, None   # (db version, templates) of those pages
+        self._pages = VersionedCache(MAX_REPLY_CACHE_BYTES)   # name -> its page's answer
         self._last_modified = None, None   # (db.changed_at, as an HTTP date)
 
     # -- routing
@@ -3310,17 +3332,13 @@ class WebSite:
         requests are for the same few names."""
         version = getattr(self.db, "version", None)
         if version is not None:
-            if self._pages_for[0] != version or self._pages_for[1] is not self.templates:
-                self._pages, self._pages_bytes = {}, 0
-                self._pages_for = version, self.templates
-            page = self._pages.get(name)
-            if page is not None:
-                return page
+            version = version, self.templates       # pages change with either
+        page = self._pages.get(version, name)
+        if page is not None:
+            return page
         page = self._user_page(name)
-        if (version is not None and version == self.db.version and page.status == 200
-                and self._pages_bytes + len(page.body) <= MAX_REPLY_CACHE_BYTES):
-            self._pages[name] = page
-            self._pages_bytes += len(page.body)
+        if version is not None and version[0] == self.db.version and page.status == 200:
+            self._pages.put(version, name, page, len(page.body))
         return page
 
     def _user_page(self, name):

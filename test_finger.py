@@ -589,18 +589,19 @@ class TestFingerServer(unittest.TestCase):
         reply, outcome = protocol.respond(names)
         self.assertEqual((len(reply), outcome), (finger.MAX_QUERY_NAMES * (len(big.encode())
                                                                           + 5), "ok"))
-        self.assertEqual(protocol._replies, {})                 # several names: not kept
+        cache = protocol._replies        # a VersionedCache: no public way to what it holds
+        self.assertEqual(cache.entries, {})                     # several names: not kept
         self.assertEqual(protocol.respond(names + b" x"),
                          (b"Too many names: at most 64 in one query\r\n", "too many"))
         for number in range(3000):                              # distinct lines, 4 KiB each
             protocol.respond(b"x" + b" " * (number % 100) + b"\t" * (number // 100))
-        self.assertLessEqual(protocol._replies_bytes, finger.MAX_REPLY_CACHE_BYTES)
-        self.assertEqual(protocol._replies_bytes, sum(
-            len(line) + len(answer[0]) for line, answer in protocol._replies.items()))
+        self.assertLessEqual(cache.used, finger.MAX_REPLY_CACHE_BYTES)
+        self.assertEqual(cache.used, sum(
+            len(line) + len(answer[0]) for line, answer in cache.entries.items()))
         self.assertEqual(protocol.respond(b"moshez"), (b"Happy and well\r\n", "ok"))
         db.set_user("moshez", "changed")                        # a new version: all forgotten
         self.assertEqual(protocol.respond(b"moshez"), (b"changed\r\n", "ok"))
-        self.assertEqual(protocol._replies_bytes, len(b"moshez") + len(b"changed\r\n"))
+        self.assertEqual(protocol._replies.used, len(b"moshez") + len(b"changed\r\n"))
 
     def test_the_list_is_made_off_the_loop_once_per_version(self):
         users = {"u%05d" % number: "status \x1b %d" % number for number in range(2500)}
@@ -1839,7 +1840,7 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
             sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")      # and reads nothing
         wait_until(lambda: service.open_connections() == 3 and all(
             conn.outbuf for conn in service.connections()))
-        page = service.site._pages["big"].body
+        page = service.site._pages.entries["big"].body   # no public way to the cache
         for conn in service.connections():
             self.assertIs(conn.outbuf[-1].obj, page)           # a view of it, not a copy
 
