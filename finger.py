@@ -50,7 +50,8 @@ __all__ = [
 
 log = logging.getLogger("finger")
 
-# == 1. Constants, errors and small helpers ==================================================
+
+# == 1. Constants, errors and small helpers ===================================================
 
 FINGER_PORT = 79
 MAX_QUERY_BYTES = 1024            # longest finger query line accepted (bsd fingerd: 1024)
@@ -70,12 +71,12 @@ REWRITE_MAX_MISSES = 1000         # places of a name checked one by one before t
 SWITCH_INTERVAL = 0.0005          # sys.setswitchinterval while a long job runs (background_job)
 SERVER_SWITCH_INTERVAL = 0.001    # ... and of the server always (run_server)
 MAX_REPLY_CACHE_BYTES = 4 << 20   # finger replies remembered per version of the users
-                                  # table, query lines and replies counted
+
 MAX_CACHED_REPLY = 64 * 1024      # a longer reply is never remembered
 MAX_QUERY_NAMES = 64              # names in one query; more are answered QUERY_TOO_MANY
 REPLY_CHUNK_LINES = 1000          # lines of a list answer formatted in one step
 LISTEN_BACKLOG = 4096             # connections queued before accept (the kernel caps it at
-                                  # net.core.somaxconn): a burst waits, not a 1 s SYN retry
+
 ACCEPT_BATCH = 64                 # connections accepted per wake-up of the loop
 MAX_WARNINGS_PER_SECOND = 10      # warnings about peers one service logs a second, at most
 MAX_ERROR_SHOWN = 200             # characters of an error about a peer that a log line shows
@@ -94,7 +95,7 @@ CLIENT_EPISODE = 60               # seconds an address over a limit is not logge
 TOO_MANY_CONNECTIONS = "Too many connections from your address, try again later"
 TOO_MANY_REQUESTS = "Too many requests from your address, try again later"
 BUSY_BACKLOG = 256                # connections over the cap whose query is read before the
-                                  # busy answer (so closing does not reset it); beyond: dropped
+
 
 DEFAULT_BACKEND_TIMEOUT = 5.0     # seconds for a command, web lookup or forwarded query
 MAX_PLAN_BYTES = 64 * 1024        # of a ~/.plan or ~/.project
@@ -177,198 +178,6 @@ def defang(text):
     """Make control characters harmless (RFC 1288 section 3.3): CRLF becomes a newline, tab and
     newline stay, every other control character is shown as ^X (C1 as M-^X)."""
     return text.replace("\r\n", "\n").translate(_CARET)
-
-
-_LOG_FIELD = dict(_CARET)          # a field of a query log line: one line, in quotes
-_LOG_FIELD.update({ord("\n"): "^J", ord("\t"): "^I", ord('"'): '\\"', ord("\\"): "\\\\"})
-
-
-class QueryLog:
-    """One line per query, for every listener (--log-queries): off by default, as bsd
-    in.fingerd logs queries only with -l; who asked for whom is a privacy matter.
-
-    `record()` is what a front-end calls for each answer: when off, one attribute test;
-    when on, the line is formatted at once (text, defanged, the request in quotes) and
-    queued.  A writer thread writes the queue in batches, at least every FLUSH_INTERVAL
-    seconds and at stop, so a slow disk never holds up a loop; past MAX_BACKLOG queued
-    lines the new ones are counted and dropped.  Lines go where the log goes: appended as
-    one write to a stream or file handler, one record each to any other handler (syslog)."""
-
-    FLUSH_INTERVAL = 1.0
-    MAX_BACKLOG = 100000
-
-    def __init__(self):
-        self.enabled = False
-        self.dropped = 0
-        self._queue = collections.deque()
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = None
-        self._flush_lock = threading.Lock()
-
-    def record(self, service, peer, request, outcome, started=None):
-        """Queue `service peer "request" outcome [N.Nms]`; `request` is bytes or text from
-        the peer (defanged here), `started` a time.monotonic() for the time taken."""
-        if not self.enabled:
-            return
-        if type(request) is bytes:
-            request = request.decode("utf-8", "replace")
-        if type(peer) is tuple:                   # inline format_address: it is per query
-            peer = ("[%s]:%d" if ":" in peer[0] else "%s:%d") % peer[:2]
-        else:
-            peer = str(peer).translate(_LOG_FIELD)
-        now = time.monotonic()                    # made a time of day when written
-        if started is None:
-            line = '%s %s "%s" %s' % (service, peer, request.translate(_LOG_FIELD), outcome)
-        else:
-            line = '%s %s "%s" %s %.1fms' % (service, peer, request.translate(_LOG_FIELD),
-                                             outcome, (now - started) * 1000)
-        if len(self._queue) < self.MAX_BACKLOG:
-            self._queue.append((now, line))
-        else:
-            self.dropped += 1
-
-    def start(self):
-        """Turn the log on and start the writer thread."""
-        self.enabled = True
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._write_forever, daemon=True,
-                                            name="finger-query-log")
-            self._thread.start()
-
-    def stop(self):
-        """Stop the writer thread and write what is queued."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stopping = True
-            self._wake.set()
-            thread.join()
-        self.flush()
-
-    def _write_forever(self):
-        while not self._stopping:
-            self._wake.wait(self.FLUSH_INTERVAL)
-            self._wake.clear()
-            try:
-                self.flush()
-            except Exception:     # never let one bad write end the query log
-                log.exception("writing the query log failed")
-
-    def flush(self):
-        """Write every queued line now."""
-        with self._flush_lock:
-            queue, entries = self._queue, []
-            for _ in range(len(queue)):
-                entries.append(queue.popleft())
-            dropped, self.dropped = self.dropped, 0
-            if not entries and not dropped:
-                return
-            if dropped:
-                log.warning("query log: %d lines dropped: the log destination is slower "
-                            "than the queries", dropped)
-            to_wall_clock = time.time() - time.monotonic()
-            text = None
-            for handler in log.handlers:
-                if getattr(handler, "stream", None) is not None:    # a file or stderr
-                    text = text or self._format(entries, to_wall_clock)
-                    with handler.lock:
-                        handler.stream.write(text)     # the stream of now (SIGHUP reopens)
-                        handler.stream.flush()
-                else:
-                    for when, line in entries:
-                        record = log.makeRecord(log.name, logging.INFO, "", 0, "%s", (line,),
-                                                None)
-                        record.created = when + to_wall_clock
-                        record.msecs = (record.created - int(record.created)) * 1000
-                        handler.handle(record)
-
-    @staticmethod
-    def _format(entries, to_wall_clock):
-        """The lines as logging's default format writes them: one time stamp each."""
-        second, stamp, lines = None, "", []
-        for when, line in entries:
-            when += to_wall_clock
-            if int(when) != second:
-                second = int(when)
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            lines.append("%s,%03d INFO %s\n" % (stamp, (when - second) * 1000, line))
-        return "".join(lines)
-
-
-query_log = QueryLog()
-
-
-class LogStreak:
-    """The one way a kind of trouble is logged without flooding the log.  Reports come in
-    streaks (per `key`, when given): a streak lasts `episode` seconds (None: until end()).
-    In each, the first `per_streak` reports are logged at `level`, the others at
-    `repeat_level` or, when that is None, only counted; `summary` (a format taking the
-    name, the count and the seconds), when given, tells that count once the streak is over.
-    At most MAX_CLIENT_TABLE keys are remembered.  Thread-safe."""
-
-    def __init__(self, name, per_streak=1, episode=None, level=logging.WARNING,
-                 repeat_level=None, summary=None):
-        self.name, self.per_streak, self.episode = name, per_streak, episode
-        self.level, self.repeat_level, self.summary = level, repeat_level, summary
-        self._streaks = {}                 # key -> [when it started, reports]
-        self._lock = threading.Lock()
-
-    def report(self, message, *args, key=None):
-        """Log (or count) one occurrence; True when it started a streak."""
-        now = time.monotonic()
-        with self._lock:
-            streak = self._streaks.get(key)
-            over = streak is not None and self.episode is not None and \
-                now - streak[0] >= self.episode
-            if streak is None or over:
-                if len(self._streaks) >= MAX_CLIENT_TABLE:
-                    self._streaks.clear()
-                self._streaks[key] = [now, 1]
-                reports = 1
-            else:
-                streak[1] += 1
-                reports = streak[1]
-        if over:
-            self._tell_unlogged(streak, now)
-        if reports <= self.per_streak:
-            log.log(self.level, message, *args)
-        elif self.repeat_level is not None:
-            log.log(self.repeat_level, message, *args)
-        return reports == 1
-
-    def in_streak(self, key=None):
-        return key in self._streaks
-
-    def end(self, key=None):
-        """End the streak of `key`: the seconds it lasted, or None when there was none."""
-        now = time.monotonic()
-        with self._lock:
-            streak = self._streaks.pop(key, None)
-        if streak is None:
-            return None
-        self._tell_unlogged(streak, now)
-        return now - streak[0]
-
-    def clear(self):
-        """End every streak (a new start: what goes wrong next is news again)."""
-        with self._lock:
-            streaks, self._streaks = self._streaks, {}
-        now = time.monotonic()
-        for streak in streaks.values():
-            self._tell_unlogged(streak, now)
-
-    def _tell_unlogged(self, streak, now):
-        unlogged = streak[1] - self.per_streak
-        if unlogged > 0 and self.summary is not None and self.repeat_level is None:
-            log.warning(self.summary, self.name, unlogged, now - streak[0])
-
-
-def warning_throttle(name):
-    """The warnings one service logs about its peers (dropped connections, timeouts): at
-    most MAX_WARNINGS_PER_SECOND a second, then a count: a peer cannot fill the disk."""
-    return LogStreak(name, MAX_WARNINGS_PER_SECOND, episode=1.0,
-                     summary="%s: %d more warnings like these in %.0f s, not logged")
 
 
 class TokenBucket:
@@ -488,7 +297,26 @@ def format_address(address):
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
-# == 2. Pure codecs: the users file, finger queries, replies ====================================
+def _plain_address(text):
+    """An ipaddress address, an IPv4-mapped IPv6 one as IPv4, without a %zone."""
+    import ipaddress
+    address = ipaddress.ip_address(text.partition("%")[0])
+    return address.ipv4_mapped or address if address.version == 6 else address
+
+
+def _is_local_address(address):
+    """True when `address` (an ipaddress address) is one of this machine's: it can be
+    bound."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+# == 2. Pure codecs: the users file, finger queries, replies ==================================
 
 class UsersFileError(FingerError):
     """The users file cannot be used at all (missing, unreadable, not text)."""
@@ -508,8 +336,7 @@ class UserTable(Mapping):
     keys are all str keeps no hashes of its own, and reads each key's hash from the string
     whenever it grows or two keys collide: a cache miss per key, as the names of one shard
     are scattered over the memory of the whole file.  A dict with any other key stores the
-    hashes beside the keys: 8 bytes more a user, and a million-user file loads in 0.9 s
-    instead of 1.2."""
+    hashes beside the keys: 8 bytes more a user, for a markedly faster load."""
     __slots__ = ("shards",)
 
     def __init__(self, items=()):
@@ -554,35 +381,6 @@ class UserTable(Mapping):
         for shard in self.shards[-RETIRE_ONE_BY_ONE:]:
             while len(shard) > 1:              # the newest first: _ANY_KEYS stays
                 shard.popitem()
-
-
-_background_jobs = 0
-_background_lock = threading.Lock()
-_switch_interval = None
-
-
-@contextlib.contextmanager
-def background_job():
-    """Around a long CPU-bound job in a thread of its own (parsing a users file, rewriting it,
-    freeing an old table): a thread waiting for the GIL gets it after SWITCH_INTERVAL instead
-    of CPython's 5 ms (the server always runs with 1 ms, see run_server).  A loop thread
-    gives the GIL up at each of the half-dozen system calls of a query and must wait for it
-    after each, so with 5 ms a query would take 30 ms while such a job runs.  The job itself
-    must do no I/O inside its long loop: every release of the GIL restarts the interval,
-    and the waiting thread waits on."""
-    global _background_jobs, _switch_interval
-    with _background_lock:
-        if _background_jobs == 0:
-            _switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(SWITCH_INTERVAL, _switch_interval))
-        _background_jobs += 1
-    try:
-        yield
-    finally:
-        with _background_lock:
-            _background_jobs -= 1
-            if _background_jobs == 0:
-                sys.setswitchinterval(_switch_interval)
 
 
 def text_lines(f):
@@ -772,6 +570,35 @@ def _last_line_of(data, name):
 
 
 # == 3. User databases (back-ends) ============================================================
+
+_background_jobs = 0
+_background_lock = threading.Lock()
+_switch_interval = None
+
+
+@contextlib.contextmanager
+def background_job():
+    """Around a long CPU-bound job in a thread of its own (parsing a users file, rewriting it,
+    freeing an old table): a thread waiting for the GIL gets it after SWITCH_INTERVAL instead
+    of CPython's 5 ms (the server always runs with 1 ms, see run_server).  A loop thread
+    gives the GIL up at each of the half-dozen system calls of a query and must wait for it
+    after each, so with 5 ms a query would take 30 ms while such a job runs.  The job itself
+    must do no I/O inside its long loop: every release of the GIL restarts the interval,
+    and the waiting thread waits on."""
+    global _background_jobs, _switch_interval
+    with _background_lock:
+        if _background_jobs == 0:
+            _switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(SWITCH_INTERVAL, _switch_interval))
+        _background_jobs += 1
+    try:
+        yield
+    finally:
+        with _background_lock:
+            _background_jobs -= 1
+            if _background_jobs == 0:
+                sys.setswitchinterval(_switch_interval)
+
 
 def write_file_atomically(path, data):
     """Replace `path` by `data` (bytes, or a list of bytes-like pieces written one after
@@ -1394,719 +1221,7 @@ class PluginDatabase(UserDatabase):
         set_user(name, status)
 
 
-# == 4. The event loop and the finger front-end ===============================================
-
-# -- the two kinds of protocol a TCPService serves --------------------------------------------
-
-class Protocol:
-    """What every protocol of a TCPService has: a `name`, its `counts` (outcome -> number,
-    for the metrics; count() may be called from any thread) and `latency` (a
-    LatencyHistogram of its answers)."""
-
-    name = "protocol"
-
-    def __init__(self):
-        self.counts = {}
-        self.latency = LatencyHistogram()
-        self._counts_lock = threading.Lock()
-
-    def count(self, outcome):
-        with self._counts_lock:
-            self.counts[outcome] = self.counts.get(outcome, 0) + 1
-
-    def refusal(self, text, outcome):
-        """The bytes that turn a new connection away (text: the reason; outcome: its word),
-        or None to close it without a word."""
-        return format_reply(text)
-
-    @staticmethod
-    def log_text(request):
-        """What the query log shows of a request."""
-        return request
-
-
-class RequestProtocol(Protocol):
-    """One request, one answer, close (finger, the setter, the proxy).  Methods to override:
-    parse(data, eof) -> the request once `data` holds it whole, else None (RequestError:
-    refused with its reply); respond(request, peer) -> (reply bytes, outcome word);
-    needs_worker(request): whether respond may block or take long (then it runs in the
-    worker pool); `max_request`: bytes of input kept."""
-
-    max_request = MAX_QUERY_BYTES
-
-    def parse(self, data, eof):
-        raise NotImplementedError
-
-    def respond(self, request, peer=None):
-        raise NotImplementedError
-
-    def needs_worker(self, request):
-        return False
-
-
-class Session:
-    """One connection of a SessionProtocol.  feed(data) -> what to send back: bytes, or a
-    list of them (raising drops the connection); while it has `pending` whole messages left
-    (it stops early after a large answer, or before one that must run in a worker: then
-    `slow`), resume() answers more of them once the answers so far are sent, and busy()
-    answers the next one when no worker is free (None: drop the connection); `idle` when it
-    holds no part of a message (the connection's deadline then starts again); `closing`
-    once the connection should close after what is sent; close() when it has closed."""
-
-    __slots__ = ()
-    idle = True
-    pending = slow = closing = False
-
-    def greeting(self):
-        return b""
-
-    def feed(self, data):
-        raise NotImplementedError
-
-    def resume(self):
-        return b""
-
-    def busy(self):
-        return None
-
-    def close(self):
-        pass
-
-
-class SessionProtocol(Protocol):
-    """A stream of messages on a connection that stays open (PB, HTTP): new_session(peer)
-    makes its Session.  With `blocking` (a back-end that may block), every feed runs in the
-    worker pool; a peer that leaves more than `max_output` bytes unread (None: no limit) is
-    dropped."""
-
-    blocking = False
-    max_output = MAX_SESSION_OUTPUT
-
-    def new_session(self, peer):
-        raise NotImplementedError
-
-    def refusal(self, text, outcome):
-        return None
-
-    @staticmethod
-    def log_text(request):
-        return b""                  # sessions log their messages themselves
-
-
-class FingerProtocol(RequestProtocol):
-    """RFC 1288 on top of a UserDatabase: turns a query line into a reply.
-
-    Used by the event loop (TCPService) and by inetd mode alike; knows nothing about sockets.
-    The empty query {C} is refused when the database is not `listable`; forwarding {Q2}
-    is refused unless a `forwarder` is given.  With `forward_all_to` (the proxy) every
-    query is forwarded, those without @host to that host."""
-
-    name = "finger"
-    max_request = MAX_QUERY_BYTES
-
-    def __init__(self, db, forwarder=None, forward_all_to=None):
-        super().__init__()
-        self.db = db
-        self.forwarder = forwarder
-        self.forward_all_to = forward_all_to
-        self._replies = VersionedCache(MAX_REPLY_CACHE_BYTES)   # query line -> answer
-        self._lists = VersionedCache()                          # verbose -> the list
-
-    @staticmethod
-    def log_text(line):
-        """What the query log shows of a request: the query line."""
-        return line
-
-    def needs_worker(self, line):
-        """Whether answering `line` may block (a slow back-end, or a forwarded query) or
-        take long: the list (a large one is built once per version, off the loop), and a
-        query of several names (up to MAX_QUERY_NAMES long statuses, never remembered)."""
-        if self._replies.get(getattr(self.db, "version", None), line) is not None:
-            return False                   # remembered: answered without the back-end
-        words = line.split()
-        several_names = len(words) > (2 if words and words[0].upper() == b"/W" else 1)
-        return self.db.blocking or several_names or self.forwarder is not None and (
-            self.forward_all_to is not None or b"@" in line) or (
-            self.db.listable and line.strip().upper() in (b"", b"/W"))
-
-    def parse(self, data, eof):
-        """Bytes received so far -> the query line (bytes, without its CRLF or LF), or None
-        while it is incomplete.  A line over `max_request` bytes is refused."""
-        end = data.find(b"\n", 0, self.max_request + 2)
-        if end >= 0:
-            line = data[:end - 1] if data[end - 1:end] == b"\r" else data[:end]
-        elif len(data) > self.max_request + 1:
-            raise RequestError(QUERY_TOO_LONG, "too long")
-        else:
-            line = data if eof and data else None
-        if line is not None and len(line) > self.max_request:
-            raise RequestError(QUERY_TOO_LONG, "too long")
-        return line
-
-    def respond(self, line, peer=None):
-        """A query line (bytes) -> (reply bytes, outcome word for the log).
-
-        Answers from a database with a `version` (memory, file) are remembered until the
-        version changes: most queries are the same few names.  Answers to one name, of
-        MAX_CACHED_REPLY bytes at most and MAX_REPLY_CACHE_BYTES in all; and the list, in
-        its short and long form, whatever its size."""
-        version = getattr(self.db, "version", None)
-        known = self._replies.get(version, line)
-        if known is not None:
-            return known
-        query = parse_query(line.decode("utf-8", "replace"))
-        listing = not query.names and not query.hosts and not self.forward_all_to
-        if listing:
-            known = self._lists.get(version, query.verbose)
-            if known is not None:
-                return known
-        try:
-            text, outcome = self.answer(query)
-        except Exception:
-            log.exception("back-end failed answering %r", line)
-            text, outcome = INTERNAL_ERROR, "error"
-        answer = text if isinstance(text, bytes) else format_reply(text), outcome
-        if version is None or version != self.db.version:
-            pass                              # no version, or it changed meanwhile
-        elif outcome == "list" and listing:
-            self._lists.put(version, query.verbose, answer)
-        elif (outcome in ("ok", "unknown") and len(query.names) == 1
-                and len(answer[0]) <= MAX_CACHED_REPLY):
-            self._replies.put(version, line, answer, len(line) + len(answer[0]))
-        return answer
-
-    def answer(self, query):
-        """A Query -> (reply text, or reply bytes already formatted, outcome)."""
-        if query.hosts or self.forward_all_to:
-            if self.forwarder is None:
-                return FORWARDING_DENIED, "denied"
-            return self.forwarder.forward(query, self.forward_all_to)
-        if not query.names:
-            try:
-                return self._lines(self.db.public_users(), query.verbose), "list"
-            except ListRefused:
-                return LIST_DENIED, "denied"
-        if len(query.names) == 1:
-            status = self._lookup(query.names[0], query.verbose)
-            return (NO_SUCH_USER, "unknown") if status is None else (status, "ok")
-        if len(query.names) > MAX_QUERY_NAMES:
-            return QUERY_TOO_MANY, "too many"
-        return self._lines(query.names, query.verbose), "ok"
-
-    def _lookup(self, name, verbose):
-        return self.db.get_user_verbose(name) if verbose else self.db.get_user(name)
-
-    def _lines(self, names, verbose):
-        """One 'user  status' line per name, as reply bytes, formatted REPLY_CHUNK_LINES lines
-        at a time: a list of a million users takes no single long step."""
-        chunks, lines = [], []
-        for name in names:
-            status = self._lookup(name, verbose)
-            lines.append("%s  %s" % (name, NO_SUCH_USER if status is None else status))
-            if len(lines) == REPLY_CHUNK_LINES:
-                chunks.append(format_reply("\n".join(lines)))
-                lines = []
-        if lines or not chunks:
-            chunks.append(format_reply("\n".join(lines)))
-        return b"".join(chunks)
-
-
-class PeerCredentials:
-    """Who is at the other end of a unix socket (SO_PEERCRED)."""
-    __slots__ = ("pid", "uid", "gid")
-
-    def __init__(self, sock):
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-
-    def __str__(self):
-        return "uid=%d,pid=%d" % (self.uid, self.pid)
-
-
-class SetterProtocol(RequestProtocol):
-    """The tutorial's FingerSetterProtocol: the peer sends a user line and a status line and
-    closes its side; with exactly two lines the status is set.  One line answers: OK or why
-    not.  With `check_identity` (the unix socket), peers may set only their own status,
-    except root.  A new user is added only while the database has fewer than `max_users`
-    (0: no limit), so a client cannot grow the users file without bound."""
-
-    name = "setter"
-    max_request = MAX_SETTER_BYTES
-
-    def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False,
-                 max_users=DEFAULT_MAX_USERS):
-        super().__init__()
-        self.db = db
-        self.max_status = max_status
-        self.check_identity = check_identity
-        self.max_users = max_users
-
-    def parse(self, data, eof):
-        """Everything the peer sent, once it has closed its side; None until then."""
-        if len(data) > self.max_request:
-            raise RequestError("Too much: send a user line and a status line", "too long")
-        return data if eof else None
-
-    @staticmethod
-    def log_text(data):
-        """What the query log shows of a request: the user line, never the status."""
-        return data.partition(b"\n")[0].strip()
-
-    def respond(self, data, peer=None):
-        lines = data.decode("utf-8", "replace").split("\n")
-        if lines[-1] == "":
-            lines.pop()                    # the line end of the last line
-        if len(lines) != 2:
-            return format_reply("Expected two lines: a user, then a status"), "bad request"
-        name, status = lines[0].strip(), clean_status(lines[1])   # clean_status drops a CR
-        if not valid_user_name(name):
-            return format_reply("Bad user name: letters, digits, '.', '_' and '-', at most "
-                                "%d" % MAX_USER_NAME), "bad request"
-        if name in RESERVED_NAMES:
-            return format_reply("Reserved name: the web site serves /%s itself" % name), \
-                "bad request"
-        if len(status) > self.max_status:
-            return format_reply("Status too long: at most %d characters"
-                                % self.max_status), "bad request"
-        if self.check_identity and not self._may_set(peer, name):
-            return format_reply("Permission denied: you may set only your own status"), \
-                "denied"
-        if (self.max_users and self.db.count() >= self.max_users
-                and self.db.get_user(name) is None):
-            return format_reply("Too many users: at most %d; a status can be set only for "
-                                "users there are" % self.max_users), "too many users"
-        try:
-            self.db.set_user(name, status)
-        except OSError as error:
-            log.error("setting the status of %r failed: %s", name, error)
-            return format_reply("Could not save the status: %s" % error.strerror), "error"
-        except FingerError as error:                  # a read-only back-end
-            return format_reply("Could not save the status: %s" % error), "error"
-        except Exception:
-            log.exception("setting the status of %r failed", name)
-            return format_reply(INTERNAL_ERROR), "error"
-        log.info("setter: %s set the status of %s", format_peer(peer), name)
-        return b"OK\r\n", "set"
-
-    @staticmethod
-    def needs_worker(data):
-        return True            # setting may write the users file (fsync): off the loop
-
-    @staticmethod
-    def _may_set(peer, name):
-        if peer is None:
-            return False
-        if peer.uid == 0:
-            return True
-        try:
-            return pwd.getpwuid(peer.uid).pw_name == name
-        except KeyError:
-            return False
-
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0, 10.0)            # seconds: the bounds of /metrics' histogram
-
-
-class LatencyHistogram:
-    """How long a service took to answer, in LATENCY_BUCKETS (a Prometheus histogram).
-    Thread-safe; observe() costs a bisect and two additions."""
-
-    def __init__(self):
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.total = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, seconds):
-        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-        with self._lock:
-            self.counts[index] += 1
-            self.total += seconds
-
-    def lines(self, name, service):
-        """The _bucket, _sum and _count lines of `service`."""
-        with self._lock:
-            counts, total = list(self.counts), self.total
-        lines, running = [], 0
-        for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), counts):
-            running += count
-            lines.append('%s_bucket{service="%s",le="%s"} %d' % (name, service, bound, running))
-        return lines + ['%s_sum{service="%s"} %.6f' % (name, service, total),
-                        '%s_count{service="%s"} %d' % (name, service, running)]
-
-
-class Service:
-    """A thing that runs in its own thread.
-
-    Methods for the caller: bind() (before privileges are dropped), start() (binds if need be
-    and starts the thread), stop() (prompt and idempotent: no socket or thread left behind),
-    `address` (the real (host, port) once bound).
-    Methods subclasses override: bind(), serve() (runs in the thread until stop), close()."""
-
-    name = "service"
-    address = None
-    on_failure = None      # called (in the service's thread) when serve() dies of an error
-    latency = None         # a LatencyHistogram of its answers, for /metrics
-
-    def __init__(self):
-        self._thread = None
-
-    def bind(self):
-        pass
-
-    def serve(self):
-        raise NotImplementedError
-
-    def close(self):
-        pass
-
-    def reload(self):
-        """SIGHUP: re-read what can be re-read (certificates)."""
-
-    def close_listener(self):
-        """Close a bound listener of a service that will not start (a later bind failed)."""
-
-    def relocate(self, inside):
-        """After a chroot: `inside(path)` maps a path named outside to the same file inside."""
-
-    def open_connections(self):
-        return 0
-
-    def alive(self):
-        """Whether its thread runs (for /healthz)."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self):
-        if self._thread is None:
-            self.bind()
-            self._thread = threading.Thread(target=self._run, name="finger-" + self.name,
-                                            daemon=True)
-            self._thread.start()
-
-    def stop(self):
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self.close()
-            thread.join()
-
-    def _run(self):
-        try:
-            self.serve()
-        except Exception:
-            log.exception("%s service died", self.name)
-            if self.on_failure is not None:
-                self.on_failure()
-
-
-def bind_tcp(address, option="listener"):
-    """Create a listening TCP socket on (host, port); '' means every address (IPv6 and IPv4
-    where the system has both).  Raises FingerError naming the option on failure."""
-    host, port = address
-    try:
-        if host in ("", "*"):
-            if socket.has_dualstack_ipv6():
-                return socket.create_server(("::", port), family=socket.AF_INET6,
-                                            backlog=LISTEN_BACKLOG, dualstack_ipv6=True)
-            host = "0.0.0.0"
-        family, _, _, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        return socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG)
-    except OSError as error:
-        message = "--%s %s: cannot listen: %s" % (option, format_address(address),
-                                                  error.strerror or error)
-        if error.errno == errno.EACCES and 0 < port < 1024:
-            message += (" (ports below 1024 need root or CAP_NET_BIND_SERVICE; try a high"
-                        " port such as --%s %s)" % (option, format_address((host, port + 7900))))
-        raise FingerError(message) from None
-
-
-def bind_unix(path, option="setter-socket"):
-    """Listen on a unix socket at `path`, mode 0666 (peers are told apart by SO_PEERCRED).
-    A socket file left by a dead server is replaced; anything else there is an error."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(info.st_mode):
-            raise UsageError("--%s %s: exists and is not a socket" % (option, path))
-        with socket.socket(socket.AF_UNIX) as probe:
-            if probe.connect_ex(path) == 0:
-                raise FingerError("--%s %s: a running server listens there" % (option, path))
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o666)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as error:
-        sock.close()
-        raise FingerError("--%s %s: cannot listen: %s" % (option, path, error.strerror or error))
-    return sock
-
-
-def format_peer(peer):
-    """A connection's peer for the log: host:port, or the credentials of a unix peer."""
-    return format_address(peer) if isinstance(peer, tuple) else str(peer)
-
-
-class _Client:
-    """What ClientLimits knows of one client: its open connections, and the TokenBucket of
-    its requests (None: no rate limit) for the `rate` it was made for."""
-    __slots__ = ("open", "bucket", "rate")
-
-    def __init__(self):
-        self.open, self.bucket, self.rate = 0, None, 0
-
-
-class ClientLimits:
-    """Fairness between clients on one listener: per client address (IPv6: its /64),
-    at most `connections` open at once and `rate` requests a second (a TokenBucket holding
-    2 x rate); 0 turns either off.  Addresses in `exempt` (networks; by default loopback: local
-    users and a proxy on this machine) are not limited.  The table of addresses is bounded
-    (MAX_CLIENT_TABLE; the least recently seen idle ones go first).  Each address over a
-    limit is logged once per CLIENT_EPISODE seconds, not per connection.  Thread-safe."""
-
-    def __init__(self, name, connections=DEFAULT_PER_CLIENT_CONNECTIONS,
-                 rate=DEFAULT_PER_CLIENT_RATE, exempt=DEFAULT_PER_CLIENT_EXEMPT):
-        self.name = name
-        self._clients = {}             # key -> _Client, the most recently seen last
-        self._keys = {}                # host -> its key ('' when exempt), bounded likewise
-        self._lock = threading.Lock()
-        self._over = LogStreak(name, episode=CLIENT_EPISODE)
-        self.configure(connections, rate, exempt)
-
-    def admit(self, peer):
-        """A new connection from `peer` (host, port): None, or why it is refused
-        ("per-client connections" or "per-client rate"); an admitted one must be
-        release()d when it closes."""
-        return self._take(peer, opening=True)
-
-    def request(self, peer):
-        """One more request on an open connection: None, or "per-client rate"."""
-        return self._take(peer, opening=False)
-
-    def release(self, peer):
-        key = self._key(peer)
-        if key is None:
-            return
-        with self._lock:
-            client = self._clients.get(key)
-            if client is not None and client.open > 0:
-                client.open -= 1
-
-    def configure(self, connections, rate, exempt):
-        """New limits (also on SIGHUP with --config); the counts of open connections stay."""
-        import ipaddress
-        with self._lock:
-            self.connections, self.rate = connections, rate
-            self.active = bool(connections or rate)      # else every client is let through
-            self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
-            self._keys.clear()
-
-    def _take(self, peer, opening):
-        key = self._key(peer)
-        if key is None:
-            return None
-        with self._lock:
-            client = self._clients.pop(key, None)
-            if client is None:
-                client = _Client()
-                if len(self._clients) >= MAX_CLIENT_TABLE:
-                    self._forget_idle()
-            self._clients[key] = client
-            if client.rate != self.rate:               # new, or the limits changed
-                client.rate = self.rate
-                client.bucket = TokenBucket(2.0 * self.rate, 1.0 / self.rate) \
-                    if self.rate else None
-            if opening and self.connections and client.open >= self.connections:
-                refused = "per-client connections"
-            elif client.bucket is not None and not client.bucket.take():
-                refused = "per-client rate"
-            else:
-                client.open += opening
-                return None
-        self._over.report("%s: client %s over its limit (%s); refused, and not logged again "
-                          "for %d s", self.name, key, refused, CLIENT_EPISODE, key=key)
-        return refused
-
-    def _forget_idle(self):
-        """Make room: the least recently seen clients with no connection open go."""
-        for key in [key for key, client in self._clients.items() if not client.open][
-                :max(len(self._clients) // 4, 1)]:
-            del self._clients[key]
-        if len(self._clients) >= MAX_CLIENT_TABLE:       # all busy: forget the oldest
-            for key in list(self._clients)[:len(self._clients) // 4]:
-                del self._clients[key]
-
-    def _key(self, peer):
-        """The address a client is counted under, or None when it is not limited."""
-        if type(peer) is not tuple or not self.active:
-            return None
-        key = self._keys.get(peer[0])
-        if key is None:
-            key = self._key_of(peer[0])
-            if len(self._keys) >= MAX_CLIENT_TABLE:
-                self._keys.clear()
-            self._keys[peer[0]] = key
-        return key or None
-
-    def _key_of(self, host):
-        """'a.b.c.d', or an IPv6 /64 as 'aaaa:bbbb:cccc:dddd::/64'; '' when exempt."""
-        try:
-            address = _plain_address(host)          # ::ffff:a.b.c.d counts as a.b.c.d
-        except ValueError:
-            return ""
-        if any(address in net for net in self.exempt):
-            return ""
-        return str(address) if address.version == 4 else address.exploded[:19] + "::/64"
-
-
-class Admission:
-    """Which new connections a listener serves: at most `max_connections` open, each within
-    the per-client `limits` (a ClientLimits, or None).  A refused request is still read
-    before its refusal is sent (closing at once would reset the answer), BUSY_BACKLOG of
-    them at once; beyond that, and on session listeners, a refused connection is turned
-    away at once.  Running out of file descriptors is logged once per streak."""
-
-    def __init__(self, name, max_connections, limits):
-        self.name, self.max_connections, self.limits = name, max_connections, limits
-        self.busy = 0                  # connections being refused, their request read
-        self.out_of_descriptors = False
-        self._shortage = LogStreak(name)
-
-    def refusal(self, open_connections, peer):
-        """None to serve a new connection, else (the reason, the outcome) that refuses it:
-        over the connection cap, or over the client's limits (a `peer` of None: not yet
-        known, the cap only)."""
-        if open_connections - self.busy >= self.max_connections:
-            return SERVER_BUSY, "busy"
-        return None if peer is None else self.client_refusal(peer)
-
-    def client_refusal(self, peer):
-        """None when the client's limits admit a connection (release() it when it closes),
-        else the (reason, outcome) that refuses it."""
-        refused = self.limits.admit(peer) if self.limits is not None else None
-        if refused == "per-client connections":
-            return TOO_MANY_CONNECTIONS, refused
-        if refused is not None:
-            return TOO_MANY_REQUESTS, refused
-        return None
-
-    def turn_away_now(self, refusal, sessions):
-        """Whether a refused connection goes at once, unread."""
-        return refusal is not None and (sessions or self.busy >= BUSY_BACKLOG)
-
-    def release(self, conn):
-        """A connection closes: what admitting it took is given back."""
-        if conn.refusal is not None:
-            self.busy -= 1
-        elif self.limits is not None and not conn.awaiting_proxy:
-            self.limits.release(conn.peer)
-
-    def descriptors_short(self, open_connections):
-        self.out_of_descriptors = True
-        self._shortage.report("%s: out of file descriptors with %d connections open; new "
-                              "clients wait until some close", self.name, open_connections)
-
-    def descriptors_back(self):
-        self.out_of_descriptors = False
-        lasted = self._shortage.end()
-        if lasted is not None:
-            log.info("%s: accepting again after %.1f s out of file descriptors", self.name,
-                     lasted)
-
-
-# -- the PROXY protocol (HAProxy's proxy-protocol.txt, versions 1 and 2) ---------------------
-
-PROXY_V1_MAX = 107                # bytes of a version 1 header, CRLF included
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-PROXY_V2_MAX = 16 + 4096          # bytes of a version 2 header we take (addresses and TLVs)
-PROXY_STARTS = (b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN", PROXY_V2_SIGNATURE)
-
-
-class ProxyHeaders:
-    """Who may put a PROXY header in front of a connection: `networks` (CIDR strings; the
-    load balancers).  From them a header is required; from anyone else it is refused (the
-    connection dropped), never taken."""
-
-    def __init__(self, networks):
-        import ipaddress
-        self.networks = [ipaddress.ip_network(net, strict=False) for net in networks]
-
-    def expected_from(self, peer):
-        """Whether `peer` ((host, port)) is a balancer that must send a header first."""
-        if type(peer) is not tuple:
-            return False
-        try:
-            address = _plain_address(peer[0])
-        except ValueError:
-            return False
-        return any(address in net for net in self.networks)
-
-
-def parse_proxy_header(data):
-    """The PROXY header at the start of `data` (bytes): None while it is incomplete, else
-    (its length, the client's (host, port), or None for a LOCAL connection or an unknown
-    family: the balancer itself, health checks).  ValueError when it is no such header."""
-    import ipaddress
-    if data[:len(PROXY_V2_SIGNATURE)] == PROXY_V2_SIGNATURE[:len(data)]:
-        if len(data) < 16:
-            return None
-        version, command, family = data[12] >> 4, data[12] & 15, data[13]
-        length = 16 + int.from_bytes(data[14:16], "big")
-        if version != 2 or command > 1 or length > PROXY_V2_MAX:
-            raise ValueError("a PROXY version 2 header we do not take")
-        if len(data) < length:
-            return None
-        body = data[16:length]
-        if command == 0 or family >> 4 not in (1, 2) or family & 15 != 1:
-            return length, None                       # LOCAL, or not TCP over IP
-        size = 4 if family >> 4 == 1 else 16
-        if len(body) < 2 * size + 4:
-            raise ValueError("a PROXY version 2 header too short for its addresses")
-        host = ipaddress.ip_address(body[:size])
-        return length, (str(host), int.from_bytes(body[2 * size:2 * size + 2], "big"))
-    if data[:6] != b"PROXY "[:len(data)]:
-        raise ValueError("no PROXY header")
-    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
-    if end < 0:
-        if len(data) >= PROXY_V1_MAX:
-            raise ValueError("a PROXY version 1 header longer than %d bytes" % PROXY_V1_MAX)
-        return None
-    if re.search(rb"[^\x20-\x7e]", data[:end]):
-        raise ValueError("a PROXY version 1 header with a control or non-ASCII character")
-    words = data[:end].decode("ascii").split(" ")
-    if words[1:2] == ["UNKNOWN"]:
-        return end + 2, None
-    if len(words) != 6 or words[1] not in ("TCP4", "TCP6") or not all(
-            word.isdigit() and word.isascii() and int(word) < 65536 for word in words[4:]):
-        raise ValueError("a malformed PROXY version 1 header")
-    try:
-        if "%" in words[2] + words[3]:                 # a zone is no client's address
-            raise ValueError
-        host = ipaddress.ip_address(words[2])
-        ipaddress.ip_address(words[3])
-    except ValueError:
-        raise ValueError("a PROXY version 1 header with a bad address") from None
-    if host.version != (4 if words[1] == "TCP4" else 6):
-        raise ValueError("a PROXY version 1 header whose address is not %s" % words[1])
-    return end + 2, (str(host), int(words[4]))
-
-
-def read_proxy_header(sock, received):
-    """Take a balancer's PROXY header from `sock`, and not a byte past it (a TLS handshake
-    may follow); `received` is what came of it before.  -> (what has come of it, None)
-    while it is incomplete, or (b"", parse_proxy_header's answer) once it is whole.
-    BlockingIOError: nothing is here yet; ValueError: it is no PROXY header, or the peer
-    closed before it was whole."""
-    peeked = sock.recv(PROXY_V2_MAX - len(received), socket.MSG_PEEK)
-    if not peeked:
-        raise ValueError("closed before its PROXY header")
-    header = parse_proxy_header(received + peeked)
-    received += sock.recv(len(peeked) if header is None else header[0] - len(received))
-    return (received, None) if header is None else (b"", header)
-
+# == 4. The event loop, listeners and connections =============================================
 
 class Timer:
     """A callback a Loop runs once at `when` (time.monotonic()), unless cancelled.  Loop.
@@ -2286,6 +1401,789 @@ class Loop:
         then(future)
 
 
+class Service:
+    """A thing that runs in its own thread.
+
+    Methods for the caller: bind() (before privileges are dropped), start() (binds if need be
+    and starts the thread), stop() (prompt and idempotent: no socket or thread left behind),
+    `address` (the real (host, port) once bound).
+    Methods subclasses override: bind(), serve() (runs in the thread until stop), close()."""
+
+    name = "service"
+    address = None
+    on_failure = None      # called (in the service's thread) when serve() dies of an error
+    latency = None         # a LatencyHistogram of its answers, for /metrics
+
+    def __init__(self):
+        self._thread = None
+
+    def bind(self):
+        pass
+
+    def serve(self):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def reload(self):
+        """SIGHUP: re-read what can be re-read (certificates)."""
+
+    def close_listener(self):
+        """Close a bound listener of a service that will not start (a later bind failed)."""
+
+    def relocate(self, inside):
+        """After a chroot: `inside(path)` maps a path named outside to the same file inside."""
+
+    def open_connections(self):
+        return 0
+
+    def alive(self):
+        """Whether its thread runs (for /healthz)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self):
+        if self._thread is None:
+            self.bind()
+            self._thread = threading.Thread(target=self._run, name="finger-" + self.name,
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self):
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self.close()
+            thread.join()
+
+    def _run(self):
+        try:
+            self.serve()
+        except Exception:
+            log.exception("%s service died", self.name)
+            if self.on_failure is not None:
+                self.on_failure()
+
+
+def bind_tcp(address, option="listener"):
+    """Create a listening TCP socket on (host, port); '' means every address (IPv6 and IPv4
+    where the system has both).  Raises FingerError naming the option on failure."""
+    host, port = address
+    try:
+        if host in ("", "*"):
+            if socket.has_dualstack_ipv6():
+                return socket.create_server(("::", port), family=socket.AF_INET6,
+                                            backlog=LISTEN_BACKLOG, dualstack_ipv6=True)
+            host = "0.0.0.0"
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        return socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG)
+    except OSError as error:
+        message = "--%s %s: cannot listen: %s" % (option, format_address(address),
+                                                  error.strerror or error)
+        if error.errno == errno.EACCES and 0 < port < 1024:
+            message += (" (ports below 1024 need root or CAP_NET_BIND_SERVICE; try a high"
+                        " port such as --%s %s)" % (option, format_address((host, port + 7900))))
+        raise FingerError(message) from None
+
+
+def bind_unix(path, option="setter-socket"):
+    """Listen on a unix socket at `path`, mode 0666 (peers are told apart by SO_PEERCRED).
+    A socket file left by a dead server is replaced; anything else there is an error."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise UsageError("--%s %s: exists and is not a socket" % (option, path))
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(path) == 0:
+                raise FingerError("--%s %s: a running server listens there" % (option, path))
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        raise FingerError("--%s %s: cannot listen: %s" % (option, path, error.strerror or error))
+    return sock
+
+
+class PeerCredentials:
+    """Who is at the other end of a unix socket (SO_PEERCRED)."""
+    __slots__ = ("pid", "uid", "gid")
+
+    def __init__(self, sock):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+
+    def __str__(self):
+        return "uid=%d,pid=%d" % (self.uid, self.pid)
+
+
+def format_peer(peer):
+    """A connection's peer for the log: host:port, or the credentials of a unix peer."""
+    return format_address(peer) if isinstance(peer, tuple) else str(peer)
+
+
+# -- the two kinds of protocol a TCPService serves --------------------------------------------
+
+class Protocol:
+    """What every protocol of a TCPService has: a `name`, its `counts` (outcome -> number,
+    for the metrics; count() may be called from any thread) and `latency` (a
+    LatencyHistogram of its answers)."""
+
+    name = "protocol"
+
+    def __init__(self):
+        self.counts = {}
+        self.latency = LatencyHistogram()
+        self._counts_lock = threading.Lock()
+
+    def count(self, outcome):
+        with self._counts_lock:
+            self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def refusal(self, text, outcome):
+        """The bytes that turn a new connection away (text: the reason; outcome: its word),
+        or None to close it without a word."""
+        return format_reply(text)
+
+    @staticmethod
+    def log_text(request):
+        """What the query log shows of a request."""
+        return request
+
+
+class RequestProtocol(Protocol):
+    """One request, one answer, close (finger, the setter, the proxy).  Methods to override:
+    parse(data, eof) -> the request once `data` holds it whole, else None (RequestError:
+    refused with its reply); respond(request, peer) -> (reply bytes, outcome word);
+    needs_worker(request): whether respond may block or take long (then it runs in the
+    worker pool); `max_request`: bytes of input kept."""
+
+    max_request = MAX_QUERY_BYTES
+
+    def parse(self, data, eof):
+        raise NotImplementedError
+
+    def respond(self, request, peer=None):
+        raise NotImplementedError
+
+    def needs_worker(self, request):
+        return False
+
+
+class Session:
+    """One connection of a SessionProtocol.  feed(data) -> what to send back: bytes, or a
+    list of them (raising drops the connection); while it has `pending` whole messages left
+    (it stops early after a large answer, or before one that must run in a worker: then
+    `slow`), resume() answers more of them once the answers so far are sent, and busy()
+    answers the next one when no worker is free (None: drop the connection); `idle` when it
+    holds no part of a message (the connection's deadline then starts again); `closing`
+    once the connection should close after what is sent; close() when it has closed."""
+
+    __slots__ = ()
+    idle = True
+    pending = slow = closing = False
+
+    def greeting(self):
+        return b""
+
+    def feed(self, data):
+        raise NotImplementedError
+
+    def resume(self):
+        return b""
+
+    def busy(self):
+        return None
+
+    def close(self):
+        pass
+
+
+class SessionProtocol(Protocol):
+    """A stream of messages on a connection that stays open (PB, HTTP): new_session(peer)
+    makes its Session.  With `blocking` (a back-end that may block), every feed runs in the
+    worker pool; a peer that leaves more than `max_output` bytes unread (None: no limit) is
+    dropped."""
+
+    blocking = False
+    max_output = MAX_SESSION_OUTPUT
+
+    def new_session(self, peer):
+        raise NotImplementedError
+
+    def refusal(self, text, outcome):
+        return None
+
+    @staticmethod
+    def log_text(request):
+        return b""                  # sessions log their messages themselves
+
+
+class TCPService(Service):
+    """A listener whose connections are all served by one Loop in the service's thread; it
+    accepts, keeps deadlines, closes and logs, and its RequestConnection or SessionConnection
+    does the rest (calling wait, set_deadline, in_worker, proxied, log and drop).
+    `address` is (host, port), or a unix socket's path (peers known by their
+    PeerCredentials); `sock` a listening socket made elsewhere (systemd, tests).  `protocol`
+    is a RequestProtocol (needs_worker() requests go to the bounded worker pool) or a
+    SessionProtocol (the connection stays open).  `tls_context`: TLS, handshakes on the loop.
+    Limits: `timeout` seconds to send a request (and the handshake) and to take each part of
+    the answer (for sessions, from the last whole message), at most `max_pending` (default 2
+    x `workers`) answers waiting for the pool, and the Admission of `max_connections` and
+    per-client `limits`.  The balancers of `proxy_headers` (ProxyHeaders) send a PROXY header
+    first, whose client is then the peer.  `clock` is the deadlines' (tests)."""
+
+    def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
+                 timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 workers=DEFAULT_WORKERS, max_pending=None, limits=None, proxy_headers=None,
+                 tls_context=None, clock=time.monotonic):
+        super().__init__()
+        self.clock = clock               # the Loop's, for deadlines
+        self.protocol = protocol
+        self.sessions = isinstance(protocol, SessionProtocol)
+        self._connection = SessionConnection if self.sessions else RequestConnection
+        self.proxy_headers = proxy_headers
+        self.tls_context = tls_context
+        self.name = name or protocol.name
+        self.requested_address = address
+        self.timeout = timeout
+        self.workers = workers
+        self.max_pending = max_pending or 2 * workers
+        self.admission = Admission(self.name, max_connections, limits)
+        self.loop = None
+        self.stopping = False
+        self.warnings = warning_throttle(self.name)
+        self._listener = sock
+        self._unix = False               # a unix socket listener: peers are credentials
+        self._owns_path = False          # a unix socket file we made, removed at stop
+        self._conns = {}                 # Connection -> None: those open
+        self._lingering = {}             # Connection -> None: those turned away, still read
+
+    @property
+    def limits(self):
+        return self.admission.limits
+
+    @property
+    def counts(self):
+        return self.protocol.counts
+
+    @property
+    def latency(self):
+        return self.protocol.latency
+
+    def open_connections(self):
+        return len(self._conns)
+
+    def connections(self):
+        """The connections open now (a copy; for tests and the curious)."""
+        return list(self._conns)
+
+    # -- lifecycle
+
+    def close_listener(self):
+        if self._listener is not None and self._thread is None:
+            self._listener.close()
+            if self._owns_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.address)
+        if self.loop is not None and self._thread is None:
+            self.loop.close()
+
+    def bind(self):
+        if self._listener is None:
+            if isinstance(self.requested_address, str):
+                self._listener = bind_unix(self.requested_address, self.name)
+                self._owns_path = True
+            else:
+                self._listener = bind_tcp(self.requested_address, self.name)
+        self._listener.setblocking(False)
+        self._unix = self._listener.family == socket.AF_UNIX
+        address = self._listener.getsockname()
+        self.address = address if isinstance(address, str) else address[:2]
+        if self.loop is None:
+            self.loop = Loop(self.name, self.workers, self.clock)
+
+    def close(self):
+        self.loop.call_soon(self._begin_stop)
+
+    def stop(self):
+        super().stop()
+        if self._owns_path:                        # our unix socket file goes with us
+            with contextlib.suppress(OSError):
+                os.unlink(self.address)
+
+    def serve(self):
+        self.loop.watch(self._listener, selectors.EVENT_READ, self._accept)
+        try:
+            self.loop.run()
+        finally:
+            for conn in list(self._conns) + list(self._lingering):
+                self.drop(conn)
+            self.loop.close()
+            self._listener.close()
+
+    def _begin_stop(self):
+        """Stop accepting; close the connections that have no answer on its way (a request
+        not yet whole, an idle session); the others get STOP_GRACE seconds to finish."""
+        self.stopping = True
+        self.loop.watch(self._listener, 0)
+        self._listener.close()
+        for conn in list(self._conns) + list(self._lingering):
+            if conn.lingering or not conn.answer_coming():
+                self.drop(conn)
+        self.loop.call_later(STOP_GRACE, self.loop.stop)
+        self._stop_when_idle()
+
+    def _stop_when_idle(self):
+        if self.stopping and not self._conns:
+            self.loop.stop()
+
+    # -- accepting
+
+    def _accept(self, _, mask):
+        admission = self.admission
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    self._pause_accepting()
+                    return
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                log.warning("%s: accept failed: %s", self.name, error)
+                return
+            if admission.out_of_descriptors:
+                admission.descriptors_back()
+            sock.setblocking(False)
+            proxied = self.proxy_headers is not None and self.proxy_headers.expected_from(peer)
+            refusal = admission.refusal(len(self._conns), None if proxied else peer)
+            if admission.turn_away_now(refusal, self.sessions):
+                self.protocol.count(refusal[1])
+                self._turn_away(self._connection(self, sock, peer), refusal)
+                continue
+            if self._unix:
+                peer = PeerCredentials(sock)
+            elif self.sessions:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            admission.busy += refusal is not None
+            conn = self._connection(self, sock, peer, refusal)
+            self._conns[conn] = None
+            if proxied:
+                conn.awaiting_proxy = True
+                conn.handler = conn.read_proxy          # the header first
+            else:
+                conn.handler = conn.begin
+            self._serve(conn, selectors.EVENT_READ)
+
+    def proxied(self, conn, peer):
+        """A connection's PROXY header named its client, `peer`: admit it, and begin."""
+        conn.awaiting_proxy = False
+        conn.peer = peer
+        admission = self.admission
+        refusal = None if conn.refusal else admission.client_refusal(peer)
+        if admission.turn_away_now(refusal, self.sessions):
+            self.protocol.count(refusal[1])           # as _accept does: turned away at once
+            del self._conns[conn]
+            self.loop.watch(conn.sock, 0)
+            conn.events = 0
+            self._turn_away(conn, refusal)            # not admitted: nothing to release
+            return
+        if refusal is not None:
+            conn.refusal = refusal
+            admission.busy += 1
+        conn.begin()
+
+    def _turn_away(self, conn, refusal):
+        """Send the protocol's refusal (on a TLS port: a TLS alert, never plain text), then
+        let the connection linger, its input read and dropped, until the peer closes (at
+        most a second; BUSY_BACKLOG of them at once): our close must not reset the
+        connection before the peer has read the refusal."""
+        answer = self.protocol.refusal(*refusal)
+        with contextlib.suppress(OSError):
+            if self.tls_context is not None:
+                _refuse_tls(conn.sock)
+            elif answer is not None:
+                conn.sock.send(answer)
+            conn.sock.shutdown(socket.SHUT_WR)
+        if len(self._lingering) >= BUSY_BACKLOG or answer is None:
+            conn.sock.close()
+            return
+        self._linger(conn)
+
+    def _linger(self, conn):
+        conn.lingering = True
+        conn.handler = conn.linger
+        self._lingering[conn] = None
+        self.wait(conn, selectors.EVENT_READ, 1.0)
+
+    def _pause_accepting(self):
+        """Out of file descriptors: the listener stays readable, so stop watching it for
+        ACCEPT_PAUSE seconds (no spinning); new clients wait in the listen backlog."""
+        self.admission.descriptors_short(len(self._conns))
+        self.loop.watch(self._listener, 0)
+        self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self):
+        if not self.stopping:
+            self.loop.watch(self._listener, selectors.EVENT_READ, self._accept)
+
+    # -- what connections ask of their service
+
+    def _serve(self, conn, mask):
+        """A connection is ready; a bug in serving one connection drops that one only."""
+        try:
+            conn.handler(mask)
+        except Exception:
+            log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
+            self.drop(conn)
+
+    def wait(self, conn, events, seconds=None):
+        """Watch the connection for `events`, with its deadline `seconds` (default:
+        `timeout`) from now, or as it was if it runs."""
+        if conn.events != events:
+            self.loop.watch(conn.sock, events, self._serve, conn)
+            conn.events = events
+        if seconds is not None or conn.deadline is None or not conn.deadline.active:
+            self.set_deadline(conn, seconds)
+
+    def set_deadline(self, conn, seconds=None):
+        if conn.deadline is None:
+            conn.deadline = self.loop.timer(self._expired, conn)
+        self.loop.schedule(conn.deadline, self.timeout if seconds is None else seconds)
+
+    def _expired(self, conn):
+        if conn.lingering:
+            self.drop(conn)                    # done with
+        else:
+            conn.expired()
+
+    def in_worker(self, conn, function, args, then):
+        """Run function(*args) in the pool, then then(future) in the loop thread; the
+        connection is not watched meanwhile.  False, and nothing run, when `max_pending`
+        jobs wait already."""
+        if self.loop.in_flight >= self.max_pending:
+            return False
+        if conn.events:
+            self.loop.watch(conn.sock, 0)
+            conn.events = 0
+        conn.working = True
+        self.loop.run_in_worker(function, args, then)
+        return True
+
+    def log(self, conn, request, outcome):
+        self.protocol.count(outcome)
+        if conn.session is None:
+            self.protocol.latency.observe(time.monotonic() - conn.started)
+        if query_log.enabled:
+            query_log.record(self.name, conn.peer, self.protocol.log_text(request), outcome,
+                             conn.started)
+
+    def drop(self, conn, linger=False):
+        """Close a connection; with `linger` (and room for it), shut our side only and read
+        and drop the peer's input until it closes (at most a second): a peer still sending
+        must not get a reset that destroys the answer before it reads it."""
+        if conn.closed or linger and conn.lingering:
+            return
+        if conn.events:
+            self.loop.watch(conn.sock, 0)
+        if conn.deadline is not None:
+            conn.deadline.discard()
+            conn.deadline = None
+        if conn.session is not None and not (conn.working or conn.lingering):
+            conn.session.close()               # one being fed: when its job is done
+        if conn.lingering:
+            del self._lingering[conn]
+            conn.lingering = False
+        else:
+            del self._conns[conn]
+            self.admission.release(conn)
+        conn.closed = True
+        conn.handler = None                    # its bound method: a cycle, freed at once
+        if linger and not conn.tls and len(self._lingering) < BUSY_BACKLOG:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+                conn.closed = False
+                conn.events = 0
+                self._linger(conn)
+                self._stop_when_idle()
+                return
+        if not conn.tls and not conn.inbuf.endswith(b"\n"):
+            # The peer may have sent more than we read: read it, so close() sends no RST
+            # that could destroy the answer before the peer reads it.
+            with contextlib.suppress(OSError):
+                conn.sock.recv(RECV_SIZE)
+        conn.sock.close()
+        if self.stopping:
+            self._stop_when_idle()
+
+
+class Admission:
+    """Which new connections a listener serves: at most `max_connections` open, each within
+    the per-client `limits` (a ClientLimits, or None).  A refused request is still read
+    before its refusal is sent (closing at once would reset the answer), BUSY_BACKLOG of
+    them at once; beyond that, and on session listeners, a refused connection is turned
+    away at once.  Running out of file descriptors is logged once per streak."""
+
+    def __init__(self, name, max_connections, limits):
+        self.name, self.max_connections, self.limits = name, max_connections, limits
+        self.busy = 0                  # connections being refused, their request read
+        self.out_of_descriptors = False
+        self._shortage = LogStreak(name)
+
+    def refusal(self, open_connections, peer):
+        """None to serve a new connection, else (the reason, the outcome) that refuses it:
+        over the connection cap, or over the client's limits (a `peer` of None: not yet
+        known, the cap only)."""
+        if open_connections - self.busy >= self.max_connections:
+            return SERVER_BUSY, "busy"
+        return None if peer is None else self.client_refusal(peer)
+
+    def client_refusal(self, peer):
+        """None when the client's limits admit a connection (release() it when it closes),
+        else the (reason, outcome) that refuses it."""
+        refused = self.limits.admit(peer) if self.limits is not None else None
+        if refused == "per-client connections":
+            return TOO_MANY_CONNECTIONS, refused
+        if refused is not None:
+            return TOO_MANY_REQUESTS, refused
+        return None
+
+    def turn_away_now(self, refusal, sessions):
+        """Whether a refused connection goes at once, unread."""
+        return refusal is not None and (sessions or self.busy >= BUSY_BACKLOG)
+
+    def release(self, conn):
+        """A connection closes: what admitting it took is given back."""
+        if conn.refusal is not None:
+            self.busy -= 1
+        elif self.limits is not None and not conn.awaiting_proxy:
+            self.limits.release(conn.peer)
+
+    def descriptors_short(self, open_connections):
+        self.out_of_descriptors = True
+        self._shortage.report("%s: out of file descriptors with %d connections open; new "
+                              "clients wait until some close", self.name, open_connections)
+
+    def descriptors_back(self):
+        self.out_of_descriptors = False
+        lasted = self._shortage.end()
+        if lasted is not None:
+            log.info("%s: accepting again after %.1f s out of file descriptors", self.name,
+                     lasted)
+
+
+class _Client:
+    """What ClientLimits knows of one client: its open connections, and the TokenBucket of
+    its requests (None: no rate limit) for the `rate` it was made for."""
+    __slots__ = ("open", "bucket", "rate")
+
+    def __init__(self):
+        self.open, self.bucket, self.rate = 0, None, 0
+
+
+class ClientLimits:
+    """Fairness between clients on one listener: per client address (IPv6: its /64),
+    at most `connections` open at once and `rate` requests a second (a TokenBucket holding
+    2 x rate); 0 turns either off.  Addresses in `exempt` (networks; by default loopback: local
+    users and a proxy on this machine) are not limited.  The table of addresses is bounded
+    (MAX_CLIENT_TABLE; the least recently seen idle ones go first).  Each address over a
+    limit is logged once per CLIENT_EPISODE seconds, not per connection.  Thread-safe."""
+
+    def __init__(self, name, connections=DEFAULT_PER_CLIENT_CONNECTIONS,
+                 rate=DEFAULT_PER_CLIENT_RATE, exempt=DEFAULT_PER_CLIENT_EXEMPT):
+        self.name = name
+        self._clients = {}             # key -> _Client, the most recently seen last
+        self._keys = {}                # host -> its key ('' when exempt), bounded likewise
+        self._lock = threading.Lock()
+        self._over = LogStreak(name, episode=CLIENT_EPISODE)
+        self.configure(connections, rate, exempt)
+
+    def admit(self, peer):
+        """A new connection from `peer` (host, port): None, or why it is refused
+        ("per-client connections" or "per-client rate"); an admitted one must be
+        release()d when it closes."""
+        return self._take(peer, opening=True)
+
+    def request(self, peer):
+        """One more request on an open connection: None, or "per-client rate"."""
+        return self._take(peer, opening=False)
+
+    def release(self, peer):
+        key = self._key(peer)
+        if key is None:
+            return
+        with self._lock:
+            client = self._clients.get(key)
+            if client is not None and client.open > 0:
+                client.open -= 1
+
+    def configure(self, connections, rate, exempt):
+        """New limits (also on SIGHUP with --config); the counts of open connections stay."""
+        import ipaddress
+        with self._lock:
+            self.connections, self.rate = connections, rate
+            self.active = bool(connections or rate)      # else every client is let through
+            self.exempt = [ipaddress.ip_network(net, strict=False) for net in exempt]
+            self._keys.clear()
+
+    def _take(self, peer, opening):
+        key = self._key(peer)
+        if key is None:
+            return None
+        with self._lock:
+            client = self._clients.pop(key, None)
+            if client is None:
+                client = _Client()
+                if len(self._clients) >= MAX_CLIENT_TABLE:
+                    self._forget_idle()
+            self._clients[key] = client
+            if client.rate != self.rate:               # new, or the limits changed
+                client.rate = self.rate
+                client.bucket = TokenBucket(2.0 * self.rate, 1.0 / self.rate) \
+                    if self.rate else None
+            if opening and self.connections and client.open >= self.connections:
+                refused = "per-client connections"
+            elif client.bucket is not None and not client.bucket.take():
+                refused = "per-client rate"
+            else:
+                client.open += opening
+                return None
+        self._over.report("%s: client %s over its limit (%s); refused, and not logged again "
+                          "for %d s", self.name, key, refused, CLIENT_EPISODE, key=key)
+        return refused
+
+    def _forget_idle(self):
+        """Make room: the least recently seen clients with no connection open go."""
+        for key in [key for key, client in self._clients.items() if not client.open][
+                :max(len(self._clients) // 4, 1)]:
+            del self._clients[key]
+        if len(self._clients) >= MAX_CLIENT_TABLE:       # all busy: forget the oldest
+            for key in list(self._clients)[:len(self._clients) // 4]:
+                del self._clients[key]
+
+    def _key(self, peer):
+        """The address a client is counted under, or None when it is not limited."""
+        if type(peer) is not tuple or not self.active:
+            return None
+        key = self._keys.get(peer[0])
+        if key is None:
+            key = self._key_of(peer[0])
+            if len(self._keys) >= MAX_CLIENT_TABLE:
+                self._keys.clear()
+            self._keys[peer[0]] = key
+        return key or None
+
+    def _key_of(self, host):
+        """'a.b.c.d', or an IPv6 /64 as 'aaaa:bbbb:cccc:dddd::/64'; '' when exempt."""
+        try:
+            address = _plain_address(host)          # ::ffff:a.b.c.d counts as a.b.c.d
+        except ValueError:
+            return ""
+        if any(address in net for net in self.exempt):
+            return ""
+        return str(address) if address.version == 4 else address.exploded[:19] + "::/64"
+
+
+# -- the PROXY protocol (HAProxy's proxy-protocol.txt, versions 1 and 2) ---------------------
+
+PROXY_V1_MAX = 107                # bytes of a version 1 header, CRLF included
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_MAX = 16 + 4096          # bytes of a version 2 header we take (addresses and TLVs)
+PROXY_STARTS = (b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN", PROXY_V2_SIGNATURE)
+
+
+class ProxyHeaders:
+    """Who may put a PROXY header in front of a connection: `networks` (CIDR strings; the
+    load balancers).  From them a header is required; from anyone else it is refused (the
+    connection dropped), never taken."""
+
+    def __init__(self, networks):
+        import ipaddress
+        self.networks = [ipaddress.ip_network(net, strict=False) for net in networks]
+
+    def expected_from(self, peer):
+        """Whether `peer` ((host, port)) is a balancer that must send a header first."""
+        if type(peer) is not tuple:
+            return False
+        try:
+            address = _plain_address(peer[0])
+        except ValueError:
+            return False
+        return any(address in net for net in self.networks)
+
+
+def parse_proxy_header(data):
+    """The PROXY header at the start of `data` (bytes): None while it is incomplete, else
+    (its length, the client's (host, port), or None for a LOCAL connection or an unknown
+    family: the balancer itself, health checks).  ValueError when it is no such header."""
+    import ipaddress
+    if data[:len(PROXY_V2_SIGNATURE)] == PROXY_V2_SIGNATURE[:len(data)]:
+        if len(data) < 16:
+            return None
+        version, command, family = data[12] >> 4, data[12] & 15, data[13]
+        length = 16 + int.from_bytes(data[14:16], "big")
+        if version != 2 or command > 1 or length > PROXY_V2_MAX:
+            raise ValueError("a PROXY version 2 header we do not take")
+        if len(data) < length:
+            return None
+        body = data[16:length]
+        if command == 0 or family >> 4 not in (1, 2) or family & 15 != 1:
+            return length, None                       # LOCAL, or not TCP over IP
+        size = 4 if family >> 4 == 1 else 16
+        if len(body) < 2 * size + 4:
+            raise ValueError("a PROXY version 2 header too short for its addresses")
+        host = ipaddress.ip_address(body[:size])
+        return length, (str(host), int.from_bytes(body[2 * size:2 * size + 2], "big"))
+    if data[:6] != b"PROXY "[:len(data)]:
+        raise ValueError("no PROXY header")
+    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
+    if end < 0:
+        if len(data) >= PROXY_V1_MAX:
+            raise ValueError("a PROXY version 1 header longer than %d bytes" % PROXY_V1_MAX)
+        return None
+    if re.search(rb"[^\x20-\x7e]", data[:end]):
+        raise ValueError("a PROXY version 1 header with a control or non-ASCII character")
+    words = data[:end].decode("ascii").split(" ")
+    if words[1:2] == ["UNKNOWN"]:
+        return end + 2, None
+    if len(words) != 6 or words[1] not in ("TCP4", "TCP6") or not all(
+            word.isdigit() and word.isascii() and int(word) < 65536 for word in words[4:]):
+        raise ValueError("a malformed PROXY version 1 header")
+    try:
+        if "%" in words[2] + words[3]:                 # a zone is no client's address
+            raise ValueError
+        host = ipaddress.ip_address(words[2])
+        ipaddress.ip_address(words[3])
+    except ValueError:
+        raise ValueError("a PROXY version 1 header with a bad address") from None
+    if host.version != (4 if words[1] == "TCP4" else 6):
+        raise ValueError("a PROXY version 1 header whose address is not %s" % words[1])
+    return end + 2, (str(host), int(words[4]))
+
+
+def read_proxy_header(sock, received):
+    """Take a balancer's PROXY header from `sock`, and not a byte past it (a TLS handshake
+    may follow); `received` is what came of it before.  -> (what has come of it, None)
+    while it is incomplete, or (b"", parse_proxy_header's answer) once it is whole.
+    BlockingIOError: nothing is here yet; ValueError: it is no PROXY header, or the peer
+    closed before it was whole."""
+    peeked = sock.recv(PROXY_V2_MAX - len(received), socket.MSG_PEEK)
+    if not peeked:
+        raise ValueError("closed before its PROXY header")
+    header = parse_proxy_header(received + peeked)
+    received += sock.recv(len(peeked) if header is None else header[0] - len(received))
+    return (received, None) if header is None else (b"", header)
+
+
 # -- the transport: a non-blocking socket, plain or TLS, for both sides --------------------
 
 class Transport:
@@ -2341,6 +2239,26 @@ class Transport:
             return self.sock.send(data[:TLS_SEND_SIZE] if self.tls else data)
         except self._would_block:
             return 0
+
+_REFUSING_TLS = []                 # a TLS server context with no certificate, made on first use
+
+
+def _refuse_tls(sock):
+    """Refuse a client of the TLS port the way TLS does: a context without a certificate
+    fails the handshake with an alert, if the ClientHello is already here (we do not wait
+    for it).  `sock` (non-blocking) stays open."""
+    import ssl
+    if not _REFUSING_TLS:
+        _REFUSING_TLS.append(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    copy = socket.socket(fileno=os.dup(sock.fileno()))
+    copy.setblocking(False)              # else ssl retries a handshake with no data forever
+    tls = _REFUSING_TLS[0].wrap_socket(copy, server_side=True, do_handshake_on_connect=False)
+    try:
+        tls.do_handshake()
+    except (OSError, ValueError):             # ssl.SSLError is an OSError
+        pass
+    finally:
+        tls.close()
 
 
 # -- connections: a request, or a session -------------------------------------------------
@@ -2668,305 +2586,205 @@ class SessionConnection(Connection):
             self.service.wait(self, selectors.EVENT_READ)
 
 
-class TCPService(Service):
-    """A listener whose connections are all served by one Loop in the service's thread; it
-    accepts, keeps deadlines, closes and logs, and its RequestConnection or SessionConnection
-    does the rest (calling wait, set_deadline, in_worker, proxied, log and drop).
-    `address` is (host, port), or a unix socket's path (peers known by their
-    PeerCredentials); `sock` a listening socket made elsewhere (systemd, tests).  `protocol`
-    is a RequestProtocol (needs_worker() requests go to the bounded worker pool) or a
-    SessionProtocol (the connection stays open).  `tls_context`: TLS, handshakes on the loop.
-    Limits: `timeout` seconds to send a request (and the handshake) and to take each part of
-    the answer (for sessions, from the last whole message), at most `max_pending` (default 2
-    x `workers`) answers waiting for the pool, and the Admission of `max_connections` and
-    per-client `limits`.  The balancers of `proxy_headers` (ProxyHeaders) send a PROXY header
-    first, whose client is then the peer.  `clock` is the deadlines' (tests)."""
+# == 5. Finger and the setter: the tutorial's first front-ends ================================
 
-    def __init__(self, protocol, address=("127.0.0.1", 0), *, sock=None, name=None,
-                 timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 workers=DEFAULT_WORKERS, max_pending=None, limits=None, proxy_headers=None,
-                 tls_context=None, clock=time.monotonic):
+class FingerProtocol(RequestProtocol):
+    """RFC 1288 on top of a UserDatabase: turns a query line into a reply.
+
+    Used by the event loop (TCPService) and by inetd mode alike; knows nothing about sockets.
+    The empty query {C} is refused when the database is not `listable`; forwarding {Q2}
+    is refused unless a `forwarder` is given.  With `forward_all_to` (the proxy) every
+    query is forwarded, those without @host to that host."""
+
+    name = "finger"
+    max_request = MAX_QUERY_BYTES
+
+    def __init__(self, db, forwarder=None, forward_all_to=None):
         super().__init__()
-        self.clock = clock               # the Loop's, for deadlines
-        self.protocol = protocol
-        self.sessions = isinstance(protocol, SessionProtocol)
-        self._connection = SessionConnection if self.sessions else RequestConnection
-        self.proxy_headers = proxy_headers
-        self.tls_context = tls_context
-        self.name = name or protocol.name
-        self.requested_address = address
-        self.timeout = timeout
-        self.workers = workers
-        self.max_pending = max_pending or 2 * workers
-        self.admission = Admission(self.name, max_connections, limits)
-        self.loop = None
-        self.stopping = False
-        self.warnings = warning_throttle(self.name)
-        self._listener = sock
-        self._unix = False               # a unix socket listener: peers are credentials
-        self._owns_path = False          # a unix socket file we made, removed at stop
-        self._conns = {}                 # Connection -> None: those open
-        self._lingering = {}             # Connection -> None: those turned away, still read
+        self.db = db
+        self.forwarder = forwarder
+        self.forward_all_to = forward_all_to
+        self._replies = VersionedCache(MAX_REPLY_CACHE_BYTES)   # query line -> answer
+        self._lists = VersionedCache()                          # verbose -> the list
 
-    @property
-    def limits(self):
-        return self.admission.limits
+    @staticmethod
+    def log_text(line):
+        """What the query log shows of a request: the query line."""
+        return line
 
-    @property
-    def counts(self):
-        return self.protocol.counts
+    def needs_worker(self, line):
+        """Whether answering `line` may block (a slow back-end, or a forwarded query) or
+        take long: the list (a large one is built once per version, off the loop), and a
+        query of several names (up to MAX_QUERY_NAMES long statuses, never remembered)."""
+        if self._replies.get(getattr(self.db, "version", None), line) is not None:
+            return False                   # remembered: answered without the back-end
+        words = line.split()
+        several_names = len(words) > (2 if words and words[0].upper() == b"/W" else 1)
+        return self.db.blocking or several_names or self.forwarder is not None and (
+            self.forward_all_to is not None or b"@" in line) or (
+            self.db.listable and line.strip().upper() in (b"", b"/W"))
 
-    @property
-    def latency(self):
-        return self.protocol.latency
+    def parse(self, data, eof):
+        """Bytes received so far -> the query line (bytes, without its CRLF or LF), or None
+        while it is incomplete.  A line over `max_request` bytes is refused."""
+        end = data.find(b"\n", 0, self.max_request + 2)
+        if end >= 0:
+            line = data[:end - 1] if data[end - 1:end] == b"\r" else data[:end]
+        elif len(data) > self.max_request + 1:
+            raise RequestError(QUERY_TOO_LONG, "too long")
+        else:
+            line = data if eof and data else None
+        if line is not None and len(line) > self.max_request:
+            raise RequestError(QUERY_TOO_LONG, "too long")
+        return line
 
-    def open_connections(self):
-        return len(self._conns)
+    def respond(self, line, peer=None):
+        """A query line (bytes) -> (reply bytes, outcome word for the log).
 
-    def connections(self):
-        """The connections open now (a copy; for tests and the curious)."""
-        return list(self._conns)
-
-    # -- lifecycle
-
-    def close_listener(self):
-        if self._listener is not None and self._thread is None:
-            self._listener.close()
-            if self._owns_path:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.address)
-        if self.loop is not None and self._thread is None:
-            self.loop.close()
-
-    def bind(self):
-        if self._listener is None:
-            if isinstance(self.requested_address, str):
-                self._listener = bind_unix(self.requested_address, self.name)
-                self._owns_path = True
-            else:
-                self._listener = bind_tcp(self.requested_address, self.name)
-        self._listener.setblocking(False)
-        self._unix = self._listener.family == socket.AF_UNIX
-        address = self._listener.getsockname()
-        self.address = address if isinstance(address, str) else address[:2]
-        if self.loop is None:
-            self.loop = Loop(self.name, self.workers, self.clock)
-
-    def close(self):
-        self.loop.call_soon(self._begin_stop)
-
-    def stop(self):
-        super().stop()
-        if self._owns_path:                        # our unix socket file goes with us
-            with contextlib.suppress(OSError):
-                os.unlink(self.address)
-
-    def serve(self):
-        self.loop.watch(self._listener, selectors.EVENT_READ, self._accept)
+        Answers from a database with a `version` (memory, file) are remembered until the
+        version changes: most queries are the same few names.  Answers to one name, of
+        MAX_CACHED_REPLY bytes at most and MAX_REPLY_CACHE_BYTES in all; and the list, in
+        its short and long form, whatever its size."""
+        version = getattr(self.db, "version", None)
+        known = self._replies.get(version, line)
+        if known is not None:
+            return known
+        query = parse_query(line.decode("utf-8", "replace"))
+        listing = not query.names and not query.hosts and not self.forward_all_to
+        if listing:
+            known = self._lists.get(version, query.verbose)
+            if known is not None:
+                return known
         try:
-            self.loop.run()
-        finally:
-            for conn in list(self._conns) + list(self._lingering):
-                self.drop(conn)
-            self.loop.close()
-            self._listener.close()
-
-    def _begin_stop(self):
-        """Stop accepting; close the connections that have no answer on its way (a request
-        not yet whole, an idle session); the others get STOP_GRACE seconds to finish."""
-        self.stopping = True
-        self.loop.watch(self._listener, 0)
-        self._listener.close()
-        for conn in list(self._conns) + list(self._lingering):
-            if conn.lingering or not conn.answer_coming():
-                self.drop(conn)
-        self.loop.call_later(STOP_GRACE, self.loop.stop)
-        self._stop_when_idle()
-
-    def _stop_when_idle(self):
-        if self.stopping and not self._conns:
-            self.loop.stop()
-
-    # -- accepting
-
-    def _accept(self, _, mask):
-        admission = self.admission
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE):
-                    self._pause_accepting()
-                    return
-                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                log.warning("%s: accept failed: %s", self.name, error)
-                return
-            if admission.out_of_descriptors:
-                admission.descriptors_back()
-            sock.setblocking(False)
-            proxied = self.proxy_headers is not None and self.proxy_headers.expected_from(peer)
-            refusal = admission.refusal(len(self._conns), None if proxied else peer)
-            if admission.turn_away_now(refusal, self.sessions):
-                self.protocol.count(refusal[1])
-                self._turn_away(self._connection(self, sock, peer), refusal)
-                continue
-            if self._unix:
-                peer = PeerCredentials(sock)
-            elif self.sessions:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            admission.busy += refusal is not None
-            conn = self._connection(self, sock, peer, refusal)
-            self._conns[conn] = None
-            if proxied:
-                conn.awaiting_proxy = True
-                conn.handler = conn.read_proxy          # the header first
-            else:
-                conn.handler = conn.begin
-            self._serve(conn, selectors.EVENT_READ)
-
-    def proxied(self, conn, peer):
-        """A connection's PROXY header named its client, `peer`: admit it, and begin."""
-        conn.awaiting_proxy = False
-        conn.peer = peer
-        admission = self.admission
-        refusal = None if conn.refusal else admission.client_refusal(peer)
-        if admission.turn_away_now(refusal, self.sessions):
-            self.protocol.count(refusal[1])           # as _accept does: turned away at once
-            del self._conns[conn]
-            self.loop.watch(conn.sock, 0)
-            conn.events = 0
-            self._turn_away(conn, refusal)            # not admitted: nothing to release
-            return
-        if refusal is not None:
-            conn.refusal = refusal
-            admission.busy += 1
-        conn.begin()
-
-    def _turn_away(self, conn, refusal):
-        """Send the protocol's refusal (on a TLS port: a TLS alert, never plain text), then
-        let the connection linger, its input read and dropped, until the peer closes (at
-        most a second; BUSY_BACKLOG of them at once): our close must not reset the
-        connection before the peer has read the refusal."""
-        answer = self.protocol.refusal(*refusal)
-        with contextlib.suppress(OSError):
-            if self.tls_context is not None:
-                _refuse_tls(conn.sock)
-            elif answer is not None:
-                conn.sock.send(answer)
-            conn.sock.shutdown(socket.SHUT_WR)
-        if len(self._lingering) >= BUSY_BACKLOG or answer is None:
-            conn.sock.close()
-            return
-        self._linger(conn)
-
-    def _linger(self, conn):
-        conn.lingering = True
-        conn.handler = conn.linger
-        self._lingering[conn] = None
-        self.wait(conn, selectors.EVENT_READ, 1.0)
-
-    def _pause_accepting(self):
-        """Out of file descriptors: the listener stays readable, so stop watching it for
-        ACCEPT_PAUSE seconds (no spinning); new clients wait in the listen backlog."""
-        self.admission.descriptors_short(len(self._conns))
-        self.loop.watch(self._listener, 0)
-        self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-
-    def _resume_accepting(self):
-        if not self.stopping:
-            self.loop.watch(self._listener, selectors.EVENT_READ, self._accept)
-
-    # -- what connections ask of their service
-
-    def _serve(self, conn, mask):
-        """A connection is ready; a bug in serving one connection drops that one only."""
-        try:
-            conn.handler(mask)
+            text, outcome = self.answer(query)
         except Exception:
-            log.exception("%s %s: dropped after an error", self.name, format_peer(conn.peer))
-            self.drop(conn)
+            log.exception("back-end failed answering %r", line)
+            text, outcome = INTERNAL_ERROR, "error"
+        answer = text if isinstance(text, bytes) else format_reply(text), outcome
+        if version is None or version != self.db.version:
+            pass                              # no version, or it changed meanwhile
+        elif outcome == "list" and listing:
+            self._lists.put(version, query.verbose, answer)
+        elif (outcome in ("ok", "unknown") and len(query.names) == 1
+                and len(answer[0]) <= MAX_CACHED_REPLY):
+            self._replies.put(version, line, answer, len(line) + len(answer[0]))
+        return answer
 
-    def wait(self, conn, events, seconds=None):
-        """Watch the connection for `events`, with its deadline `seconds` (default:
-        `timeout`) from now, or as it was if it runs."""
-        if conn.events != events:
-            self.loop.watch(conn.sock, events, self._serve, conn)
-            conn.events = events
-        if seconds is not None or conn.deadline is None or not conn.deadline.active:
-            self.set_deadline(conn, seconds)
+    def answer(self, query):
+        """A Query -> (reply text, or reply bytes already formatted, outcome)."""
+        if query.hosts or self.forward_all_to:
+            if self.forwarder is None:
+                return FORWARDING_DENIED, "denied"
+            return self.forwarder.forward(query, self.forward_all_to)
+        if not query.names:
+            try:
+                return self._lines(self.db.public_users(), query.verbose), "list"
+            except ListRefused:
+                return LIST_DENIED, "denied"
+        if len(query.names) == 1:
+            status = self._lookup(query.names[0], query.verbose)
+            return (NO_SUCH_USER, "unknown") if status is None else (status, "ok")
+        if len(query.names) > MAX_QUERY_NAMES:
+            return QUERY_TOO_MANY, "too many"
+        return self._lines(query.names, query.verbose), "ok"
 
-    def set_deadline(self, conn, seconds=None):
-        if conn.deadline is None:
-            conn.deadline = self.loop.timer(self._expired, conn)
-        self.loop.schedule(conn.deadline, self.timeout if seconds is None else seconds)
+    def _lookup(self, name, verbose):
+        return self.db.get_user_verbose(name) if verbose else self.db.get_user(name)
 
-    def _expired(self, conn):
-        if conn.lingering:
-            self.drop(conn)                    # done with
-        else:
-            conn.expired()
+    def _lines(self, names, verbose):
+        """One 'user  status' line per name, as reply bytes, formatted REPLY_CHUNK_LINES lines
+        at a time: a list of a million users takes no single long step."""
+        chunks, lines = [], []
+        for name in names:
+            status = self._lookup(name, verbose)
+            lines.append("%s  %s" % (name, NO_SUCH_USER if status is None else status))
+            if len(lines) == REPLY_CHUNK_LINES:
+                chunks.append(format_reply("\n".join(lines)))
+                lines = []
+        if lines or not chunks:
+            chunks.append(format_reply("\n".join(lines)))
+        return b"".join(chunks)
 
-    def in_worker(self, conn, function, args, then):
-        """Run function(*args) in the pool, then then(future) in the loop thread; the
-        connection is not watched meanwhile.  False, and nothing run, when `max_pending`
-        jobs wait already."""
-        if self.loop.in_flight >= self.max_pending:
+
+class SetterProtocol(RequestProtocol):
+    """The tutorial's FingerSetterProtocol: the peer sends a user line and a status line and
+    closes its side; with exactly two lines the status is set.  One line answers: OK or why
+    not.  With `check_identity` (the unix socket), peers may set only their own status,
+    except root.  A new user is added only while the database has fewer than `max_users`
+    (0: no limit), so a client cannot grow the users file without bound."""
+
+    name = "setter"
+    max_request = MAX_SETTER_BYTES
+
+    def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False,
+                 max_users=DEFAULT_MAX_USERS):
+        super().__init__()
+        self.db = db
+        self.max_status = max_status
+        self.check_identity = check_identity
+        self.max_users = max_users
+
+    def parse(self, data, eof):
+        """Everything the peer sent, once it has closed its side; None until then."""
+        if len(data) > self.max_request:
+            raise RequestError("Too much: send a user line and a status line", "too long")
+        return data if eof else None
+
+    @staticmethod
+    def log_text(data):
+        """What the query log shows of a request: the user line, never the status."""
+        return data.partition(b"\n")[0].strip()
+
+    def respond(self, data, peer=None):
+        lines = data.decode("utf-8", "replace").split("\n")
+        if lines[-1] == "":
+            lines.pop()                    # the line end of the last line
+        if len(lines) != 2:
+            return format_reply("Expected two lines: a user, then a status"), "bad request"
+        name, status = lines[0].strip(), clean_status(lines[1])   # clean_status drops a CR
+        if not valid_user_name(name):
+            return format_reply("Bad user name: letters, digits, '.', '_' and '-', at most "
+                                "%d" % MAX_USER_NAME), "bad request"
+        if name in RESERVED_NAMES:
+            return format_reply("Reserved name: the web site serves /%s itself" % name), \
+                "bad request"
+        if len(status) > self.max_status:
+            return format_reply("Status too long: at most %d characters"
+                                % self.max_status), "bad request"
+        if self.check_identity and not self._may_set(peer, name):
+            return format_reply("Permission denied: you may set only your own status"), \
+                "denied"
+        if (self.max_users and self.db.count() >= self.max_users
+                and self.db.get_user(name) is None):
+            return format_reply("Too many users: at most %d; a status can be set only for "
+                                "users there are" % self.max_users), "too many users"
+        try:
+            self.db.set_user(name, status)
+        except OSError as error:
+            log.error("setting the status of %r failed: %s", name, error)
+            return format_reply("Could not save the status: %s" % error.strerror), "error"
+        except FingerError as error:                  # a read-only back-end
+            return format_reply("Could not save the status: %s" % error), "error"
+        except Exception:
+            log.exception("setting the status of %r failed", name)
+            return format_reply(INTERNAL_ERROR), "error"
+        log.info("setter: %s set the status of %s", format_peer(peer), name)
+        return b"OK\r\n", "set"
+
+    @staticmethod
+    def needs_worker(data):
+        return True            # setting may write the users file (fsync): off the loop
+
+    @staticmethod
+    def _may_set(peer, name):
+        if peer is None:
             return False
-        if conn.events:
-            self.loop.watch(conn.sock, 0)
-            conn.events = 0
-        conn.working = True
-        self.loop.run_in_worker(function, args, then)
-        return True
-
-    def log(self, conn, request, outcome):
-        self.protocol.count(outcome)
-        if conn.session is None:
-            self.protocol.latency.observe(time.monotonic() - conn.started)
-        if query_log.enabled:
-            query_log.record(self.name, conn.peer, self.protocol.log_text(request), outcome,
-                             conn.started)
-
-    def drop(self, conn, linger=False):
-        """Close a connection; with `linger` (and room for it), shut our side only and read
-        and drop the peer's input until it closes (at most a second): a peer still sending
-        must not get a reset that destroys the answer before it reads it."""
-        if conn.closed or linger and conn.lingering:
-            return
-        if conn.events:
-            self.loop.watch(conn.sock, 0)
-        if conn.deadline is not None:
-            conn.deadline.discard()
-            conn.deadline = None
-        if conn.session is not None and not (conn.working or conn.lingering):
-            conn.session.close()               # one being fed: when its job is done
-        if conn.lingering:
-            del self._lingering[conn]
-            conn.lingering = False
-        else:
-            del self._conns[conn]
-            self.admission.release(conn)
-        conn.closed = True
-        conn.handler = None                    # its bound method: a cycle, freed at once
-        if linger and not conn.tls and len(self._lingering) < BUSY_BACKLOG:
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_WR)
-                conn.closed = False
-                conn.events = 0
-                self._linger(conn)
-                self._stop_when_idle()
-                return
-        if not conn.tls and not conn.inbuf.endswith(b"\n"):
-            # The peer may have sent more than we read: read it, so close() sends no RST
-            # that could destroy the answer before the peer reads it.
-            with contextlib.suppress(OSError):
-                conn.sock.recv(RECV_SIZE)
-        conn.sock.close()
-        if self.stopping:
-            self._stop_when_idle()
+        if peer.uid == 0:
+            return True
+        try:
+            return pwd.getpwuid(peer.uid).pw_name == name
+        except KeyError:
+            return False
 
 
 def serve_inetd(protocol, timeout=DEFAULT_TIMEOUT, infd=0, outfd=1):
@@ -3012,10 +2830,312 @@ def selectors_wait(fd, timeout):
         return bool(selector.select(timeout))
 
 
-# == 5. The web site: HTML pages, JSON, XML-RPC at /RPC2, HTTPS ================================
+# == 6. Observability: the query log, warnings, latency, /metrics =============================
+
+_LOG_FIELD = dict(_CARET)          # a field of a query log line: one line, in quotes
+_LOG_FIELD.update({ord("\n"): "^J", ord("\t"): "^I", ord('"'): '\\"', ord("\\"): "\\\\"})
+
+
+class QueryLog:
+    """One line per query, for every listener (--log-queries): off by default, as bsd
+    in.fingerd logs queries only with -l; who asked for whom is a privacy matter.
+
+    `record()` is what a front-end calls for each answer: when off, one attribute test;
+    when on, the line is formatted at once (text, defanged, the request in quotes) and
+    queued.  A writer thread writes the queue in batches, at least every FLUSH_INTERVAL
+    seconds and at stop, so a slow disk never holds up a loop; past MAX_BACKLOG queued
+    lines the new ones are counted and dropped.  Lines go where the log goes: appended as
+    one write to a stream or file handler, one record each to any other handler (syslog)."""
+
+    FLUSH_INTERVAL = 1.0
+    MAX_BACKLOG = 100000
+
+    def __init__(self):
+        self.enabled = False
+        self.dropped = 0
+        self._queue = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = None
+        self._flush_lock = threading.Lock()
+
+    def record(self, service, peer, request, outcome, started=None):
+        """Queue `service peer "request" outcome [N.Nms]`; `request` is bytes or text from
+        the peer (defanged here), `started` a time.monotonic() for the time taken."""
+        if not self.enabled:
+            return
+        if type(request) is bytes:
+            request = request.decode("utf-8", "replace")
+        if type(peer) is tuple:                   # inline format_address: it is per query
+            peer = ("[%s]:%d" if ":" in peer[0] else "%s:%d") % peer[:2]
+        else:
+            peer = str(peer).translate(_LOG_FIELD)
+        now = time.monotonic()                    # made a time of day when written
+        if started is None:
+            line = '%s %s "%s" %s' % (service, peer, request.translate(_LOG_FIELD), outcome)
+        else:
+            line = '%s %s "%s" %s %.1fms' % (service, peer, request.translate(_LOG_FIELD),
+                                             outcome, (now - started) * 1000)
+        if len(self._queue) < self.MAX_BACKLOG:
+            self._queue.append((now, line))
+        else:
+            self.dropped += 1
+
+    def start(self):
+        """Turn the log on and start the writer thread."""
+        self.enabled = True
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._write_forever, daemon=True,
+                                            name="finger-query-log")
+            self._thread.start()
+
+    def stop(self):
+        """Stop the writer thread and write what is queued."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            thread.join()
+        self.flush()
+
+    def _write_forever(self):
+        while not self._stopping:
+            self._wake.wait(self.FLUSH_INTERVAL)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:     # never let one bad write end the query log
+                log.exception("writing the query log failed")
+
+    def flush(self):
+        """Write every queued line now."""
+        with self._flush_lock:
+            queue, entries = self._queue, []
+            for _ in range(len(queue)):
+                entries.append(queue.popleft())
+            dropped, self.dropped = self.dropped, 0
+            if not entries and not dropped:
+                return
+            if dropped:
+                log.warning("query log: %d lines dropped: the log destination is slower "
+                            "than the queries", dropped)
+            to_wall_clock = time.time() - time.monotonic()
+            text = None
+            for handler in log.handlers:
+                if getattr(handler, "stream", None) is not None:    # a file or stderr
+                    text = text or self._format(entries, to_wall_clock)
+                    with handler.lock:
+                        handler.stream.write(text)     # the stream of now (SIGHUP reopens)
+                        handler.stream.flush()
+                else:
+                    for when, line in entries:
+                        record = log.makeRecord(log.name, logging.INFO, "", 0, "%s", (line,),
+                                                None)
+                        record.created = when + to_wall_clock
+                        record.msecs = (record.created - int(record.created)) * 1000
+                        handler.handle(record)
+
+    @staticmethod
+    def _format(entries, to_wall_clock):
+        """The lines as logging's default format writes them: one time stamp each."""
+        second, stamp, lines = None, "", []
+        for when, line in entries:
+            when += to_wall_clock
+            if int(when) != second:
+                second = int(when)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            lines.append("%s,%03d INFO %s\n" % (stamp, (when - second) * 1000, line))
+        return "".join(lines)
+
+
+query_log = QueryLog()
+
+
+class LogStreak:
+    """The one way a kind of trouble is logged without flooding the log.  Reports come in
+    streaks (per `key`, when given): a streak lasts `episode` seconds (None: until end()).
+    In each, the first `per_streak` reports are logged at `level`, the others at
+    `repeat_level` or, when that is None, only counted; `summary` (a format taking the
+    name, the count and the seconds), when given, tells that count once the streak is over.
+    At most MAX_CLIENT_TABLE keys are remembered.  Thread-safe."""
+
+    def __init__(self, name, per_streak=1, episode=None, level=logging.WARNING,
+                 repeat_level=None, summary=None):
+        self.name, self.per_streak, self.episode = name, per_streak, episode
+        self.level, self.repeat_level, self.summary = level, repeat_level, summary
+        self._streaks = {}                 # key -> [when it started, reports]
+        self._lock = threading.Lock()
+
+    def report(self, message, *args, key=None):
+        """Log (or count) one occurrence; True when it started a streak."""
+        now = time.monotonic()
+        with self._lock:
+            streak = self._streaks.get(key)
+            over = streak is not None and self.episode is not None and \
+                now - streak[0] >= self.episode
+            if streak is None or over:
+                if len(self._streaks) >= MAX_CLIENT_TABLE:
+                    self._streaks.clear()
+                self._streaks[key] = [now, 1]
+                reports = 1
+            else:
+                streak[1] += 1
+                reports = streak[1]
+        if over:
+            self._tell_unlogged(streak, now)
+        if reports <= self.per_streak:
+            log.log(self.level, message, *args)
+        elif self.repeat_level is not None:
+            log.log(self.repeat_level, message, *args)
+        return reports == 1
+
+    def in_streak(self, key=None):
+        return key in self._streaks
+
+    def end(self, key=None):
+        """End the streak of `key`: the seconds it lasted, or None when there was none."""
+        now = time.monotonic()
+        with self._lock:
+            streak = self._streaks.pop(key, None)
+        if streak is None:
+            return None
+        self._tell_unlogged(streak, now)
+        return now - streak[0]
+
+    def clear(self):
+        """End every streak (a new start: what goes wrong next is news again)."""
+        with self._lock:
+            streaks, self._streaks = self._streaks, {}
+        now = time.monotonic()
+        for streak in streaks.values():
+            self._tell_unlogged(streak, now)
+
+    def _tell_unlogged(self, streak, now):
+        unlogged = streak[1] - self.per_streak
+        if unlogged > 0 and self.summary is not None and self.repeat_level is None:
+            log.warning(self.summary, self.name, unlogged, now - streak[0])
+
+
+def warning_throttle(name):
+    """The warnings one service logs about its peers (dropped connections, timeouts): at
+    most MAX_WARNINGS_PER_SECOND a second, then a count: a peer cannot fill the disk."""
+    return LogStreak(name, MAX_WARNINGS_PER_SECOND, episode=1.0,
+                     summary="%s: %d more warnings like these in %.0f s, not logged")
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)            # seconds: the bounds of /metrics' histogram
+
+
+class LatencyHistogram:
+    """How long a service took to answer, in LATENCY_BUCKETS (a Prometheus histogram).
+    Thread-safe; observe() costs a bisect and two additions."""
+
+    def __init__(self):
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds):
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        with self._lock:
+            self.counts[index] += 1
+            self.total += seconds
+
+    def lines(self, name, service):
+        """The _bucket, _sum and _count lines of `service`."""
+        with self._lock:
+            counts, total = list(self.counts), self.total
+        lines, running = [], 0
+        for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), counts):
+            running += count
+            lines.append('%s_bucket{service="%s",le="%s"} %d' % (name, service, bound, running))
+        return lines + ['%s_sum{service="%s"} %.6f' % (name, service, total),
+                        '%s_count{service="%s"} %d' % (name, service, running)]
+
+
+# Outcomes that are a connection turned away -> the reason /metrics gives.
+REJECTIONS = {"busy": "cap", "per-client connections": "per-client connections",
+              "per-client rate": "per-client rate", "timeout": "deadline",
+              "bad proxy header": "bad proxy header",
+              "proxy header refused": "proxy header refused"}
+STARTED_AT = time.time()          # process_start_time_seconds (the module's import)
+
+
+def render_metrics(group):
+    """Prometheus text: requests by service and outcome, connections turned away by
+    reason, a latency histogram per service, open connections, users loaded, the last
+    load of the users and whether it worked, the process's figures and the build.  Never
+    a series per user or per client address."""
+    lines = ["# HELP finger_requests_total Requests answered, by service and outcome.",
+             "# TYPE finger_requests_total counter"]
+    for service in group:
+        for outcome, count in sorted(service.counts.items(), key=str):
+            lines.append('finger_requests_total{service="%s",outcome="%s"} %d'
+                         % (service.name, outcome, count))
+    lines += ["# HELP finger_rejected_total Connections and requests turned away, by "
+              "service and reason.", "# TYPE finger_rejected_total counter"]
+    for service in group:
+        rejected = collections.Counter()
+        for outcome, count in list(service.counts.items()):
+            if outcome in REJECTIONS:
+                rejected[REJECTIONS[outcome]] += count
+        lines += ['finger_rejected_total{service="%s",reason="%s"} %d'
+                  % (service.name, reason, count) for reason, count in sorted(rejected.items())]
+    lines += ["# HELP finger_request_duration_seconds Time to answer, by service.",
+              "# TYPE finger_request_duration_seconds histogram"]
+    for service in group:
+        if service.latency is not None:
+            lines += service.latency.lines("finger_request_duration_seconds", service.name)
+    lines += ["# HELP finger_open_connections Connections open now.",
+              "# TYPE finger_open_connections gauge"]
+    lines += ['finger_open_connections{service="%s"} %d' % (service.name,
+                                                            service.open_connections())
+              for service in group]
+    for db in group.databases:
+        loaded_at, ok = db.health()
+        lines += ["# HELP finger_users Users the database lists.", "# TYPE finger_users gauge",
+                  "finger_users %d" % db.count(),
+                  "# HELP finger_last_reload_success Whether the last load of the users "
+                  "worked.", "# TYPE finger_last_reload_success gauge",
+                  "finger_last_reload_success %d" % ok]
+        if loaded_at is not None:
+            lines += ["# HELP finger_last_reload_timestamp_seconds When the users were last "
+                      "loaded.", "# TYPE finger_last_reload_timestamp_seconds gauge",
+                      "finger_last_reload_timestamp_seconds %.3f" % loaded_at]
+    return "\n".join(lines + _process_metrics()) + "\n"
+
+
+def _process_metrics():
+    """The process's figures, named as Prometheus's client libraries name them."""
+    times = os.times()
+    lines = ["# HELP process_cpu_seconds_total User and system CPU time spent.",
+             "# TYPE process_cpu_seconds_total counter",
+             "process_cpu_seconds_total %.2f" % (times.user + times.system),
+             "# HELP process_start_time_seconds When the process started (Unix time).",
+             "# TYPE process_start_time_seconds gauge",
+             "process_start_time_seconds %.3f" % STARTED_AT]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        lines += ["# HELP process_resident_memory_bytes Resident memory size.",
+                  "# TYPE process_resident_memory_bytes gauge",
+                  "process_resident_memory_bytes %d" % resident]
+    with contextlib.suppress(OSError):
+        lines += ["# HELP process_open_fds Open file descriptors.",
+                  "# TYPE process_open_fds gauge",
+                  "process_open_fds %d" % len(os.listdir("/proc/self/fd"))]
+    return lines + ["# HELP finger_build_info The version of finger.py and of Python.",
+                    "# TYPE finger_build_info gauge",
+                    'finger_build_info{version="%s",python="%s"} 1'
+                    % (__version__, ".".join(map(str, sys.version_info[:3])))]
+
+
+# == 7. The web site: HTML pages, JSON, XML-RPC at /RPC2, HTTPS ===============================
 
 WEB_TIMEOUT = 10.0                # seconds a web request may take to arrive, and an idle
-                                  # keep-alive connection may stay open
+
 DEFAULT_WEB_MAX_CONNECTIONS = 4096  # open web connections; more get 503
 WEB_PREWARM_USERS = 10000         # users at most for the users page to be made at start
 HTTP_BATCH = 64 * 1024            # bytes of answers to pipelined requests made before they are sent
@@ -3177,7 +3297,7 @@ class WebSite:
         extra = [("ETag", etag)]
         changed_at = getattr(self.db, "changed_at", None)
         if changed_at is not None:
-            if self._last_modified[0] != changed_at:     # formatting it costs 5 us
+            if self._last_modified[0] != changed_at:     # formatted once per change
                 self._last_modified = changed_at, _http_date(changed_at)
             extra.append(("Last-Modified", self._last_modified[1]))
         if len(response.body) >= GZIP_MIN_BYTES:
@@ -3904,27 +4024,6 @@ class HTTPProtocol(SessionProtocol):
 _ASCII_DIGITS = re.compile("[0-9]{1,18}")   # what int() takes quickly; not other scripts' digits
 
 
-_REFUSING_TLS = []                 # a TLS server context with no certificate, made on first use
-
-
-def _refuse_tls(sock):
-    """Refuse a client of the TLS port the way TLS does: a context without a certificate
-    fails the handshake with an alert, if the ClientHello is already here (we do not wait
-    for it).  `sock` (non-blocking) stays open."""
-    import ssl
-    if not _REFUSING_TLS:
-        _REFUSING_TLS.append(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    copy = socket.socket(fileno=os.dup(sock.fileno()))
-    copy.setblocking(False)              # else ssl retries a handshake with no data forever
-    tls = _REFUSING_TLS[0].wrap_socket(copy, server_side=True, do_handshake_on_connect=False)
-    try:
-        tls.do_handshake()
-    except (OSError, ValueError):             # ssl.SSLError is an OSError
-        pass
-    finally:
-        tls.close()
-
-
 def make_tls_context(cert, key=None):
     """A server TLS context (TLS 1.2 at least, the ssl module's defaults otherwise) with the
     certificate (and key) from PEM files; UsageError naming the file when they are unusable."""
@@ -4013,10 +4112,10 @@ class WebService(TCPService):
                 log.error("%s; keeping the certificate loaded before", error)
 
 
-# == 6. Perspective Broker for Twisted clients (Banana and a Jelly subset) ====================
+# == 8. Perspective Broker for Twisted clients (Banana and a Jelly subset) ====================
 #
 # A stock Twisted `pb.PBClientFactory` client calls `getUser(name)` and `getUsers()` on our
-# root object.  Written from ../shared/specs/pb-wire.md; layers, bottom up:
+# root object, in the wire format of Twisted 22 and later; layers, bottom up:
 #   Banana   framing: [base-128 prefix digits][type byte][payload] (banana_encode, BananaDecoder)
 #   Jelly    Python values <-> Banana s-expressions, basic types only (jelly, unjelly)
 #   PB       ["message", id, b"root", method, answerRequired, args, kwargs] -> ["answer", id,
@@ -4027,17 +4126,15 @@ PB_DIALECTS = (b"pb", b"none")    # offered in this order; Twisted clients pick 
 BANANA_MAX_PREFIX = 64            # digits in a number prefix (Twisted's limit): < 2**448
 BANANA_SIZE_LIMIT = 640 * 1024    # longest LIST (elements) or STRING (bytes), as Twisted's
 BANANA_MAX_DEPTH = 64             # lists open at once.  A getUser call nests 4 deep and
-                                  # Twisted's own error answer 5; 64 leaves room for any sane
-                                  # argument and keeps the recursive unjelly (a few frames
-                                  # per level) far below Python's recursion limit.  Twisted has
-                                  # no cap: it relies on that limit.
+
+
 PB_MAX_MESSAGE = 1 << 20          # bytes one top-level expression may take (Twisted: no
-                                  # limit); a BANANA_SIZE_LIMIT string fits with room to spare
+
 PB_MAX_VALUES = 4096              # values in one call (Banana elements, and jelly values with
-                                  # a shared one counted at each use, so "dereference" cannot
-                                  # blow up hash() or repr()); getUser takes about 10
+
+
 PB_MAX_CALL = 64 * 1024           # bytes of one expression from a PB client: a call is small,
-                                  # and decoding it is bounded in time and memory
+
 PB_MAX_PENDING_TOTAL = 64 << 20   # bytes of unfinished calls buffered over all PB clients
 PB_ELEMENT_COST = 64              # bytes of memory one decoded Banana element may take
 PB_MAX_NAME_SHOWN = 100           # characters of a method name echoed in an error or the log
@@ -4631,7 +4728,7 @@ class PBSession(Session):
                  [b"dictionary"] + [[jelly(key), jelly(value)] for key, value in state]]]
 
 
-# == 7. The finger client ======================================================================
+# == 9. The finger client =====================================================================
 
 def parse_target(arg, verbose=False):
     """One client argument -> (query line, host, port).
@@ -4739,25 +4836,6 @@ class Forwarder:
         return False
 
 
-def _plain_address(text):
-    """An ipaddress address, an IPv4-mapped IPv6 one as IPv4, without a %zone."""
-    import ipaddress
-    address = ipaddress.ip_address(text.partition("%")[0])
-    return address.ipv4_mapped or address if address.version == 6 else address
-
-
-def _is_local_address(address):
-    """True when `address` (an ipaddress address) is one of this machine's: it can be
-    bound."""
-    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((str(address), 0))
-        except OSError:
-            return False
-    return True
-
-
 def set_status(status, path=DEFAULT_SETTER_SOCKET, timeout=DEFAULT_TIMEOUT):
     """Set the caller's own status through the server's unix-socket setter; returns the
     server's one-line answer ('OK' or why not).  Raises OSError."""
@@ -4776,7 +4854,7 @@ def set_status(status, path=DEFAULT_SETTER_SOCKET, timeout=DEFAULT_TIMEOUT):
     return defang(reply.decode("utf-8", "replace")).strip()
 
 
-# == 8. IRC: the tutorial's IRCReplyBot, a good citizen on real networks =======================
+# == 10. IRC: the tutorial's IRCReplyBot, a good citizen on real networks =====================
 #
 # ssl, random and base64 are imported inside the functions that use them, so the finger
 # client never loads them.
@@ -4789,9 +4867,9 @@ IRC_PASSWORD_ENV = "FINGER_IRC_PASSWORD"   # the SASL password, never on the com
 IRC_MAX_LINE = 512                # bytes in a line we send, CRLF included (RFC 1459 2.3)
 IRC_SPLIT_BYTES = 400             # text bytes per PRIVMSG when a long reply is split
 IRC_RELAY_ROOM = 100              # bytes kept free for the ":nick!user@host " a server puts
-                                  # in front when it relays (it cuts the line at 512)
+
 IRC_MAX_INPUT_LINE = 8191         # longest line taken from the server (IRCv3 tags allow 8191
-                                  # bytes); longer lines are logged and skipped
+
 IRC_MAX_REPLY_LINES = 5           # lines of one reply at most (one burst); the rest is cut
 IRC_MAX_QUEUE = 100               # lines waiting for the flood limiter; replies beyond: dropped
 IRC_WORKERS = 4                   # threads for the server's lookup and a slow back-end's
@@ -4804,11 +4882,11 @@ IRC_QUIT_GRACE = 0.5              # seconds the QUIT gets to leave and be answer
 IRC_QUIT_MESSAGE = "finger.py stopping"
 IRC_CTCP_ECHO = 64                # characters of a CTCP PING argument echoed back
 IRC_THROTTLE_DELAY = 20.0         # seconds (plus up to half again) before coming back after
-                                  # "too fast"/"throttled" or a 263 during registration
+
 IRC_BAN_DELAY = 600.0             # seconds (less up to 20 %) before coming back after a ban
 IRC_CAP_WAIT = 5.0                # seconds CAP LS may go unanswered before SASL is given up
 IRC_JOIN_WAIT = 5.0               # seconds after 001 we wait for the end of the MOTD (and
-                                  # with it the 005 lines) before joining all the same
+
 IRC_RECLAIM_INTERVAL = 60.0       # seconds between ISONs for the wanted nick (no MONITOR)
 # ERROR reasons: the server throttles reconnections (come back on its terms), or bans us
 # (come back much later).
@@ -5930,7 +6008,7 @@ class IRCBot(IRCLink, Service):
         return status, "unknown" if status is None else "ok"
 
 
-# == 9. Services and assembly ==================================================================
+# == 11. Services and assembly ================================================================
 
 # The listener options of --serve: name -> (default, what it serves).
 LISTENERS = {
@@ -6318,83 +6396,6 @@ def _limits(options, protocol):
     return limits
 
 
-# Outcomes that are a connection turned away -> the reason /metrics gives.
-REJECTIONS = {"busy": "cap", "per-client connections": "per-client connections",
-              "per-client rate": "per-client rate", "timeout": "deadline",
-              "bad proxy header": "bad proxy header",
-              "proxy header refused": "proxy header refused"}
-STARTED_AT = time.time()          # process_start_time_seconds (the module's import)
-
-
-def render_metrics(group):
-    """Prometheus text: requests by service and outcome, connections turned away by
-    reason, a latency histogram per service, open connections, users loaded, the last
-    load of the users and whether it worked, the process's figures and the build.  Never
-    a series per user or per client address."""
-    lines = ["# HELP finger_requests_total Requests answered, by service and outcome.",
-             "# TYPE finger_requests_total counter"]
-    for service in group:
-        for outcome, count in sorted(service.counts.items(), key=str):
-            lines.append('finger_requests_total{service="%s",outcome="%s"} %d'
-                         % (service.name, outcome, count))
-    lines += ["# HELP finger_rejected_total Connections and requests turned away, by "
-              "service and reason.", "# TYPE finger_rejected_total counter"]
-    for service in group:
-        rejected = collections.Counter()
-        for outcome, count in list(service.counts.items()):
-            if outcome in REJECTIONS:
-                rejected[REJECTIONS[outcome]] += count
-        lines += ['finger_rejected_total{service="%s",reason="%s"} %d'
-                  % (service.name, reason, count) for reason, count in sorted(rejected.items())]
-    lines += ["# HELP finger_request_duration_seconds Time to answer, by service.",
-              "# TYPE finger_request_duration_seconds histogram"]
-    for service in group:
-        if service.latency is not None:
-            lines += service.latency.lines("finger_request_duration_seconds", service.name)
-    lines += ["# HELP finger_open_connections Connections open now.",
-              "# TYPE finger_open_connections gauge"]
-    lines += ['finger_open_connections{service="%s"} %d' % (service.name,
-                                                            service.open_connections())
-              for service in group]
-    for db in group.databases:
-        loaded_at, ok = db.health()
-        lines += ["# HELP finger_users Users the database lists.", "# TYPE finger_users gauge",
-                  "finger_users %d" % db.count(),
-                  "# HELP finger_last_reload_success Whether the last load of the users "
-                  "worked.", "# TYPE finger_last_reload_success gauge",
-                  "finger_last_reload_success %d" % ok]
-        if loaded_at is not None:
-            lines += ["# HELP finger_last_reload_timestamp_seconds When the users were last "
-                      "loaded.", "# TYPE finger_last_reload_timestamp_seconds gauge",
-                      "finger_last_reload_timestamp_seconds %.3f" % loaded_at]
-    return "\n".join(lines + _process_metrics()) + "\n"
-
-
-def _process_metrics():
-    """The process's figures, named as Prometheus's client libraries name them."""
-    times = os.times()
-    lines = ["# HELP process_cpu_seconds_total User and system CPU time spent.",
-             "# TYPE process_cpu_seconds_total counter",
-             "process_cpu_seconds_total %.2f" % (times.user + times.system),
-             "# HELP process_start_time_seconds When the process started (Unix time).",
-             "# TYPE process_start_time_seconds gauge",
-             "process_start_time_seconds %.3f" % STARTED_AT]
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/self/statm") as f:
-            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        lines += ["# HELP process_resident_memory_bytes Resident memory size.",
-                  "# TYPE process_resident_memory_bytes gauge",
-                  "process_resident_memory_bytes %d" % resident]
-    with contextlib.suppress(OSError):
-        lines += ["# HELP process_open_fds Open file descriptors.",
-                  "# TYPE process_open_fds gauge",
-                  "process_open_fds %d" % len(os.listdir("/proc/self/fd"))]
-    return lines + ["# HELP finger_build_info The version of finger.py and of Python.",
-                    "# TYPE finger_build_info gauge",
-                    'finger_build_info{version="%s",python="%s"} 1'
-                    % (__version__, ".".join(map(str, sys.version_info[:3])))]
-
-
 # What SIGHUP changes in a running server when --config says so; the rest needs a restart.
 RELOADABLE = ("log_level", "log_queries", "no_list", "templates", "timeout", "max_status",
               "max_users", "backend_timeout", "per_client_connections", "per_client_rate",
@@ -6462,11 +6463,11 @@ def default_options(**overrides):
     return options
 
 
-# == 10. Process: privileges, daemon, pidfile, logging, systemd, signals ========================
+# == 12. Process: privileges, daemon, pidfile, logging, systemd, signals ======================
 
 CAP_NET_BIND_SERVICE = 10        # the capability bit that allows ports below 1024
 MAX_OPEN_FILES = 1 << 20          # the soft limit raise_file_limit asks for at most (Linux's
-                                  # default fs.nr_open)
+
 SYSLOG_SOCKET = "/dev/log"
 SD_LISTEN_FDS_START = 3           # systemd passes activated sockets from this descriptor on
 UNPRIVILEGED_USER = "nobody"      # who root becomes without --user (the tutorial used uid 1)
@@ -6881,10 +6882,10 @@ def _prepare_server(options):
     """Before the fork of --daemon: the process settings, the modules a chroot would hide,
     the services built (not bound yet) -> (their ServiceGroup, the identity to run as)."""
     raise_file_limit()
-    # Each service's loop gives the GIL up at every system call; with CPython's 5 ms switch
-    # interval, one busy thread (a PB client sending calls without pause) made each finger
-    # query wait up to 5 ms per system call: 80-116 ms at the p99.  With 1 ms, 6 ms (0.5 ms
-    # gave 3 ms, but cost the web site's 50 threads 10 ms more at their p99).
+    # Each service's loop gives the GIL up at every system call: with CPython's default
+    # switch interval (5 ms), one busy thread makes every other loop wait that long at each
+    # of its system calls.  A shorter interval bounds that wait (the figures are in the
+    # history of this line).
     sys.setswitchinterval(SERVER_SWITCH_INTERVAL)
     preload_server_modules()
     sockets = systemd_sockets()
@@ -7015,7 +7016,7 @@ def run_inetd(options):
     return 0
 
 
-# == 11. Command line ===========================================================================
+# == 13. Command line =========================================================================
 
 def _listen_option(text):
     try:
