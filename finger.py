@@ -2125,26 +2125,37 @@ def parse_proxy_header(data):
     """The PROXY header at the start of `data` (bytes): None while it is incomplete, else
     (its length, the client's (host, port), or None for a LOCAL connection or an unknown
     family: the balancer itself, health checks).  ValueError when it is no such header."""
-    import ipaddress
     if data[:len(PROXY_V2_SIGNATURE)] == PROXY_V2_SIGNATURE[:len(data)]:
-        if len(data) < 16:
-            return None
-        version, command, family = data[12] >> 4, data[12] & 15, data[13]
-        length = 16 + int.from_bytes(data[14:16], "big")
-        if version != 2 or command > 1 or length > PROXY_V2_MAX:
-            raise ValueError("a PROXY version 2 header we do not take")
-        if len(data) < length:
-            return None
-        body = data[16:length]
-        if command == 0 or family >> 4 not in (1, 2) or family & 15 != 1:
-            return length, None                       # LOCAL, or not TCP over IP
-        size = 4 if family >> 4 == 1 else 16
-        if len(body) < 2 * size + 4:
-            raise ValueError("a PROXY version 2 header too short for its addresses")
-        host = ipaddress.ip_address(body[:size])
-        return length, (str(host), int.from_bytes(body[2 * size:2 * size + 2], "big"))
+        return _proxy_v2(data)
     if data[:6] != b"PROXY "[:len(data)]:
         raise ValueError("no PROXY header")
+    return _proxy_v1(data)
+
+
+def _proxy_v2(data):
+    """parse_proxy_header for the binary version 2."""
+    import ipaddress
+    if len(data) < 16:
+        return None
+    version, command, family = data[12] >> 4, data[12] & 15, data[13]
+    length = 16 + int.from_bytes(data[14:16], "big")
+    if version != 2 or command > 1 or length > PROXY_V2_MAX:
+        raise ValueError("a PROXY version 2 header we do not take")
+    if len(data) < length:
+        return None
+    body = data[16:length]
+    if command == 0 or family >> 4 not in (1, 2) or family & 15 != 1:
+        return length, None                       # LOCAL, or not TCP over IP
+    size = 4 if family >> 4 == 1 else 16
+    if len(body) < 2 * size + 4:
+        raise ValueError("a PROXY version 2 header too short for its addresses")
+    host = ipaddress.ip_address(body[:size])
+    return length, (str(host), int.from_bytes(body[2 * size:2 * size + 2], "big"))
+
+
+def _proxy_v1(data):
+    """parse_proxy_header for the text version 1: "PROXY TCP4|TCP6 SRC DST SPORT DPORT"."""
+    import ipaddress
     end = data.find(b"\r\n", 0, PROXY_V1_MAX)
     if end < 0:
         if len(data) >= PROXY_V1_MAX:
