@@ -357,6 +357,7 @@ class TestFileDatabase(unittest.TestCase):
         with db._lock:                          # a write in progress: the others queue up
             for thread in threads:
                 thread.start()
+            # private: no public way to see it
             wait_until(lambda: len(db._queued) == len(names))
         for thread in threads:
             thread.join()
@@ -414,6 +415,7 @@ class TestFileDatabase(unittest.TestCase):
                 callers = [threading.Thread(target=db.reload, args=(True,)) for _ in range(5)]
                 for caller in callers:
                     caller.start()
+                # private: no public way to see it
                 wait_until(lambda: len(first) + (len(db._asked) if db._asked is not first
                                                  else 0) == 5)     # all five asked
             for caller in callers:
@@ -952,7 +954,9 @@ class TestPerClientLimits(unittest.TestCase):
             peer = ("10.%d.%d.%d" % (number >> 16, number >> 8 & 255, number & 255), 1)
             self.assertIsNone(limits.admit(peer))
             limits.release(peer)
+        # private: no public way to see it
         self.assertLessEqual(len(limits._clients), finger.MAX_CLIENT_TABLE)
+        # private: no public way to see it
         self.assertLessEqual(len(limits._keys), finger.MAX_CLIENT_TABLE)
 
     def test_finger_answers_with_a_refusal_line(self):
@@ -1212,6 +1216,7 @@ class TestFingerServer(unittest.TestCase):
         self.assertEqual(protocol.respond(b"moshez"), (b"Happy and well\r\n", "ok"))
         db.set_user("moshez", "changed")                        # a new version: all forgotten
         self.assertEqual(protocol.respond(b"moshez"), (b"changed\r\n", "ok"))
+        # private: no public way to see it
         self.assertEqual(protocol._replies.used, len(b"moshez") + len(b"changed\r\n"))
 
     def test_the_list_is_made_off_the_loop_once_per_version(self):
@@ -1221,6 +1226,7 @@ class TestFingerServer(unittest.TestCase):
         self.assertTrue(protocol.needs_worker(b""))
         self.assertTrue(protocol.needs_worker(b" /w "))
         self.assertFalse(protocol.needs_worker(b"u00001"))
+        # private: no public way to see it
         self.assertEqual(db._users.sorted_names(), sorted(users))
         reply, outcome = protocol.respond(b"")
         self.assertEqual(outcome, "list")
@@ -1387,6 +1393,7 @@ class TestFingerServer(unittest.TestCase):
         service.start()
         idle = connect(self, service.address)
         wait_until(lambda: service.open_connections() == 1)
+        # private: no public way to see it
         listener, thread = service._listener, service._thread
         started = time.monotonic()
         service.stop()
@@ -2206,6 +2213,7 @@ class TestHTTPSession(unittest.TestCase):
 
     def test_the_users_page_is_made_before_the_first_client_asks(self):
         service = web_service(self)
+        # private: no public way to see it
         wait_until(lambda: service.site._users_page is not None)
 
     def test_pipelined_requests_are_answered_in_order(self):
@@ -2394,6 +2402,7 @@ class TestWebLimitsAndTemplates(unittest.TestCase):
         sock = connect(self, service.address)
         sock.sendall(b"GET /moshez HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIn(b"200 OK", sock.recv(4096))
+        # private: no public way to see it
         thread = service._thread
         started = time.monotonic()
         service.stop()
@@ -3216,6 +3225,7 @@ class TestPBSession(unittest.TestCase):
         sessions = [finger.PBProtocol(finger.MemoryDatabase(PB_USERS)).new_session(None)
                     for _ in range(3)]
         for session in sessions:
+            # private: no public way to see it
             session._budget = budget
         unfinished = b"\x02\x82pb" + b"\x01\x80" + finger.banana_encode(40000)[:-1] + b"\x82"
         sessions[0].feed(unfinished + b"x" * 39000)
@@ -3527,7 +3537,7 @@ class TestPBServer(unittest.TestCase):
         extra.sendall(b"\x02\x82pb")
         self.assertTrue(dropped(extra))
         self.assertEqual(first.call("getUser", "moshez"), ("answer", "Happy and well"))
-        self.assertTrue(service._thread.is_alive())
+        self.assertTrue(service.alive())
 
     def test_a_slow_pb_lookup_does_not_stall_other_pb_clients(self):
         db = SlowDatabase()
@@ -3592,6 +3602,7 @@ class TestForwarding(unittest.TestCase):
             with self.subTest(query=query):
                 self.assertEqual(ask(address, query + b"\r\n"),
                                  b"Forwarding to this server itself is not allowed\r\n")
+        # private: no public way to see it
         self.assertEqual(group.by_name("finger").protocol.forwarder._slots._value, 2)
 
     def test_forwards_waiting_on_other_servers_never_hold_every_worker(self):
@@ -3609,6 +3620,7 @@ class TestForwarding(unittest.TestCase):
                                                      b"a@127.0.0.1:%d\r\n" % port))
         waiting.start()
         self.addCleanup(waiting.join)
+        # private: no public way to see it
         wait_until(lambda: forwarder._slots._value == 0)
         self.assertEqual(ask(service.address, b"b@127.0.0.1:%d\r\n" % port),
                          b"Server busy, try again later\r\n")
@@ -4028,6 +4040,7 @@ class TestIRCHelpers(unittest.TestCase):
         bot = finger.irc_bot_from_options(self.irc_options(
             "--irc", "[::1]", "--irc-tls", "--irc-account", "acct"), db,
             environ={"FINGER_IRC_PASSWORD": "sesame"})
+        # private: no public way to see it
         self.assertEqual((bot.address, bot.tls, bot.account, bot._password),
                          (("::1", 6697), True, "acct", "sesame"))
         with self.assertRaises(finger.UsageError):     # no password anywhere
@@ -4045,6 +4058,7 @@ class TestIRCHelpers(unittest.TestCase):
         bot = finger.irc_bot_from_options(self.irc_options(
             "--irc", "irc.example", "--irc-tls", "--irc-account", "acct",
             "--irc-password-file", path), db, environ={"FINGER_IRC_PASSWORD": "not this"})
+        # private: no public way to see it
         self.assertEqual(bot._password, "open sesame")
         empty = write_file(self, "\n", name="empty")
         for bad in [path + ".missing", empty, os.path.dirname(path)]:
@@ -4396,6 +4410,7 @@ class TestIRCBot(unittest.TestCase):
         bot.stop()
         self.assertLess(time.monotonic() - started, 0.5)
         self.assertEqual(server.expect(r"^QUIT"), "QUIT :finger.py stopping")
+        # private: no public way to see it
         self.assertIsNone(bot._thread)
         self.assertEqual(bot.open_connections(), 0)
         self.assertFalse(bot.registered)
@@ -4649,6 +4664,7 @@ class TestIRCOnEveryNetwork(unittest.TestCase):
         server.send(":irc.test CAP * LS * :" + " ".join("c%d" % n for n in range(300)),
                     ":irc.test CAP * LS :sasl")
         server.expect(r"^CAP REQ sasl")                     # the 301st is still seen
+        # private: no public way to see it
         self.assertEqual(len(bot.session._caps), finger.IRC_MAX_CAPS + 1)
 
     def test_a_user_toggling_the_nick_cannot_make_the_bot_flood(self):
@@ -5186,6 +5202,7 @@ class TestServeCommand(unittest.TestCase):
             group = finger.build_services(options, finger.MemoryDatabase())
             with self.assertRaises(finger.FingerError):
                 group.start()
+        # private: no public way to see it
         self.assertEqual(group.services[0]._listener.fileno(), -1)
         self.assertIsNone(_try_ask(group.services[0].address))       # nobody listens
 
@@ -5801,7 +5818,7 @@ def raw_controls(data):
 class TestFuzz(unittest.TestCase):
     def assert_threads_alive(self, *services):
         for service in services:
-            self.assertTrue(service._thread.is_alive(), service.name)
+            self.assertTrue(service.alive(), service.name)
 
     def test_finger_port(self):
         db = finger.MemoryDatabase({"moshez": "Happy and well", "evil": "\x1b[2J\x9b\u202e"})
@@ -5911,7 +5928,7 @@ class TestFuzz(unittest.TestCase):
             server.connections[-1].sendall(line + rng.choice([b"\r\n", b"\n", b"", b"\r"]))
         server.send(":tester!t@host PRIVMSG %s :moshez" % bot.nick)
         server.expect(r"^PRIVMSG tester :Status of moshez: Happy and well$")
-        self.assertTrue(bot._thread.is_alive())
+        self.assertTrue(bot.alive())
         self.assertEqual(len(server.connections), 1)            # never dropped and redialled
 
     def test_users_file_faults(self):
@@ -5950,7 +5967,7 @@ class TestAbuse(unittest.TestCase):
             for _ in range(20):
                 self.assertEqual(ask(service.address, b"moshez\r\n"), b"Happy and well\r\n")
         wait_until(lambda: service.open_connections() == 1000)
-        self.assertTrue(service._thread.is_alive())
+        self.assertTrue(service.alive())
 
     def test_connection_flood_past_the_cap(self):
         service = finger_service(self, max_connections=50)
