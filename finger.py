@@ -106,6 +106,7 @@ MAX_FORWARD_HOPS = 3              # hosts in one forwarding query, user@h1@h2@h3
 MAX_SETTER_BYTES = 8192           # a setter request (user line + status line) at most
 DEFAULT_MAX_STATUS = 1024         # characters in a status sent to the setter
 DEFAULT_MAX_USERS = 100_000       # users the setter may create, at most (updates always work)
+DEFAULT_MAX_USERS_BYTES = 32 << 20  # bytes the setter may grow the users file to, at most
 MAX_USER_NAME = 32
 DEFAULT_SETTER_SOCKET = "/run/finger/setter.sock"
 
@@ -665,6 +666,11 @@ class UserDatabase:
     def get_users(self):
         return []
 
+    def stored_bytes(self, name, status):
+        """(bytes stored now, bytes once `name` has `status`) for a back-end that stores its
+        users in a file, else None (nothing grows)."""
+        return None
+
     def count(self):
         """How many users there are (metrics and /healthz: never their names)."""
         return len(self.get_users())
@@ -915,6 +921,13 @@ class FileDatabase(MemoryDatabase):
 
     def health(self):
         return self.loaded_at, not self._trouble.in_streak()
+
+    def stored_bytes(self, name, status):
+        size = os.stat(self.path).st_size
+        old = self._users.get(name)
+        line = "%s: %s\n" % (name, status)
+        return size, size + len(line.encode("utf-8")) - (
+            0 if old is None else len(("%s: %s\n" % (name, old)).encode("utf-8")))
 
     def relocate(self, inside):
         self.path = inside(self.path)
@@ -2721,19 +2734,21 @@ class SetterProtocol(RequestProtocol):
     """The tutorial's FingerSetterProtocol: the peer sends a user line and a status line and
     closes its side; with exactly two lines the status is set.  One line answers: OK or why
     not.  With `check_identity` (the unix socket), peers may set only their own status,
-    except root.  A new user is added only while the database has fewer than `max_users`
-    (0: no limit), so a client cannot grow the users file without bound."""
+    except root.  A new user is added only while the database has fewer than `max_users`,
+    and no set grows the users file past `max_bytes` (0: no limit, for either), so a client
+    cannot grow the users file without bound; a set that does not grow it always works."""
 
     name = "setter"
     max_request = MAX_SETTER_BYTES
 
     def __init__(self, db, max_status=DEFAULT_MAX_STATUS, check_identity=False,
-                 max_users=DEFAULT_MAX_USERS):
+                 max_users=DEFAULT_MAX_USERS, max_bytes=DEFAULT_MAX_USERS_BYTES):
         super().__init__()
         self.db = db
         self.max_status = max_status
         self.check_identity = check_identity
         self.max_users = max_users
+        self.max_bytes = max_bytes
 
     def parse(self, data, eof):
         """Everything the peer sent, once it has closed its side; None until then."""
@@ -2770,6 +2785,10 @@ class SetterProtocol(RequestProtocol):
             return format_reply("Too many users: at most %d; a status can be set only for "
                                 "users there are" % self.max_users), "too many users"
         try:
+            if self.max_bytes and self._grows_past_max_bytes(name, status):
+                return format_reply("Users file full: at most %d bytes; a shorter status, or "
+                                    "one for a user there is, may still fit"
+                                    % self.max_bytes), "too many bytes"
             self.db.set_user(name, status)
         except OSError as error:
             log.error("setting the status of %r failed: %s", name, error)
@@ -2785,6 +2804,10 @@ class SetterProtocol(RequestProtocol):
     @staticmethod
     def needs_worker(data):
         return True            # setting may write the users file (fsync): off the loop
+
+    def _grows_past_max_bytes(self, name, status):
+        sizes = self.db.stored_bytes(name, status)
+        return sizes is not None and sizes[1] > max(sizes[0], self.max_bytes)
 
     @staticmethod
     def _may_set(peer, name):
@@ -2968,7 +2991,7 @@ class LogStreak:
     streaks (per `key`, when given): a streak lasts `episode` seconds (None: until end()).
     In each, the first `per_streak` reports are logged at `level`, the others at
     `repeat_level` or, when that is None, only counted; `summary` (a format taking the
-    name, the count and the seconds), when given, tells that count once the streak is over.
+    name and the count), when given, tells that count once the streak is over.
     At most MAX_CLIENT_TABLE keys are remembered.  Thread-safe."""
 
     def __init__(self, name, per_streak=1, episode=None, level=logging.WARNING,
@@ -2994,7 +3017,7 @@ class LogStreak:
                 streak[1] += 1
                 reports = streak[1]
         if over:
-            self._tell_unlogged(streak, now)
+            self._tell_unlogged(streak)
         if reports <= self.per_streak:
             log.log(self.level, message, *args)
         elif self.repeat_level is not None:
@@ -3011,28 +3034,27 @@ class LogStreak:
             streak = self._streaks.pop(key, None)
         if streak is None:
             return None
-        self._tell_unlogged(streak, now)
+        self._tell_unlogged(streak)
         return now - streak[0]
 
     def clear(self):
         """End every streak (a new start: what goes wrong next is news again)."""
         with self._lock:
             streaks, self._streaks = self._streaks, {}
-        now = time.monotonic()
         for streak in streaks.values():
-            self._tell_unlogged(streak, now)
+            self._tell_unlogged(streak)
 
-    def _tell_unlogged(self, streak, now):
+    def _tell_unlogged(self, streak):
         unlogged = streak[1] - self.per_streak
         if unlogged > 0 and self.summary is not None and self.repeat_level is None:
-            log.warning(self.summary, self.name, unlogged, now - streak[0])
+            log.warning(self.summary, self.name, unlogged)
 
 
 def warning_throttle(name):
     """The warnings one service logs about its peers (dropped connections, timeouts): at
     most MAX_WARNINGS_PER_SECOND a second, then a count: a peer cannot fill the disk."""
     return LogStreak(name, MAX_WARNINGS_PER_SECOND, episode=1.0,
-                     summary="%s: %d more warnings like these in %.0f s, not logged")
+                     summary="%s: %d more warnings like these in a second, not logged")
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -3149,7 +3171,7 @@ WEB_TIMEOUT = 10.0                # seconds a web request may take to arrive, an
 
 DEFAULT_WEB_MAX_CONNECTIONS = 4096  # open web connections; more get 503
 WEB_PREWARM_USERS = 10000         # users at most for the users page to be made at start
-HTTP_BATCH = 64 * 1024            # bytes of answers to pipelined requests made before they are sent
+HTTP_BATCH = 64 * 1024            # bytes of pipelined answers made before they are sent
 MAX_RPC_BODY = 64 * 1024         # bytes of XML-RPC request (a call is tiny); more get 413
 MAX_REQUEST_HEAD = 128 * 1024     # bytes of request line and headers; more get 431
 API_PAGE = 1000                   # users in one /api/users answer unless ?limit= says
@@ -5141,7 +5163,7 @@ class IRCRegistration:
             while (channels and len(",".join(batch + channels[:1])) <= IRC_SPLIT_BYTES
                    and len(batch) < (self._join_max or len(self.bot.channels))):
                 batch.append(channels.pop(0))
-            self._queue.append(format_irc_line("JOIN", ",".join(batch)))
+            self._queue_lines([format_irc_line("JOIN", ",".join(batch))], "a JOIN")
         if self.bot.nicklen and len(self.bot.wanted_nick) > self.bot.nicklen:
             self._reclaimable = False          # the server could never give it to us
         if not self._is_me(self.bot.wanted_nick) and self._reclaimable:
@@ -5319,8 +5341,8 @@ class IRCNickKeeper:
         before the server has answered (a user toggling that nick cannot make us flood)."""
         if (not self._is_me(self.bot.wanted_nick) and self._reclaimable and self.registered
                 and not self._reclaiming):
-            self._reclaiming = True
-            self._queue.append(format_irc_line("NICK", self.bot.wanted_nick))
+            line = format_irc_line("NICK", self.bot.wanted_nick)
+            self._reclaiming = self._queue_lines([line], "a NICK")
 
     def _on_ison(self, message):
         """303: which of the nicks we asked about are online."""
@@ -5539,7 +5561,7 @@ class IRCSession(IRCRegistration, IRCNickKeeper, IRCConversation):
         if self._join_due is not None and now >= self._join_due:
             self._settle()
         if self._reclaim_due is not None and now >= self._reclaim_due:
-            self._queue.append(format_irc_line("ISON", self.bot.wanted_nick))
+            self._queue_lines([format_irc_line("ISON", self.bot.wanted_nick)], "an ISON")
             self._reclaim_due = now + self.bot.reclaim_interval
         if self._ping_sent is not None:
             waited = now - self._ping_sent
@@ -5587,13 +5609,18 @@ class IRCSession(IRCRegistration, IRCNickKeeper, IRCConversation):
         self._outbuf += line
 
     def _enqueue(self, command, target, texts):
-        """Queue lines for the flood limiter; False (and nothing queued) when it is full."""
-        if len(self._queue) + len(texts) > IRC_MAX_QUEUE:
-            self.bot.warnings.report("irc: %d lines already wait to be sent; dropped the answer to "
-                                "%s", len(self._queue), target)
+        """Queue messages for the flood limiter; False when the queue is full."""
+        return self._queue_lines([format_irc_line(command, target, text, trailing=True)
+                                  for text in texts], "the answer to %s" % target)
+
+    def _queue_lines(self, lines, what):
+        """The one way into the flood limiter's queue: it never holds more than
+        IRC_MAX_QUEUE lines; what would pass that is dropped (logged, throttled)."""
+        if len(self._queue) + len(lines) > IRC_MAX_QUEUE:
+            self.bot.warnings.report("irc: %d lines already wait to be sent; dropped %s",
+                                     len(self._queue), what)
             return False
-        self._queue += [format_irc_line(command, target, text, trailing=True)
-                        for text in texts]
+        self._queue += lines
         return True
 
     def _fold(self, text):
@@ -5852,10 +5879,10 @@ class IRCBot(IRCLink, Service):
     in the bot's thread: the server's lookup and a back-end's that may block in the loop's
     workers, a non-blocking connect, a Transport (TLS too), the session's timers, the
     back-off between connections (IRCLink).  Its times come from `clock` (tests drive it).
-    Methods for the caller: those of Service (start, stop, ...).  `address` is the server's (host, port);
-    `nick` the nick in use; `registered` whether the server welcomed the bot; `joined` its
-    channels; `counts` the answers by outcome (for the metrics).  close() ends it within a
-    second in any state: looking up, connecting, registered, or waiting to reconnect."""
+    Methods for the caller: those of Service (start, stop, ...).  `address` is the server's
+    (host, port); `nick` the nick in use; `registered` whether the server welcomed the bot;
+    `joined` its channels; `counts` the answers by outcome (for the metrics).  close() ends
+    it within a second in any state: looking up, connecting, registered, or waiting."""
 
     name = "irc"
 
@@ -6319,7 +6346,7 @@ def _proxy_listener(name, address, sock, db, site, options, limits, proxy_header
 
 def _setter_listener(name, address, sock, db, site, options, limits, proxy_headers):
     protocol = SetterProtocol(db, options.max_status, check_identity=name == "setter-socket",
-                              max_users=options.max_users)
+                              max_users=options.max_users, max_bytes=options.max_users_bytes)
     return _tcp_listener(protocol, name, address, sock, options, limits, proxy_headers)
 
 
@@ -6334,8 +6361,8 @@ LISTENER_SERVICES = {
     "finger": Entry(_finger_listener), "web": Entry(_web_listener, ("templates",
                                                                      "web_max_connections")),
     "https": Entry(_web_listener, ("templates", "web_max_connections", "cert", "key", "hsts")),
-    "setter": Entry(_setter_listener, ("max_status", "max_users")),
-    "setter-socket": Entry(_setter_listener, ("max_status", "max_users")),
+    "setter": Entry(_setter_listener, ("max_status", "max_users", "max_users_bytes")),
+    "setter-socket": Entry(_setter_listener, ("max_status", "max_users", "max_users_bytes")),
     "pb": Entry(_pb_listener), "proxy": Entry(_proxy_listener),
 }
 
@@ -6409,8 +6436,8 @@ def _limits(options, protocol):
 
 # What SIGHUP changes in a running server when --config says so; the rest needs a restart.
 RELOADABLE = ("log_level", "log_queries", "no_list", "templates", "timeout", "max_status",
-              "max_users", "backend_timeout", "per_client_connections", "per_client_rate",
-              "per_client_exempt")
+              "max_users", "max_users_bytes", "backend_timeout", "per_client_connections",
+              "per_client_rate", "per_client_exempt")
 
 
 def apply_options(group, options, new):
@@ -6461,6 +6488,7 @@ def _reconfigure_services(group, options):
             if isinstance(service.protocol, SetterProtocol):
                 service.protocol.max_status = options.max_status
                 service.protocol.max_users = options.max_users
+                service.protocol.max_bytes = options.max_users_bytes
 
 
 def default_options(**overrides):
@@ -7327,6 +7355,10 @@ def build_parser(server=False):
     data.add_argument("--max-users", type=_count_or_zero, default=DEFAULT_MAX_USERS,
                       metavar="N", help="the setter adds no user past N users (a status can "
                       "still be set for those there are); 0: no limit (default: %(default)s)")
+    data.add_argument("--max-users-bytes", type=_count_or_zero,
+                      default=DEFAULT_MAX_USERS_BYTES, metavar="N",
+                      help="the setter grows the users file to N bytes at most (a set that "
+                      "does not grow it still works); 0: no limit (default: %(default)s)")
 
     limits = parser.add_argument_group("limits")
     limits.add_argument("--request-timeout", dest="timeout", type=_seconds,

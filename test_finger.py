@@ -1472,7 +1472,9 @@ def setter_service(test, db, **options):
     protocol = finger.SetterProtocol(db, options.pop("max_status", finger.DEFAULT_MAX_STATUS),
                                      check_identity=options.pop("check_identity", False),
                                      max_users=options.pop("max_users",
-                                                           finger.DEFAULT_MAX_USERS))
+                                                           finger.DEFAULT_MAX_USERS),
+                                     max_bytes=options.pop("max_bytes",
+                                                           finger.DEFAULT_MAX_USERS_BYTES))
     address = options.pop("address", (LOCALHOST, 0))
     service = finger.TCPService(protocol, address, **options)
     start(test, service)
@@ -1722,6 +1724,25 @@ class TestSetterUserCap(unittest.TestCase):
         self.assertEqual(finger.DEFAULT_MAX_USERS, 100_000)
 
 
+    def test_no_set_grows_the_users_file_past_max_users_bytes(self):
+        path = write_file(self, "moshez: hi\nshawn: there\n")         # 24 bytes
+        db = finger.FileDatabase(path)
+        address = setter_service(self, db, max_bytes=40).address
+        self.assertEqual(set_over(address, b"alice\r\nshort\r\n"), b"OK\r\n")     # 37 bytes
+        self.assertEqual(set_over(address, b"bob\r\ntoo long to fit\r\n"),
+                         b"Users file full: at most 40 bytes; a shorter status, or one for a "
+                         b"user there is, may still fit\r\n")
+        self.assertEqual(set_over(address, b"alice\r\nlonger\r\n"), b"OK\r\n")    # 38 bytes
+        self.assertEqual(set_over(address, b"shawn\r\nx\r\n"), b"OK\r\n")         # shorter
+        self.assertEqual(_read(path), "moshez: hi\nshawn: x\nalice: longer\n")
+        with open(path, "a") as f:
+            f.write("# an admin's note that passes the cap\n")
+        db.reload()
+        self.assertEqual(set_over(address, b"shawn\r\ny\r\n"), b"OK\r\n")   # grows nothing
+        self.assertEqual(finger.DEFAULT_MAX_USERS_BYTES, 32 << 20)
+        self.assertEqual(finger.default_options().max_users_bytes, 32 << 20)
+
+
 class TestUnixSetter(unittest.TestCase):
     def setUp(self):
         self.directory = tempfile.mkdtemp(prefix="finger-test-")
@@ -1823,6 +1844,43 @@ class TestInetd(unittest.TestCase):
             os.close(writer)
         self.assertEqual((result.returncode, result.stdout), (0, ""))
         self.assertIn('finger inetd stdin "mosh" timeout', result.stderr)  # what arrived
+
+# == 6. observability ========================================================================
+
+class TestLogStreak(unittest.TestCase):
+    """The one log-once-per-streak helper: what a flood of trouble leaves in the log."""
+
+    def test_a_throttle_logs_a_few_a_second_then_a_count(self):
+        throttle = finger.warning_throttle("finger")
+        with self.assertLogs("finger", "WARNING") as logs:
+            for number in range(50):
+                throttle.report("finger %d: dropped", number)
+            throttle.end()
+        self.assertEqual(len(logs.output), finger.MAX_WARNINGS_PER_SECOND + 1)
+        self.assertIn("finger: %d more warnings like these in a second, not logged"
+                      % (50 - finger.MAX_WARNINGS_PER_SECOND), logs.output[-1])
+
+    def test_once_a_streak_at_its_level_then_at_the_repeat_level(self):
+        streak = finger.LogStreak("irc", level=logging.ERROR, repeat_level=logging.INFO)
+        with self.assertLogs("finger", "INFO") as logs:
+            self.assertTrue(streak.report("banned"))
+            self.assertFalse(streak.report("banned"))
+            streak.clear()                                # a welcome: news again
+            self.assertTrue(streak.report("banned"))
+        self.assertEqual([record.levelname for record in logs.records],
+                         ["ERROR", "INFO", "ERROR"])
+
+    def test_streaks_are_per_key_and_end(self):
+        streak = finger.LogStreak("finger")
+        with self.assertLogs("finger", "WARNING") as logs:
+            for key in (1, 1, 2, 1):
+                streak.report("client %s over its limit", key, key=key)
+        self.assertEqual(len(logs.output), 2)
+        self.assertTrue(streak.in_streak(1))
+        self.assertIsNotNone(streak.end(1))
+        self.assertFalse(streak.in_streak(1))
+        self.assertIsNone(streak.end(1))
+
 
 # == 7. the web site ==========================================================================
 
@@ -4119,6 +4177,20 @@ class TestIRCSession(unittest.TestCase):
         self.assertEqual(self.lines(session, 1001.0)[0], [])
         self.assertEqual(len(self.lines(session, 1002.0)[0]), 1)
         self.assertEqual(len(self.lines(session, 1004.0)[0]), 1)
+
+    def test_a_nick_storm_never_grows_the_queue_past_its_bound(self):
+        session = self.session(burst=1, line_interval=10)
+        session.feed(b":irc.test 433 * fingerbot :Nickname is already in use\r\n", 1000.0)
+        session.feed(b":irc.test 001 fingerbot_ :Welcome\r\n:irc.test 376 fingerbot_ :End\r\n",
+                     1000.0)
+        with self.assertLogs("finger", "WARNING") as logs:
+            for number in range(1000):       # the wanted nick's holder leaves, and is back
+                session.feed(b":fingerbot!u@h NICK :away%d\r\n:irc.test 433 fingerbot_ "
+                             b"fingerbot :Nickname is already in use\r\n" % number, 1000.0)
+        # private: no public way to the flood limiter's queue
+        self.assertEqual(len(session._queue), finger.IRC_MAX_QUEUE)
+        self.assertIn("dropped a NICK", logs.output[0])
+        self.assertLessEqual(len(logs.output), finger.MAX_WARNINGS_PER_SECOND)
 
     def test_sasl_gives_up_when_cap_ls_goes_unanswered(self):
         session = self.session(account="fingerbot", password="pw", cap_wait=5)
