@@ -601,6 +601,20 @@ def background_job():
                 sys.setswitchinterval(_switch_interval)
 
 
+def open_regular(path):
+    """`path` opened for reading (binary) if it is a regular file, else OSError: opening
+    never blocks (a FIFO without a writer) and nothing endless is read (a device)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def write_file_atomically(path, data):
     """Replace `path` by `data` (bytes, or a list of bytes-like pieces written one after
     another) so that a reader sees the old file or the new one, never a
@@ -799,7 +813,7 @@ class FileDatabase(MemoryDatabase):
 
     def _load(self):
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 info = os.fstat(f.fileno())
                 users, problems = parse_users(text_lines(f), self.path)
         except OSError as error:
@@ -882,7 +896,7 @@ class FileDatabase(MemoryDatabase):
         statuses = {write.name: write.status for write in batch}
         error = None
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 seen = self._signature_of(os.fstat(f.fileno())) == self._signature
                 pieces = [f.read()]
             for name, status in statuses.items():
@@ -1500,8 +1514,19 @@ def bind_tcp(address, option="listener"):
 
 
 def bind_unix(path, option="setter-socket"):
-    """Listen on a unix socket at `path`, mode 0666 (peers are told apart by SO_PEERCRED).
-    A socket file left by a dead server is replaced; anything else there is an error."""
+    """Listen on a unix socket at `path`, mode 0666 (peers are told apart by SO_PEERCRED):
+    the mode comes from the umask at bind, never from a chmod of the path (which a symlink
+    put there meanwhile would redirect).  A socket file left by a dead server is replaced;
+    anything else there is an error, and so is a directory anyone may write to without the
+    sticky bit (anyone could replace the socket)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    with contextlib.suppress(OSError):
+        mode = os.stat(directory).st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise UsageError("--%s %s: anyone may write to %s and it has no sticky bit, so "
+                             "anyone could replace the socket; use a directory that only "
+                             "root and the server's user may write to" % (option, path,
+                                                                          directory))
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -1514,13 +1539,15 @@ def bind_unix(path, option="setter-socket"):
                 raise FingerError("--%s %s: a running server listens there" % (option, path))
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o111)            # at start, before any other thread makes files
     try:
         sock.bind(path)
-        os.chmod(path, 0o666)
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:
         sock.close()
         raise FingerError("--%s %s: cannot listen: %s" % (option, path, error.strerror or error))
+    finally:
+        os.umask(umask)
     return sock
 
 

@@ -343,6 +343,27 @@ class TestDefangAndReplies(unittest.TestCase):
 # == 3. user databases (back-ends) ============================================================
 
 class TestFileDatabase(unittest.TestCase):
+    def test_a_users_file_that_is_no_regular_file_is_refused_at_once(self):
+        directory = tempfile.mkdtemp(prefix="finger-test-")
+        self.addCleanup(shutil.rmtree, directory)
+        fifo = os.path.join(directory, "users")
+        os.mkfifo(fifo)
+        for path in (fifo, "/dev/zero", directory):
+            started = time.monotonic()
+            with self.assertRaisesRegex(finger.UsersFileError, "cannot read users file"):
+                finger.FileDatabase(path)
+            self.assertLess(time.monotonic() - started, 1.0, path)
+        path = write_file(self, "moshez: hi\n")
+        db = finger.FileDatabase(path)
+        os.replace(fifo, path)                         # a FIFO where the file was
+        with self.assertLogs("finger", "ERROR") as logs:
+            self.assertFalse(db.reload())
+            self.assertFalse(db.reload())
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("not a regular file", logs.output[0])
+        self.assertEqual(db.get_user("moshez"), "hi")  # the last good users stay
+        self.assertEqual(db.health()[1], False)
+
     def database(self, text=USERS, interval=0):
         path = write_file(self, text)
         db = finger.FileDatabase(path, interval)
@@ -1759,6 +1780,27 @@ class TestUnixSetter(unittest.TestCase):
         self.assertEqual(info.st_uid, os.geteuid())
         self.service.stop()
         self.assertFalse(os.path.exists(self.path))
+
+    def test_the_mode_is_never_set_through_a_path_and_open_directories_are_refused(self):
+        target = os.path.join(self.directory, "target")
+        with open(target, "w"):
+            pass
+        os.chmod(target, 0o600)
+        link = os.path.join(self.directory, "link.sock")
+        os.symlink(target, link)
+        with self.assertRaisesRegex(finger.UsageError, "exists and is not a socket"):
+            finger.bind_unix(link)
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o600)   # not followed
+        open_directory = os.path.join(self.directory, "open")
+        os.mkdir(open_directory)
+        os.chmod(open_directory, 0o777)
+        with self.assertRaisesRegex(finger.UsageError, "no sticky bit"):
+            finger.bind_unix(os.path.join(open_directory, "setter.sock"))
+        os.chmod(open_directory, 0o1777)
+        sock = finger.bind_unix(os.path.join(open_directory, "setter.sock"))
+        sock.close()
+        self.assertEqual(stat.S_IMODE(os.stat(open_directory + "/setter.sock").st_mode),
+                         0o666)
 
     def test_set_command_sets_the_callers_own_status(self):
         me = pwd.getpwuid(os.getuid()).pw_name
